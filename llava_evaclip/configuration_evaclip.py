@@ -1,0 +1,372 @@
+"""Configurations of the EVA-CLIP model family (EVA01 / EVA02 / EVA02-bigE vision towers and their CLIP text towers)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+from ._compat import PretrainedConfig
+
+logger = logging.get_logger(__name__)
+
+# Model types written by the InternVL port of EVA-CLIP; their config.json files load into our classes unchanged.
+INTERNVL_VISION_MODEL_TYPES = ("clip_vision_model",)
+INTERNVL_TEXT_MODEL_TYPES = ("clip_text_model",)
+INTERNVL_MODEL_TYPES = ("clip",)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _validate_tower(config: "_EvaCLIPTowerConfig") -> None:
+    """Checks shared by both towers; each message says what is wrong and what would be right."""
+    name = type(config).__name__
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(config, field)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{name}.{field} must be a positive integer, got {value!r}.",
+        )
+    _require(
+        config.hidden_size % config.num_attention_heads == 0,
+        f"{name}.hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
+        f"({config.num_attention_heads}); e.g. use {config.hidden_size // 64 or 1} heads of 64 channels.",
+    )
+    _require(
+        config.hidden_act in ACT2FN,
+        f"{name}.hidden_act {config.hidden_act!r} is unknown; expected one of {sorted(ACT2FN)}.",
+    )
+    _require(
+        isinstance(config.layer_norm_eps, (int, float)) and config.layer_norm_eps > 0,
+        f"{name}.layer_norm_eps must be a positive number, got {config.layer_norm_eps!r}.",
+    )
+    _require(
+        0.0 <= config.attention_dropout < 1.0,
+        f"{name}.attention_dropout must be in [0, 1), got {config.attention_dropout!r}.",
+    )
+    _require(
+        config.layer_scale_init_value is None or config.layer_scale_init_value > 0,
+        f"{name}.layer_scale_init_value must be None (no layer scale) or positive, "
+        f"got {config.layer_scale_init_value!r}.",
+    )
+
+
+class _EvaCLIPTowerConfig(PretrainedConfig):
+    """Fields both towers share; `from_pretrained` also reads a tower out of a full EvaCLIPConfig (as LLaVA does)."""
+
+    base_config_key = ""  # set by subclasses; transformers 5 uses it, our from_pretrained does the same on 4.x
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
+        config_dict, kwargs = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if cls.base_config_key in config_dict:
+            config_dict = config_dict[cls.base_config_key]
+        return cls.from_dict(config_dict, **kwargs)
+
+
+class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
+    r"""
+    Configuration of an EVA-CLIP vision tower.
+
+    Beyond CLIP's fields, each architectural feature of the EVA family is one flag whose default keeps the plain
+    (EVA01-style) ViT: independent q/k/v biases (EVA has no k bias), post-norm blocks (bigE), layer scale (EVA01-B),
+    and the EVA-02 trio of 2D rotary embeddings, SwiGLU MLP and sub-LayerNorms.
+
+    Args:
+        use_rope: apply EVA-02's 2D rotary position embedding to the patch tokens (never to CLS).
+        rope_pt_grid_size: the grid side the rotary frequencies were defined for (BAAI's `pt_hw_seq_len`, 16).
+        rope_interpolate_freq: stretch the rotary positions to span `rope_pt_grid_size` at any grid (BAAI's
+            `intp_freq`).
+        rope_theta: rotary base frequency.
+        use_swiglu: SwiGLU MLP (`silu(fc1(x)) * fc1_up(x)`) instead of `act(fc1(x))`.
+        use_sub_layernorm: LayerNorm on the attention output before `out_proj` and on the MLP hidden before `fc2`.
+        layer_scale_init_value: per-channel residual scales, created only when set.
+        post_layernorm: post-norm blocks (`x + norm(f(x))`) instead of pre-norm (`x + f(norm(x))`).
+    """
+
+    model_type = "evaclip_vision_model"
+    base_config_key = "vision_config"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        intermediate_size: int = 3072,
+        projection_dim: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_channels: int = 3,
+        image_size: int = 224,
+        patch_size: int = 16,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 1.0,
+        q_bias: bool = True,
+        k_bias: bool = False,
+        v_bias: bool = True,
+        post_layernorm: bool = False,
+        layer_scale_init_value: float | None = None,
+        use_rope: bool = False,
+        rope_pt_grid_size: int = 16,
+        rope_interpolate_freq: bool = True,
+        rope_theta: float = 10000.0,
+        use_swiglu: bool = False,
+        use_sub_layernorm: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.projection_dim = projection_dim
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self.q_bias = bool(q_bias)
+        self.k_bias = bool(k_bias)
+        self.v_bias = bool(v_bias)
+        self.post_layernorm = bool(post_layernorm) if post_layernorm is not None else False
+        self.layer_scale_init_value = layer_scale_init_value
+        self.use_rope = bool(use_rope)
+        self.rope_pt_grid_size = rope_pt_grid_size
+        self.rope_interpolate_freq = bool(rope_interpolate_freq)
+        self.rope_theta = rope_theta
+        self.use_swiglu = bool(use_swiglu)
+        self.use_sub_layernorm = bool(use_sub_layernorm)
+        self._validate()
+
+    def _validate(self) -> None:
+        _validate_tower(self)
+        for field in ("image_size", "patch_size", "num_channels"):
+            value = getattr(self, field)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"EvaCLIPVisionConfig.{field} must be a positive integer, got {value!r}.",
+            )
+        _require(
+            self.patch_size <= self.image_size,
+            f"EvaCLIPVisionConfig.patch_size ({self.patch_size}) must not exceed image_size ({self.image_size}).",
+        )
+        _require(
+            self.image_size % self.patch_size == 0,
+            f"EvaCLIPVisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+            f"({self.patch_size}), e.g. {self.image_size // self.patch_size * self.patch_size}.",
+        )
+        if self.use_rope:
+            _require(
+                self.head_dim % 4 == 0,
+                f"2D rotary embedding needs a head dim divisible by 4 (hidden_size / num_attention_heads = "
+                f"{self.head_dim}); change num_attention_heads or set use_rope=False.",
+            )
+            _require(
+                isinstance(self.rope_pt_grid_size, int) and self.rope_pt_grid_size > 0,
+                f"EvaCLIPVisionConfig.rope_pt_grid_size must be a positive integer, got {self.rope_pt_grid_size!r}.",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EvaCLIPVisionConfig":
+        """The vision tower of a released EVA-CLIP model, e.g. ``"EVA02-CLIP-L-14-336"`` (see `list_presets()`)."""
+        from .presets import preset_config
+
+        config = preset_config(name).vision_config
+        return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "EvaCLIPVisionConfig":
+        model_type = config_dict.get("model_type")
+        if model_type in (EvaCLIPTextConfig.model_type, *INTERNVL_TEXT_MODEL_TYPES):
+            raise ValueError(
+                f"Expected a vision tower config, got one of model_type {model_type!r} (a text tower)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+
+class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
+    r"""
+    Configuration of an EVA-CLIP text tower: OpenAI-CLIP's causal text transformer (GELU, LayerNorm eps 1e-5, EOS
+    pooling at `input_ids.argmax(-1)`), with the same block flags as the vision tower where they apply.
+    """
+
+    model_type = "evaclip_text_model"
+    base_config_key = "text_config"
+
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        hidden_size: int = 512,
+        intermediate_size: int = 2048,
+        projection_dim: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 8,
+        max_position_embeddings: int = 77,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 1.0,
+        q_bias: bool = True,
+        k_bias: bool = True,
+        v_bias: bool = True,
+        post_layernorm: bool = False,
+        layer_scale_init_value: float | None = None,
+        pad_token_id: int = 0,
+        bos_token_id: int = 49406,
+        eos_token_id: int = 49407,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.projection_dim = projection_dim
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.initializer_factor = initializer_factor
+        self.q_bias = bool(q_bias)
+        self.k_bias = bool(k_bias)
+        self.v_bias = bool(v_bias)
+        self.post_layernorm = bool(post_layernorm) if post_layernorm is not None else False
+        self.layer_scale_init_value = layer_scale_init_value
+        self._validate()
+
+    def _validate(self) -> None:
+        _validate_tower(self)
+        for field in ("vocab_size", "max_position_embeddings"):
+            value = getattr(self, field)
+            _require(
+                isinstance(value, int) and value > 0, f"EvaCLIPTextConfig.{field} must be a positive integer."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EvaCLIPTextConfig":
+        """The text tower of a released EVA-CLIP model (see `list_presets()`)."""
+        from .presets import preset_config
+
+        config = preset_config(name).text_config
+        return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "EvaCLIPTextConfig":
+        model_type = config_dict.get("model_type")
+        if model_type in (EvaCLIPVisionConfig.model_type, *INTERNVL_VISION_MODEL_TYPES):
+            raise ValueError(
+                f"Expected a text tower config, got one of model_type {model_type!r} (a vision tower)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+
+def _sub_config(value: Any, config_class: type, key: str) -> Any:
+    """Build one tower's config from None, a dict, or a config object, rejecting the other tower's config."""
+    if value is None:
+        return config_class()
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "model_type" or v == config_class.model_type}
+        return config_class(**value)
+    if isinstance(value, config_class):
+        return value
+    raise ValueError(
+        f"EvaCLIPConfig.{key} must be a {config_class.__name__} (or a dict of its fields), "
+        f"got {type(value).__name__}."
+    )
+
+
+class EvaCLIPConfig(PretrainedConfig):
+    r"""Configuration of a full EVA-CLIP model: a text tower, a vision tower and their projections to a shared space."""
+
+    model_type = "evaclip"
+    sub_configs = {"text_config": EvaCLIPTextConfig, "vision_config": EvaCLIPVisionConfig}
+
+    def __init__(
+        self,
+        text_config: dict | EvaCLIPTextConfig | None = None,
+        vision_config: dict | EvaCLIPVisionConfig | None = None,
+        projection_dim: int = 512,
+        logit_scale_init_value: float = 2.6592,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(text_config, dict) and text_config.get("model_type") in (
+            EvaCLIPVisionConfig.model_type,
+            *INTERNVL_VISION_MODEL_TYPES,
+        ):
+            raise ValueError("EvaCLIPConfig.text_config holds a vision tower config (model_type "
+                             f"{text_config['model_type']!r}); pass the text tower's config there.")
+        if isinstance(vision_config, dict) and vision_config.get("model_type") in (
+            EvaCLIPTextConfig.model_type,
+            *INTERNVL_TEXT_MODEL_TYPES,
+        ):
+            raise ValueError("EvaCLIPConfig.vision_config holds a text tower config (model_type "
+                             f"{vision_config['model_type']!r}); pass the vision tower's config there.")
+        self.text_config = _sub_config(text_config, EvaCLIPTextConfig, "text_config")
+        self.vision_config = _sub_config(vision_config, EvaCLIPVisionConfig, "vision_config")
+        self.projection_dim = projection_dim
+        self.logit_scale_init_value = logit_scale_init_value
+        self.initializer_factor = kwargs.pop("initializer_factor", 1.0)
+        for key in ("text_config", "vision_config"):
+            tower = getattr(self, key)
+            if tower.projection_dim != projection_dim:
+                raise ValueError(
+                    f"EvaCLIPConfig.projection_dim is {projection_dim} but {key}.projection_dim is "
+                    f"{tower.projection_dim}; both towers project into one shared space, so they must agree."
+                )
+
+    @classmethod
+    def from_text_vision_configs(
+        cls, text_config: EvaCLIPTextConfig, vision_config: EvaCLIPVisionConfig, **kwargs: Any
+    ) -> "EvaCLIPConfig":
+        return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "EvaCLIPConfig":
+        """A released EVA-CLIP architecture by BAAI's name, e.g. ``"EVA02-CLIP-L-14-336"`` (see `list_presets()`)."""
+        from .presets import preset_config
+
+        return preset_config(name)
+
+    @staticmethod
+    def list_presets() -> list[str]:
+        from .presets import list_presets
+
+        return list_presets()
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for key in ("text_config", "vision_config"):
+            value = getattr(self, key)
+            output[key] = value.to_dict() if hasattr(value, "to_dict") else value
+        return output
+
+
+EvaCLIPVisionConfig.list_presets = EvaCLIPConfig.list_presets  # type: ignore[attr-defined]
+EvaCLIPTextConfig.list_presets = EvaCLIPConfig.list_presets  # type: ignore[attr-defined]
+
+__all__ = ["EvaCLIPConfig", "EvaCLIPTextConfig", "EvaCLIPVisionConfig"]

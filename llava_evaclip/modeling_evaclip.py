@@ -1,0 +1,1041 @@
+"""PyTorch EVA-CLIP: one block class whose EVA features (RoPE, SwiGLU, sub-LN, layer scale, post-norm) are flags."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+from ._compat import init, is_flash_attn_available
+from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+
+logger = logging.get_logger(__name__)
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaCLIPVisionModelOutput(ModelOutput):
+    """Vision tower output with the projected image embeddings."""
+
+    image_embeds: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class EvaCLIPTextModelOutput(ModelOutput):
+    """Text tower output with the projected text embeddings."""
+
+    text_embeds: Optional[torch.FloatTensor] = None
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class EvaCLIPOutput(ModelOutput):
+    """Contrastive output: similarity logits both ways, normalised embeddings, and each tower's own output."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits_per_image: Optional[torch.FloatTensor] = None
+    logits_per_text: Optional[torch.FloatTensor] = None
+    text_embeds: Optional[torch.FloatTensor] = None
+    image_embeds: Optional[torch.FloatTensor] = None
+    text_model_output: Optional[BaseModelOutputWithPooling] = None
+    vision_model_output: Optional[BaseModelOutputWithPooling] = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def clip_loss(similarity: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over the text-image similarity matrix (pairs on the diagonal)."""
+    return (contrastive_loss(similarity) + contrastive_loss(similarity.t())) / 2.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary embedding (EVA-02)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """EVA's `rotate_half`: channels are interleaved pairs (x0, x1) -> (-x1, x0)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_pairs(x) * sin
+
+
+class EvaCLIPRotaryEmbedding(nn.Module):
+    """EVA-02's 2D rotary table over the patch grid, computed from the config alone (never from parameter shapes,
+    which are empty under DeepSpeed ZeRO-3). The first head_dim/2 channels rotate with the row, the rest with the
+    column. A leading identity row (cos 1, sin 0) leaves the CLS token untouched, so attention applies one table to
+    the whole sequence instead of splitting and re-concatenating CLS in every layer."""
+
+    def __init__(self, config: EvaCLIPVisionConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.pt_grid_size = config.rope_pt_grid_size
+        self.interpolate_freq = config.rope_interpolate_freq
+        self.theta = config.rope_theta
+        self.grid_size = config.num_patches_per_side
+        cos, sin = self.compute_table(self.grid_size, self.grid_size)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._cache: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _axis_freqs(self, length: int) -> torch.Tensor:
+        quarter = self.head_dim // 2
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, quarter, 2)[: quarter // 2].float() / quarter))
+        if self.interpolate_freq:
+            positions = torch.arange(length) / length * self.pt_grid_size
+        else:
+            positions = torch.arange(length).float()
+        freqs = torch.einsum("i,f->if", positions, inv_freq)
+        return freqs.repeat_interleave(2, dim=-1)  # [length, head_dim / 2], pairs share a frequency
+
+    def compute_table(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [1 + height * width, head_dim]; row 0 is the identity for CLS."""
+        rows = self._axis_freqs(height)[:, None, :].expand(height, width, -1)
+        cols = self._axis_freqs(width)[None, :, :].expand(height, width, -1)
+        freqs = torch.cat((rows, cols), dim=-1).reshape(height * width, self.head_dim)
+        cos = torch.cat((torch.ones(1, self.head_dim), freqs.cos()), dim=0)
+        sin = torch.cat((torch.zeros(1, self.head_dim), freqs.sin()), dim=0)
+        return cos, sin
+
+    def forward(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table for a grid, cached per (grid, device, dtype)."""
+        device = self.cos.device
+        key = (height, width, device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            if (height, width) == (self.grid_size, self.grid_size) and self.cos.device.type != "meta":
+                cos, sin = self.cos, self.sin
+            else:
+                cos, sin = self.compute_table(height, width)
+            cached = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
+            if not torch.jit.is_tracing():
+                self._cache[key] = cached
+        return cached
+
+    def reset_cache(self) -> None:
+        self._cache.clear()
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "EvaCLIPRotaryEmbedding":
+        self._cache.clear()  # device / dtype moves invalidate cached copies
+        return super()._apply(fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EvaCLIPVisionEmbeddings(nn.Module):
+    """Conv2d patch embedding (with bias), a learnable class token and learned absolute positions."""
+
+    def __init__(self, config: EvaCLIPVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(self.embed_dim))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, self.embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=True
+        )
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.num_positions = self.num_patches + 1
+        self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Bicubic resize of the patch positions to a (height x width) grid; CLS keeps its position."""
+        positions = self.position_embedding.weight
+        side = self.image_size // self.patch_size
+        if (height, width) == (side, side):
+            return positions.unsqueeze(0)
+        class_pos, patch_pos = positions[:1], positions[1:]
+        patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(positions.dtype).permute(0, 2, 3, 1).reshape(height * width, -1)
+        return torch.cat((class_pos, patch_pos), dim=0).unsqueeze(0)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        target_dtype = self.patch_embedding.weight.dtype
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=target_dtype))
+        grid_h, grid_w = patch_embeds.shape[-2:]
+        patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+        class_embeds = self.class_embedding.to(target_dtype).expand(patch_embeds.shape[0], 1, -1)
+        embeddings = torch.cat((class_embeds, patch_embeds), dim=1)
+        if interpolate_pos_encoding:
+            return embeddings + self.interpolate_pos_encoding(grid_h, grid_w)
+        return embeddings + self.position_embedding.weight.unsqueeze(0)
+
+
+class EvaCLIPTextEmbeddings(nn.Module):
+    """Token plus learned position embeddings."""
+
+    def __init__(self, config: EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+    ) -> torch.Tensor:
+        seq_length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        if position_ids is None:
+            position_embeds = self.position_embedding.weight[:seq_length].unsqueeze(0)
+        else:
+            position_embeds = self.position_embedding(position_ids)
+        return inputs_embeds + position_embeds
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention on [B, H, N, D]; returns the output and the softmax weights."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(probs, value), weights
+
+
+def sdpa_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale)
+    return out, None
+
+
+def flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout: float,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn 2 for unmasked attention (the vision tower); masked calls fall back to sdpa."""
+    if attention_mask is not None or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention(query, key, value, attention_mask, scale, dropout)
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout, softmax_scale=scale
+    )
+    return out.transpose(1, 2), None
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention,
+}
+
+
+def resolve_attn_implementation(config: Any) -> str:
+    """The attention kernel a config asks for; unset means sdpa (4.x reports unset as "eager")."""
+    requested = getattr(config, "_attn_implementation_internal", None)
+    if isinstance(requested, dict):  # transformers 5 may key it per sub-config
+        requested = requested.get("") or next(iter(requested.values()), None)
+    if requested is None:
+        return "sdpa"
+    if requested not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attn_implementation {requested!r} is not supported; choose one of {ATTENTION_IMPLEMENTATIONS}.")
+    if requested == "flash_attention_2" and not is_flash_attn_available():
+        raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA device; "
+                         "use 'sdpa' otherwise.")
+    return requested
+
+
+class EvaCLIPAttention(nn.Module):
+    """Multi-head self-attention of both towers: independent q/k/v bias flags (no k bias parameter is created when
+    the checkpoint has none), optional 2D RoPE, an optional sub-LayerNorm before the output projection, and the kernel
+    chosen by `config._attn_implementation` (eager is used whenever attention weights are requested)."""
+
+    def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.q_bias)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.k_bias)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.v_bias)
+        if getattr(config, "use_sub_layernorm", False):
+            self.inner_attn_ln = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        else:
+            self.inner_attn_ln = None
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, H, N, D]."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        return query, key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch, length, _ = hidden_states.shape
+        query, key, value = self._project(hidden_states)
+        if rotary is not None:
+            cos, sin = rotary
+            query = apply_rotary(query, cos, sin).type_as(value)
+            key = apply_rotary(key, cos, sin).type_as(value)
+        implementation = "eager" if output_attentions else resolve_attn_implementation(self.config)
+        dropout = self.dropout if self.training else 0.0
+        attn_output, attn_weights = ATTENTION_FUNCTIONS[implementation](
+            query, key, value, attention_mask, self.scale, dropout
+        )
+        attn_output = attn_output.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        if self.inner_attn_ln is not None:
+            attn_output = self.inner_attn_ln(attn_output)
+        return self.out_proj(attn_output), attn_weights
+
+
+class EvaCLIPTextAttention(EvaCLIPAttention):
+    """The text tower's attention: the same implementation, named for the text tower."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MLP and block
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EvaCLIPMLP(nn.Module):
+    """`fc2(act(fc1(x)))`, or SwiGLU `fc2(silu(fc1(x)) * fc1_up(x))`; an optional LayerNorm (`ffn_ln`) on the hidden."""
+
+    def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1_up = (
+            nn.Linear(config.hidden_size, config.intermediate_size) if getattr(config, "use_swiglu", False) else None
+        )
+        self.ffn_ln = (
+            nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps)
+            if getattr(config, "use_sub_layernorm", False)
+            else None
+        )
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation_fn(self.fc1(hidden_states))
+        if self.fc1_up is not None:
+            hidden = hidden * self.fc1_up(hidden_states)
+        if self.ffn_ln is not None:
+            hidden = self.ffn_ln(hidden)
+        return self.fc2(hidden)
+
+
+class EvaCLIPEncoderLayer(nn.Module):
+    """One transformer block: pre-norm `x + ls(f(norm(x)))` or post-norm `x + ls(norm(f(x)))` (EVA02-bigE)."""
+
+    def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.post_layernorm = bool(config.post_layernorm)
+        attention_class = EvaCLIPTextAttention if isinstance(config, EvaCLIPTextConfig) else EvaCLIPAttention
+        self.self_attn = attention_class(config)
+        self.layer_norm1 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.mlp = EvaCLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        if config.layer_scale_init_value is not None:
+            self.layer_scale1 = nn.Parameter(torch.full((self.embed_dim,), float(config.layer_scale_init_value)))
+            self.layer_scale2 = nn.Parameter(torch.full((self.embed_dim,), float(config.layer_scale_init_value)))
+        else:
+            self.layer_scale1 = None
+            self.layer_scale2 = None
+
+    def _residual_branch(
+        self, hidden_states: torch.Tensor, norm: nn.LayerNorm, fn: Callable[[torch.Tensor], torch.Tensor],
+        scale: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        branch = norm(fn(hidden_states)) if self.post_layernorm else fn(norm(hidden_states))
+        return branch * scale if scale is not None else branch
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        attn_weights = None
+
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            nonlocal attn_weights
+            out, attn_weights = self.self_attn(x, attention_mask, rotary, output_attentions)
+            return out
+
+        hidden_states = hidden_states + self._residual_branch(hidden_states, self.layer_norm1, attend, self.layer_scale1)
+        hidden_states = hidden_states + self._residual_branch(hidden_states, self.layer_norm2, self.mlp, self.layer_scale2)
+        return hidden_states, attn_weights
+
+
+class EvaCLIPEncoder(nn.Module):
+    """A stack of `EvaCLIPEncoderLayer`, with gradient checkpointing and an early stop after the deepest layer a
+    caller needs (the LLaVA tower reads layer -2, so the last layer need not run)."""
+
+    def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([EvaCLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def _run_layer(self, layer: EvaCLIPEncoderLayer, hidden_states: torch.Tensor, *args: Any) -> tuple:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if checkpoint is None:
+                return torch.utils.checkpoint.checkpoint(layer.__call__, hidden_states, *args, use_reentrant=False)
+            return checkpoint(layer.__call__, hidden_states, *args)
+        return layer(hidden_states, *args)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        num_layers: Optional[int] = None,
+        keep_hidden_states: Optional[Collection[int]] = None,
+    ) -> Union[tuple, BaseModelOutput]:
+        """`num_layers` runs only the first layers; `keep_hidden_states` keeps only those indices of `hidden_states`
+        (0 = embeddings), as a dict index -> tensor, instead of the full tuple."""
+        num_layers = len(self.layers) if num_layers is None else num_layers
+        all_hidden_states: Any = () if output_hidden_states else None
+        kept: dict[int, torch.Tensor] = {}
+        all_attentions: Any = () if output_attentions else None
+        hidden_states = inputs_embeds
+        for index, layer in enumerate(self.layers[:num_layers]):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if keep_hidden_states is not None and index in keep_hidden_states:
+                kept[index] = hidden_states
+            hidden_states, attn_weights = self._run_layer(
+                layer, hidden_states, attention_mask, rotary, output_attentions
+            )
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if keep_hidden_states is not None and num_layers in keep_hidden_states:
+            kept[num_layers] = hidden_states
+        if keep_hidden_states is not None:
+            all_hidden_states = kept
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Towers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_flags(config: Any, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
+    output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+    output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+    return bool(output_attentions), bool(output_hidden_states), bool(return_dict)
+
+
+class EvaCLIPVisionTransformer(nn.Module):
+    """Embeddings, encoder, and CLS pooling through the final LayerNorm (`last_hidden_state` stays before it)."""
+
+    def __init__(self, config: EvaCLIPVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = EvaCLIPVisionEmbeddings(config)
+        self.rotary_embedding = EvaCLIPRotaryEmbedding(config) if config.use_rope else None
+        self.encoder = EvaCLIPEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def check_pixel_values(self, pixel_values: Optional[torch.Tensor], interpolate_pos_encoding: bool) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside with a shape error."""
+        config = self.config
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: a float tensor [batch, channels, height, width].")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have 4 dimensions [batch, {config.num_channels}, {config.image_size}, "
+                f"{config.image_size}], got shape {tuple(pixel_values.shape)}."
+            )
+        if pixel_values.shape[1] != config.num_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels; this model expects {config.num_channels} "
+                f"(shape [batch, {config.num_channels}, H, W])."
+            )
+        height, width = pixel_values.shape[-2:]
+        if interpolate_pos_encoding:
+            if height % config.patch_size or width % config.patch_size or min(height, width) < config.patch_size:
+                raise ValueError(
+                    f"With interpolate_pos_encoding=True the image size must be a positive multiple of the patch size "
+                    f"({config.patch_size}); got {height}x{width}."
+                )
+        elif (height, width) != (config.image_size, config.image_size):
+            raise ValueError(
+                f"Input image size {height}x{width} does not match the model's {config.image_size}x"
+                f"{config.image_size}; resize the image (the image processor does) or pass "
+                f"interpolate_pos_encoding=True to run at another multiple of the patch size ({config.patch_size})."
+            )
+
+    def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False):
+        """Patch + position embeddings and the matching rotary table."""
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        rotary = None
+        if self.rotary_embedding is not None:
+            grid_h = pixel_values.shape[-2] // self.config.patch_size
+            grid_w = pixel_values.shape[-1] // self.config.patch_size
+            rotary = self.rotary_embedding(grid_h, grid_w, hidden_states.dtype)
+        return hidden_states, rotary
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> Union[tuple, BaseModelOutputWithPooling]:
+        output_attentions, output_hidden_states, return_dict = _resolve_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        hidden_states, rotary = self.embed(pixel_values, interpolate_pos_encoding)
+        encoder_outputs = self.encoder(
+            hidden_states,
+            rotary=rotary,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        last_hidden_state = encoder_outputs.last_hidden_state
+        pooled_output = self.post_layernorm(last_hidden_state[:, 0, :])
+        if not return_dict:
+            extra = tuple(v for v in (encoder_outputs.hidden_states, encoder_outputs.attentions) if v is not None)
+            return (last_hidden_state, pooled_output) + extra
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
+
+    def select_hidden_states(
+        self, pixel_values: torch.Tensor, indices: Collection[int], interpolate_pos_encoding: bool = False
+    ) -> dict[int, torch.Tensor]:
+        """`hidden_states[i]` for each non-negative index i, running no layer past the deepest one asked for and
+        keeping no other hidden state."""
+        num_layers = max(indices)
+        if min(indices) < 0 or num_layers > self.config.num_hidden_layers:
+            raise ValueError(
+                f"hidden-state indices must be in [0, {self.config.num_hidden_layers}], got {sorted(indices)}."
+            )
+        hidden_states, rotary = self.embed(pixel_values, interpolate_pos_encoding)
+        outputs = self.encoder(
+            hidden_states, rotary=rotary, num_layers=num_layers, keep_hidden_states=set(indices), return_dict=True
+        )
+        return outputs.hidden_states
+
+
+def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)[None, None]
+
+
+class EvaCLIPTextTransformer(nn.Module):
+    """Token + position embeddings, a causal encoder, the final LayerNorm and EOS pooling at `input_ids.argmax(-1)`."""
+
+    def __init__(self, config: EvaCLIPTextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = EvaCLIPTextEmbeddings(config)
+        self.encoder = EvaCLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def _check_inputs(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]) -> None:
+        limit = self.config.max_position_embeddings
+        if input_ids is None:
+            raise ValueError("input_ids is required: a LongTensor [batch, seq_len] of token ids.")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[-1]} tokens but the text tower has {limit} positions "
+                f"(max_position_embeddings); truncate to at most {limit} tokens."
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}."
+            )
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[tuple, BaseModelOutputWithPooling]:
+        output_attentions, output_hidden_states, return_dict = _resolve_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        self._check_inputs(input_ids, attention_mask)
+        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
+        dtype, device = hidden_states.dtype, hidden_states.device
+        mask = _causal_mask(input_ids.shape[-1], dtype, device)
+        if attention_mask is not None:
+            padding = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+            mask = mask + padding
+            mask = mask.clamp(min=torch.finfo(dtype).min)
+        encoder_outputs = self.encoder(
+            hidden_states,
+            attention_mask=mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
+        eos_positions = input_ids.to(device=device).argmax(dim=-1)
+        pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=device), eos_positions]
+        if not return_dict:
+            extra = tuple(v for v in (encoder_outputs.hidden_states, encoder_outputs.attentions) if v is not None)
+            return (last_hidden_state, pooled_output) + extra
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=encoder_outputs.hidden_states,
+            attentions=encoder_outputs.attentions,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretrained models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class EvaCLIPPreTrainedModel(PreTrainedModel):
+    """Weight initialisation (CLIP-style scaled normals), checkpointing and attention-kernel support flags."""
+
+    config_class = EvaCLIPConfig
+    base_model_prefix = "evaclip"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn_2 = True
+    _supports_flash_attn = True
+    _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings", "EvaCLIPTextEmbeddings"]
+    _keys_to_ignore_on_load_unexpected = [r".*position_ids$"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        factor = getattr(config, "initializer_factor", 1.0)
+        if isinstance(module, EvaCLIPTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=factor * 0.02)
+            init.normal_(module.position_embedding.weight, std=factor * 0.02)
+        elif isinstance(module, EvaCLIPVisionEmbeddings):
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5 * factor)
+            init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
+            init.normal_(module.position_embedding.weight, std=module.config.initializer_range * factor)
+            if module.patch_embedding.bias is not None:
+                init.zeros_(module.patch_embedding.bias)
+        elif isinstance(module, EvaCLIPAttention):
+            tower = module.config
+            in_proj_std = (module.embed_dim**-0.5) * ((2 * tower.num_hidden_layers) ** -0.5) * factor
+            for projection in (module.q_proj, module.k_proj, module.v_proj):
+                init.normal_(projection.weight, std=in_proj_std)
+            init.normal_(module.out_proj.weight, std=(module.embed_dim**-0.5) * factor)
+        elif isinstance(module, EvaCLIPMLP):
+            tower = module.config
+            in_proj_std = (tower.hidden_size**-0.5) * ((2 * tower.num_hidden_layers) ** -0.5) * factor
+            fc_std = (2 * tower.hidden_size) ** -0.5 * factor
+            init.normal_(module.fc1.weight, std=fc_std)
+            if module.fc1_up is not None:
+                init.normal_(module.fc1_up.weight, std=fc_std)
+            init.normal_(module.fc2.weight, std=in_proj_std)
+        elif isinstance(module, EvaCLIPEncoderLayer) and module.layer_scale1 is not None:
+            value = float(module.self_attn.config.layer_scale_init_value)
+            init.constant_(module.layer_scale1, value)
+            init.constant_(module.layer_scale2, value)
+        elif isinstance(module, EvaCLIPRotaryEmbedding):
+            cos, sin = module.compute_table(module.grid_size, module.grid_size)
+            init.copy_(module.cos, cos)
+            init.copy_(module.sin, sin)
+            module.reset_cache()
+        elif isinstance(module, EvaCLIPModel):
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            init.constant_(module.logit_scale, config.logit_scale_init_value)
+        elif isinstance(module, EvaCLIPVisionModelWithProjection):
+            init.normal_(module.visual_projection.weight, std=config.hidden_size**-0.5 * factor)
+        elif isinstance(module, EvaCLIPTextModelWithProjection):
+            init.normal_(module.text_projection.weight, std=config.hidden_size**-0.5 * factor)
+
+        if isinstance(module, nn.LayerNorm):
+            init.zeros_(module.bias)
+            init.ones_(module.weight)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            init.zeros_(module.bias)
+
+
+_VISION_ONLY_IGNORES = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$", r".*position_ids$"]
+_TEXT_ONLY_IGNORES = [r"^vision_model\.", r"^visual_projection\.", r"^text_projection\.", r"^logit_scale$", r".*position_ids$"]
+
+
+class EvaCLIPVisionModel(EvaCLIPPreTrainedModel):
+    """The EVA-CLIP vision tower without projection. Loads from a full `EvaCLIPModel` checkpoint too (LLaVA does)."""
+
+    config_class = EvaCLIPVisionConfig
+    main_input_name = "pixel_values"
+    _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings"]
+    _keys_to_ignore_on_load_unexpected = _VISION_ONLY_IGNORES
+
+    def __init__(self, config: EvaCLIPVisionConfig) -> None:
+        super().__init__(config)
+        self.vision_model = EvaCLIPVisionTransformer(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Union[tuple, BaseModelOutputWithPooling]:
+        return self.vision_model(
+            pixel_values=pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+
+
+class EvaCLIPTextModel(EvaCLIPPreTrainedModel):
+    """The EVA-CLIP text tower without projection."""
+
+    config_class = EvaCLIPTextConfig
+    _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPTextEmbeddings"]
+    _keys_to_ignore_on_load_unexpected = _TEXT_ONLY_IGNORES
+
+    def __init__(self, config: EvaCLIPTextConfig) -> None:
+        super().__init__(config)
+        self.text_model = EvaCLIPTextTransformer(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[tuple, BaseModelOutputWithPooling]:
+        return self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+
+
+class EvaCLIPModel(EvaCLIPPreTrainedModel):
+    """Both towers, their projections (visual with bias, text without), a learnable temperature and the loss."""
+
+    config_class = EvaCLIPConfig
+
+    def __init__(self, config: EvaCLIPConfig) -> None:
+        super().__init__(config)
+        if not isinstance(config.text_config, EvaCLIPTextConfig):
+            raise ValueError(f"config.text_config must be an EvaCLIPTextConfig, got {type(config.text_config).__name__}.")
+        if not isinstance(config.vision_config, EvaCLIPVisionConfig):
+            raise ValueError(
+                f"config.vision_config must be an EvaCLIPVisionConfig, got {type(config.vision_config).__name__}."
+            )
+        text_config, vision_config = config.text_config, config.vision_config
+        # The towers follow the top-level attention choice (transformers 4.x sets it on the top config only).
+        for tower in (text_config, vision_config):
+            if getattr(config, "_attn_implementation_internal", None) is not None:
+                tower._attn_implementation_internal = config._attn_implementation_internal
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = text_config.hidden_size
+        self.vision_embed_dim = vision_config.hidden_size
+        self.text_model = EvaCLIPTextTransformer(text_config)
+        self.vision_model = EvaCLIPVisionTransformer(vision_config)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=True)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    def get_text_features(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ) -> torch.FloatTensor:
+        """Projected (not normalised) text embeddings [batch, projection_dim]."""
+        text_outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+        )
+        return self.text_projection(text_outputs.pooler_output)
+
+    def get_image_features(
+        self, pixel_values: Optional[torch.FloatTensor] = None, interpolate_pos_encoding: bool = False, **kwargs: Any
+    ) -> torch.FloatTensor:
+        """Projected (not normalised) image embeddings [batch, projection_dim]."""
+        vision_outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
+        )
+        return self.visual_projection(vision_outputs.pooler_output)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        return_loss: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Union[tuple, EvaCLIPOutput]:
+        output_attentions, output_hidden_states, return_dict = _resolve_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        vision_outputs = self.vision_model(
+            pixel_values=pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        image_embeds = self.visual_projection(vision_outputs.pooler_output)
+        text_embeds = self.text_projection(text_outputs.pooler_output)
+        image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device)) * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+        loss = clip_loss(logits_per_text) if return_loss else None
+        if not return_dict:
+            output = (
+                logits_per_image,
+                logits_per_text,
+                text_embeds,
+                image_embeds,
+                text_outputs.to_tuple(),
+                vision_outputs.to_tuple(),
+            )
+            return ((loss,) + output) if loss is not None else output
+        return EvaCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+
+
+class EvaCLIPVisionModelWithProjection(EvaCLIPPreTrainedModel):
+    """Vision tower plus `visual_projection`: image embeddings in the shared space."""
+
+    config_class = EvaCLIPVisionConfig
+    main_input_name = "pixel_values"
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
+
+    def __init__(self, config: EvaCLIPVisionConfig) -> None:
+        super().__init__(config)
+        self.vision_model = EvaCLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Union[tuple, EvaCLIPVisionModelOutput]:
+        _, _, return_dict = _resolve_flags(self.config, output_attentions, output_hidden_states, return_dict)
+        outputs = self.vision_model(
+            pixel_values=pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        image_embeds = self.visual_projection(outputs.pooler_output)
+        result = EvaCLIPVisionModelOutput(
+            image_embeds=image_embeds,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+class EvaCLIPTextModelWithProjection(EvaCLIPPreTrainedModel):
+    """Text tower plus `text_projection`: text embeddings in the shared space."""
+
+    config_class = EvaCLIPTextConfig
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
+
+    def __init__(self, config: EvaCLIPTextConfig) -> None:
+        super().__init__(config)
+        self.text_model = EvaCLIPTextTransformer(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[tuple, EvaCLIPTextModelOutput]:
+        _, _, return_dict = _resolve_flags(self.config, output_attentions, output_hidden_states, return_dict)
+        outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        text_embeds = self.text_projection(outputs.pooler_output)
+        result = EvaCLIPTextModelOutput(
+            text_embeds=text_embeds,
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = [
+    "EvaCLIPAttention",
+    "EvaCLIPEncoder",
+    "EvaCLIPEncoderLayer",
+    "EvaCLIPMLP",
+    "EvaCLIPModel",
+    "EvaCLIPOutput",
+    "EvaCLIPPreTrainedModel",
+    "EvaCLIPRotaryEmbedding",
+    "EvaCLIPTextAttention",
+    "EvaCLIPTextEmbeddings",
+    "EvaCLIPTextModel",
+    "EvaCLIPTextModelOutput",
+    "EvaCLIPTextModelWithProjection",
+    "EvaCLIPTextTransformer",
+    "EvaCLIPVisionEmbeddings",
+    "EvaCLIPVisionModel",
+    "EvaCLIPVisionModelOutput",
+    "EvaCLIPVisionModelWithProjection",
+    "EvaCLIPVisionTransformer",
+]
