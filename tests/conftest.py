@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny configs of each EVA-CLIP family, small enough for a 2-core CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from llava_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig  # noqa: E402
+
+# Vision-tower flags of each released family, at toy width.
+FAMILY_FLAGS = {
+    "eva01": {"hidden_act": "gelu"},
+    "eva01_layer_scale": {"hidden_act": "gelu", "layer_scale_init_value": 0.1},
+    "eva02": {"hidden_act": "silu", "use_rope": True, "use_swiglu": True, "use_sub_layernorm": True},
+    "bige": {"hidden_act": "gelu", "post_layernorm": True},
+}
+
+
+def tiny_vision_config(family: str = "eva02", **overrides) -> EvaCLIPVisionConfig:
+    fields = dict(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=28, patch_size=7)
+    fields.update(FAMILY_FLAGS[family])
+    fields.update(overrides)
+    return EvaCLIPVisionConfig(**fields)
+
+
+def tiny_text_config(**overrides) -> EvaCLIPTextConfig:
+    fields = dict(vocab_size=99, hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=16, bos_token_id=97, eos_token_id=98, pad_token_id=0)
+    fields.update(overrides)
+    return EvaCLIPTextConfig(**fields)
+
+
+def tiny_config(family: str = "eva02", **vision_overrides) -> EvaCLIPConfig:
+    return EvaCLIPConfig(
+        text_config=tiny_text_config().to_dict(),
+        vision_config=tiny_vision_config(family, **vision_overrides).to_dict(),
+        projection_dim=16,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
