@@ -42,7 +42,28 @@ def _register_auto_classes() -> None:
 
 _register_auto_classes()
 
+# The LLaVA integration is imported on first use, so `import llava_evaclip` stays light.
+_LAZY_EXPORTS = {
+    "EvaCLIPVisionTower": "tower",
+    "register_vision_tower": "llava_registry",
+    "register_with_llava": "llava_registry",
+    "unregister_from_llava": "llava_registry",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "EvaCLIPVisionTower",
+    "register_vision_tower",
+    "register_with_llava",
+    "unregister_from_llava",
     "EvaCLIPAttention",
     "EvaCLIPConfig",
     "EvaCLIPEncoder",

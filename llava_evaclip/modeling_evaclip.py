@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import ModelOutput, logging
 
 from ._compat import init, is_flash_attn_available
+from .zero import transformers_zero3_context
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 
 logger = logging.get_logger(__name__)
@@ -497,6 +498,8 @@ class EvaCLIPEncoder(nn.Module):
 
 def _resolve_flags(config: Any, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
     output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+    if isinstance(output_hidden_states, (int, list, tuple)) and not isinstance(output_hidden_states, bool):
+        output_hidden_states = True  # transformers 5's LLaVA passes the index (or indices) it reads, 0 included
     output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
     return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
     return bool(output_attentions), bool(output_hidden_states), bool(return_dict)
@@ -691,6 +694,20 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings", "EvaCLIPTextEmbeddings"]
     _keys_to_ignore_on_load_unexpected = [r".*position_ids$"]
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
+        so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders."""
+        with transformers_zero3_context():
+            return super().from_pretrained(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Non-reentrant checkpointing unless asked otherwise, as on transformers 5: 4.x defaults to reentrant, which
+        silently drops the gradients of trainable layers behind frozen patch embeddings."""
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config

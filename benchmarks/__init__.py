@@ -1,0 +1,1 @@
+"""Benchmarks of the EVA-CLIP LLaVA tower against its peers; run `python -m benchmarks.tower --help`."""

@@ -1,0 +1,869 @@
+"""Speed and memory of the EVA-CLIP LLaVA tower next to what a user would otherwise pick, on one machine.
+
+    python -m benchmarks.tower                       # CPU: fp32 + bf16, batch 1 and 8, JSON/markdown/PNG
+    python -m benchmarks.tower --device cuda         # the same comparison on a GPU (bf16, sdpa / flash kernels)
+    python -m benchmarks.tower --quick               # tiny shapes, two repetitions: checks the script end to end
+
+Contenders (random weights; speed does not depend on the values):
+
+* ``ours_eva02``: `EvaCLIPVisionTower` (LLaVA's features: layer -2, patch tokens) at the EVA02-CLIP-L-14-336 preset;
+* ``ours_plain``: the same tower at a plain EVA ViT-L/14-336 shape (GELU MLP, no RoPE / SwiGLU / sub-LN, k bias);
+* ``hf_clip``: transformers' `CLIPVisionModel` at that plain shape, sdpa, ``output_hidden_states=True`` and
+  ``hidden_states[-2]`` (what LLaVA's `CLIPVisionTower` runs);
+* ``timm_eva02``: timm's ``eva02_large_patch14_clip_336`` ``forward_features``;
+* ``ours_eager``: our EVA-02 model forced to eager attention with all hidden states (the baseline; shares weights
+  with ``ours_eva02``);
+* with bf16, ``ours_eva02_autocast``: fp32 weights under ``torch.autocast`` instead of a bf16 cast.
+
+All contenders of one dtype are built once and timed round-robin, the order rotated every repetition, so background
+load falls on all of them alike: the ratios from one run are the numbers to read, not absolute seconds. FLOPs are
+counted analytically for the layers each contender actually runs, against a matmul peak measured in the same
+rotation (`torch.mm` of large square matrices). Peak memory above the weights is measured per contender in a fresh
+subprocess on CPU (peak RSS during one forward, minus RSS with the model and input in place) and with
+`torch.cuda.max_memory_allocated` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUTPUT_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+SELECT_LAYER = -2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAPE_LABELS = {"eva02": "EVA02-CLIP-L-14-336", "plain": "plain EVA ViT-L/14-336"}
+
+# Goals of issue 6 (ratios below 1 mean ours is faster / smaller).
+GOAL_VS_TIMM = 0.85
+GOAL_VS_HF_CLIP = 0.95
+GOAL_VS_EAGER_SPEEDUP = 1.25
+GOAL_PEAK_FRACTION = 0.90
+GOAL_BF16_SPEEDUP = 1.8
+GOAL_MEMORY_VS_HF_CLIP = 0.6
+
+
+class BenchmarkError(Exception):
+    """A usage error: reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shapes and FLOPs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shapes:
+    """The two architectures compared, as our config (FLOPs are counted from it) plus the peers' constructors."""
+
+    eva02: Any
+    plain: Any
+    clip_kwargs: dict[str, Any]
+    timm_kwargs: dict[str, Any]
+    matmul_size: int
+
+    def config(self, shape: str) -> Any:
+        return self.eva02 if shape == "eva02" else self.plain
+
+
+def build_shapes(quick: bool) -> Shapes:
+    from llava_evaclip import EvaCLIPVisionConfig
+
+    if quick:
+        size = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14)
+        eva02 = EvaCLIPVisionConfig.from_preset("EVA02-CLIP-L-14-336", intermediate_size=170, **size)
+        plain = EvaCLIPVisionConfig(intermediate_size=256, hidden_act="gelu", k_bias=True, **size)
+        timm_kwargs = dict(embed_dim=64, depth=3, num_heads=4, img_size=56)
+        return Shapes(eva02, plain, dict(intermediate_size=256, **size), timm_kwargs, matmul_size=256)
+    eva02 = EvaCLIPVisionConfig.from_preset("EVA02-CLIP-L-14-336")
+    size = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+    plain = EvaCLIPVisionConfig(intermediate_size=4096, hidden_act="gelu", k_bias=True, projection_dim=768, **size)
+    return Shapes(eva02, plain, dict(intermediate_size=4096, **size), {}, matmul_size=4096)
+
+
+def tower_flops(config: Any, layers: int, batch: int) -> float:
+    """Multiply-adds x 2 of the patch embedding and `layers` encoder layers (matmuls and attention only)."""
+    width, inner = config.hidden_size, config.intermediate_size
+    patches = (config.image_size // config.patch_size) ** 2
+    tokens = patches + 1
+    embed = 2 * patches * config.num_channels * config.patch_size**2 * width
+    projections = 2 * tokens * width * 4 * width  # q, k, v and out
+    attention = 4 * tokens * tokens * width  # q @ k^T and probs @ v over all heads
+    mlp = 2 * tokens * width * inner * (3 if config.use_swiglu else 2)
+    return float(batch * (embed + layers * (projections + attention + mlp)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    label: str
+    shape: str  # "eva02", "plain", or "matmul"
+    layers: int
+    run: Callable[[torch.Tensor], Any]
+    input_dtype: torch.dtype
+    ours: bool = False
+    peers: tuple[str, ...] = ()
+    note: str = ""
+    model: Any = None
+
+
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _our_model(config: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    from llava_evaclip import EvaCLIPVisionModel
+
+    _seed()
+    model = EvaCLIPVisionModel(copy.deepcopy(config))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _tower(model: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """LLaVA's view of the model: `EvaCLIPVisionTower` (layer -2, patch tokens) around an in-memory model."""
+    try:
+        from llava_evaclip.tower import EvaCLIPVisionTower
+    except ImportError:
+        index = model.config.num_hidden_layers + 1 + SELECT_LAYER
+
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            return model.vision_model.select_hidden_states(pixel_values, [index])[index][:, 1:]
+
+        return run, "select_hidden_states (llava_evaclip.tower not available)"
+    args = SimpleNamespace(mm_vision_select_layer=SELECT_LAYER, mm_vision_select_feature="patch")
+    with tempfile.TemporaryDirectory(prefix="evaclip-bench-") as config_dir:
+        model.config.save_pretrained(config_dir)
+        tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
+    tower.vision_tower = model
+    tower.is_loaded = True
+    return tower, "EvaCLIPVisionTower"
+
+
+def _all_states_run(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values, output_hidden_states=True).hidden_states[SELECT_LAYER][:, 1:]
+
+    return run
+
+
+def _shared_copy(model: Any) -> Any:
+    """A second module tree over the same parameters and buffers, with its own config (to switch attention)."""
+    memo = {id(tensor): tensor for tensor in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def build_contender(
+    name: str, shapes: Shapes, dtype: torch.dtype, device: torch.device, built: dict[str, Contender]
+) -> Contender:
+    """One contender in `dtype` on `device`; `built` lets the eager baseline share the tower's weights."""
+    eva02, plain = shapes.eva02, shapes.plain
+    full, tower_layers = eva02.num_hidden_layers, eva02.num_hidden_layers + 1 + SELECT_LAYER
+    if name in ("ours_eva02", "ours_plain"):
+        shape = "eva02" if name == "ours_eva02" else "plain"
+        model = _our_model(shapes.config(shape), dtype, device)
+        run, note = _tower(model)
+        peers = ("timm_eva02", "ours_eager") if shape == "eva02" else ("hf_clip",)
+        label = f"ours: EvaCLIPVisionTower, {SHAPE_LABELS[shape]}"
+        return Contender(name, label, shape, tower_layers, run, dtype, True, peers, note, model)
+    if name == "ours_eva02_autocast":
+        model = _our_model(eva02, torch.float32, device)
+        tower, note = _tower(model)
+
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                return tower(pixel_values)
+
+        label = f"ours: tower, fp32 weights + autocast {_dtype_name(dtype)}"
+        return Contender(name, label, "eva02", tower_layers, run, torch.float32, True,
+                         ("ours_eva02", "timm_eva02"), note, model)
+    if name == "ours_eager":
+        source = built.get("ours_eva02")
+        model = _shared_copy(source.model) if source is not None else _our_model(eva02, dtype, device)
+        model.config._attn_implementation_internal = "eager"
+        label = "ours, eager attention, all hidden states (baseline)"
+        return Contender(name, label, "eva02", full, _all_states_run(model), dtype, note="shares ours_eva02's weights",
+                         model=model)
+    if name == "ours_eva02_full":
+        source = built.get("ours_eva02")
+        model = source.model if source is not None else _our_model(eva02, dtype, device)
+        label = "ours, sdpa, every layer and every hidden state (ablation)"
+        return Contender(name, label, "eva02", full, _all_states_run(model), dtype, True, ("ours_eva02",),
+                         "shares ours_eva02's weights", model)
+    if name == "ours_eva02_compiled":
+        source = built.get("ours_eva02")
+        model = _shared_copy(source.model) if source is not None else _our_model(eva02, dtype, device)
+        model.vision_model.encoder.layers.compile()
+        tower, note = _tower(model)
+        label = "ours: tower, encoder layers under torch.compile"
+        return Contender(name, label, "eva02", tower_layers, tower, dtype, True, ("ours_eva02", "timm_eva02"),
+                         "shares ours_eva02's weights", model)
+    if name == "hf_clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(**shapes.clip_kwargs)
+        _seed()
+        try:
+            model = CLIPVisionModel._from_config(config, attn_implementation="sdpa")
+        except ValueError:  # transformers 4.37's CLIP has no sdpa
+            model = CLIPVisionModel._from_config(config, attn_implementation="eager")
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        attention = model.config._attn_implementation
+        label = f"transformers CLIPVisionModel ({attention}, output_hidden_states=True), {SHAPE_LABELS['plain']}"
+        return Contender(name, label, "plain", plain.num_hidden_layers, _all_states_run(model), dtype,
+                         note=f"attn_implementation={attention}, hidden_act={config.hidden_act}", model=model)
+    if name == "timm_eva02":
+        import timm
+
+        _seed()
+        model = timm.create_model("eva02_large_patch14_clip_336", pretrained=False, **shapes.timm_kwargs)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            return model.forward_features(pixel_values)
+
+        label = "timm eva02_large_patch14_clip_336 forward_features"
+        return Contender(name, label, "eva02", len(model.blocks), run, dtype, note=f"timm {timm.__version__}",
+                         model=model)
+    raise BenchmarkError(f"unknown contender {name!r}; known: {', '.join(ALL_CONTENDERS)}")
+
+
+BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
+OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_full", "ours_eva02_compiled")
+ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
+
+
+def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
+    names = list(args.contenders or BASE_CONTENDERS)
+    if dtype != torch.float32 and args.autocast and "ours_eva02" in names:
+        names.append("ours_eva02_autocast")
+    if args.ablations and "ours_eva02" in names:
+        names.append("ours_eva02_full")
+    if args.compile and "ours_eva02" in names:
+        names.append("ours_eva02_compiled")
+    return list(dict.fromkeys(names))
+
+
+def matmul_contender(size: int, dtype: torch.dtype, device: torch.device) -> Contender:
+    _seed()
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+
+    def run(_: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a, b)
+
+    return Contender("matmul", f"torch.mm {size}x{size} (peak reference)", "matmul", 0, run, dtype)
+
+
+def contender_flops(contender: Contender, shapes: Shapes, batch: int) -> float:
+    if contender.shape == "matmul":
+        return 2.0 * shapes.matmul_size**3
+    return tower_flops(shapes.config(contender.shape), contender.layers, batch)
+
+
+def weight_bytes(model: Any) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pixel_values(shapes: Shapes, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    size = shapes.eva02.image_size
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+
+
+def time_round_robin(
+    contenders: Sequence[Contender], inputs: dict[torch.dtype, torch.Tensor], reps: int, warmup: int,
+    device: torch.device, progress: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender; every repetition runs each once, in an order rotated by one each time."""
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for contender in contenders:
+                contender.run(inputs[contender.input_dtype])
+        _sync(device)
+        for rep in range(reps):
+            shift = rep % len(contenders)
+            for contender in list(contenders[shift:]) + list(contenders[:shift]):
+                gc.collect()
+                _sync(device)
+                start = time.perf_counter()
+                output = contender.run(inputs[contender.input_dtype])
+                _sync(device)
+                times[contender.name].append(time.perf_counter() - start)
+                del output
+            progress(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+    return times
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median_s": statistics.median(ordered), "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
+            "min_s": ordered[0], "max_s": ordered[-1]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_status_kib(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _release_free_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory above the weights of one forward of one contender, in this process.
+
+    CPU: RSS after building the model and input (plus a warm-up at batch 1 so one-time library buffers are not
+    counted) is the floor; the kernel's peak RSS counter is reset (`/proc/self/clear_refs`) and read back after
+    the forward. Meant to run in a fresh process (`--memory-child`) so that no other model's freed memory is reused.
+    CUDA: `torch.cuda.max_memory_allocated` above the allocation before the forward."""
+    shapes = build_shapes(spec["quick"])
+    device = torch.device(spec["device"])
+    dtype = DTYPES[spec["dtype"]]
+    contender = build_contender(spec["contender"], shapes, dtype, device, {})
+    batch = spec["batch"]
+    with torch.inference_mode():
+        contender.run(pixel_values(shapes, 1, contender.input_dtype, device))  # one-time buffers, kernels, caches
+        inputs = pixel_values(shapes, batch, contender.input_dtype, device)
+        result = {"contender": spec["contender"], "dtype": spec["dtype"], "batch": batch,
+                  "weights_mib": weight_bytes(contender.model) / 2**20}
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            output = contender.run(inputs)
+            _sync(device)
+            result["peak_above_weights_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            result["method"] = "torch.cuda.max_memory_allocated - memory_allocated before the forward"
+        else:
+            _release_free_memory()
+            floor_kib = _read_status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                handle.write("5")  # reset VmHWM (peak RSS) to the current RSS
+            output = contender.run(inputs)
+            peak_kib = _read_status_kib("VmHWM")
+            result["peak_above_weights_mib"] = (peak_kib - floor_kib) / 1024
+            result["rss_floor_mib"] = floor_kib / 1024
+            result["method"] = "peak RSS (VmHWM, reset via /proc/self/clear_refs) - RSS before, fresh process"
+        result["output_mib"] = output.numel() * output.element_size() / 2**20
+    return result
+
+
+def memory_in_subprocess(spec: dict[str, Any], threads: Optional[int], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # big blocks straight from/to the OS: RSS tracks live tensors
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "benchmarks.tower", "--memory-child", json.dumps(spec)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**spec, "error": f"memory child failed (status {completed.returncode}): {tail}"}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    with contextlib.suppress(ImportError):
+        import timm
+
+        info["timm"] = timm.__version__
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    with contextlib.suppress(OSError, ValueError):
+        info["load_average"] = os.getloadavg()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def setting_key(dtype_name: str, batch: int) -> str:
+    return f"{dtype_name}/b{batch}"
+
+
+def compute_ratios(results: dict[str, dict[str, Any]], times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """Ours over each peer: the ratio of medians and the median of per-repetition ratios (same rotation)."""
+    ratios = []
+    for name, entry in results.items():
+        for peer in entry.get("peers", ()):
+            if peer not in results:
+                continue
+            paired = [a / b for a, b in zip(times[name], times[peer])]
+            ratios.append({"ours": name, "peer": peer, "ratio": entry["median_s"] / results[peer]["median_s"],
+                           "paired_ratio": statistics.median(paired)})
+    return ratios
+
+
+def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of issue 6 per setting where it can be measured, with `met` true/false."""
+    goals = []
+    settings = report["settings"]
+
+    def add(goal: str, setting: str, value: float, target: float, better: str) -> None:
+        met = value <= target if better == "lower" else value >= target
+        goals.append({"goal": goal, "setting": setting, "value": value, "target": target, "met": bool(met)})
+
+    for key, setting in settings.items():
+        by = {(r["ours"], r["peer"]): r["ratio"] for r in setting["ratios"]}
+        if ("ours_eva02", "timm_eva02") in by:
+            add("EVA02-L tower time / timm EVA-02", key, by[("ours_eva02", "timm_eva02")], GOAL_VS_TIMM, "lower")
+        if ("ours_plain", "hf_clip") in by:
+            add("plain L tower time / transformers CLIP", key, by[("ours_plain", "hf_clip")], GOAL_VS_HF_CLIP, "lower")
+        if ("ours_eva02", "ours_eager") in by:
+            add("speed-up over the eager path", key, 1.0 / by[("ours_eva02", "ours_eager")], GOAL_VS_EAGER_SPEEDUP,
+                "higher")
+        if setting["dtype"] == "fp32":
+            for name in ("ours_eva02", "ours_plain"):
+                entry = setting["results"].get(name)
+                if entry and entry.get("fraction_of_peak") is not None:
+                    add(f"{name} fp32 GFLOP/s / matmul peak", key, entry["fraction_of_peak"], GOAL_PEAK_FRACTION,
+                        "higher")
+    for key, setting in settings.items():
+        if setting["dtype"] == "fp32":
+            continue
+        fp32 = settings.get(setting_key("fp32", setting["batch"]))
+        for name in ("ours_eva02", "ours_eva02_autocast"):
+            if fp32 and name in setting["results"] and "ours_eva02" in fp32["results"]:
+                speedup = fp32["results"]["ours_eva02"]["median_s"] / setting["results"][name]["median_s"]
+                add(f"{name} {setting['dtype']} speed-up over fp32 (separate rotations)", key, speedup,
+                    GOAL_BF16_SPEEDUP, "higher")
+    for entry in report.get("memory", []):
+        if entry.get("contender") != "ours_plain" or "peak_above_weights_mib" not in entry:
+            continue
+        peer = next((m for m in report["memory"] if m.get("contender") == "hf_clip" and m["dtype"] == entry["dtype"]
+                     and m["batch"] == entry["batch"] and "peak_above_weights_mib" in m), None)
+        if peer:
+            ratio = entry["peak_above_weights_mib"] / max(peer["peak_above_weights_mib"], 1e-9)
+            add("peak memory above weights / transformers CLIP", setting_key(entry["dtype"], entry["batch"]), ratio,
+                GOAL_MEMORY_VS_HF_CLIP, "lower")
+    return goals
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    where = machine.get("gpu") or f"{machine.get('cpu', 'unknown CPU')}, {machine['cpu_count']} cores"
+    lines = [
+        f"# EVA-CLIP tower benchmark ({report['device']})",
+        "",
+        f"Machine: {where}; torch {machine['torch']} ({machine['torch_threads']} threads), transformers "
+        f"{machine['transformers']}, timm {machine.get('timm', 'n/a')}. Load average at start: "
+        f"{', '.join(f'{x:.1f}' for x in machine.get('load_average', ()))}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Random weights, 336x336 inputs. Times are medians over repetitions that run every contender once in a "
+        "rotating order; ratio = ours / peer (below 1: ours is faster).",
+        "",
+    ]
+    peaks = report["matmul_peak_gflops"]
+    if peaks:
+        lines += ["Matmul peak (torch.mm, median GFLOP/s in the same rotation): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()), ""]
+    for key, setting in report["settings"].items():
+        lines += [f"## {setting['dtype']}, batch {setting['batch']}", "",
+                  "| contender | layers run | median s | IQR s | ms / image | GFLOP/s | of matmul peak |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, entry in setting["results"].items():
+            if name == "matmul":
+                continue
+            fraction = entry.get("fraction_of_peak")
+            lines.append(
+                f"| `{name}`: {entry['label']} | {entry['layers']} | {entry['median_s']:.3f} | {entry['iqr_s']:.3f} "
+                f"| {1000 * entry['median_s'] / setting['batch']:.0f} | {entry['gflops']:.0f} | "
+                f"{'' if fraction is None else f'{100 * fraction:.0f}%'} |"
+            )
+        if setting["ratios"]:
+            lines += ["", "| ours | peer | ratio of medians | median of paired ratios |", "|---|---|---:|---:|"]
+            for ratio in setting["ratios"]:
+                lines.append(f"| `{ratio['ours']}` | `{ratio['peer']}` | {ratio['ratio']:.3f} | "
+                             f"{ratio['paired_ratio']:.3f} |")
+        lines.append("")
+    memory = [m for m in report.get("memory", []) if "peak_above_weights_mib" in m]
+    if memory or report.get("memory"):
+        lines += ["## Peak memory above the weights", "",
+                  "| contender | dtype | batch | weights MiB | peak above weights MiB | vs transformers CLIP |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for entry in report.get("memory", []):
+            if "peak_above_weights_mib" not in entry:
+                lines.append(f"| `{entry['contender']}` | {entry['dtype']} | {entry['batch']} | | "
+                             f"{entry.get('error', 'n/a')} | |")
+                continue
+            peer = next((m for m in memory if m["contender"] == "hf_clip" and m["dtype"] == entry["dtype"]
+                         and m["batch"] == entry["batch"]), None)
+            versus = f"{entry['peak_above_weights_mib'] / peer['peak_above_weights_mib']:.2f}" if peer else ""
+            lines.append(f"| `{entry['contender']}` | {entry['dtype']} | {entry['batch']} | "
+                         f"{entry['weights_mib']:.0f} | {entry['peak_above_weights_mib']:.0f} | {versus} |")
+        lines += ["", f"Method: {memory[0]['method'] if memory else 'n/a'}.", ""]
+    if report["goals"]:
+        lines += ["## Goals (issue 6)", "", "| goal | setting | measured | target | met |", "|---|---|---:|---:|---|"]
+        for goal in report["goals"]:
+            lines.append(f"| {goal['goal']} | {goal['setting']} | {goal['value']:.3f} | {goal['target']} | "
+                         f"{'yes' if goal['met'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_chart(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = report["settings"]
+    names = [n for n in dict.fromkeys(n for s in settings.values() for n in s["results"]) if n != "matmul"]
+    memory = [m for m in report.get("memory", []) if "peak_above_weights_mib" in m]
+    figure, axes = plt.subplots(1, 2 if memory else 1, figsize=(13 if memory else 8, 4.8), squeeze=False)
+    axis = axes[0][0]
+    width = 0.8 / max(len(names), 1)
+    keys = list(settings)
+    for index, name in enumerate(names):
+        values = [1000 * settings[k]["results"][name]["median_s"] / settings[k]["batch"]
+                  if name in settings[k]["results"] else 0.0 for k in keys]
+        positions = [k + (index - (len(names) - 1) / 2) * width for k in range(len(keys))]
+        axis.bar(positions, values, width, label=name)
+    axis.set_xticks(range(len(keys)))
+    axis.set_xticklabels(keys)
+    axis.set_ylabel("ms per image (median)")
+    axis.set_title(f"Feature extraction time ({report['device']}; lower is better)")
+    axis.legend(fontsize=8)
+    if memory:
+        axis = axes[0][1]
+        groups = list(dict.fromkeys(setting_key(m["dtype"], m["batch"]) for m in memory))
+        mem_names = list(dict.fromkeys(m["contender"] for m in memory))
+        width = 0.8 / max(len(mem_names), 1)
+        for index, name in enumerate(mem_names):
+            values = [next((m["peak_above_weights_mib"] for m in memory
+                            if m["contender"] == name and setting_key(m["dtype"], m["batch"]) == g), 0.0)
+                      for g in groups]
+            positions = [k + (index - (len(mem_names) - 1) / 2) * width for k in range(len(groups))]
+            axis.bar(positions, values, width, label=name)
+        axis.set_xticks(range(len(groups)))
+        axis.set_xticklabels(groups)
+        axis.set_ylabel("MiB above the weights")
+        axis.set_title("Peak memory of one forward (lower is better)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, format="png")
+    plt.close(figure)
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    return write
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _dtype_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",")]
+    unknown = [v for v in values if v not in DTYPES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {unknown or text!r}; expected a comma-separated subset "
+                                         f"of {', '.join(DTYPES)}")
+    return values
+
+
+def _contender_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",")]
+    unknown = [v for v in values if v not in ALL_CONTENDERS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown}; choose from {', '.join(ALL_CONTENDERS)}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default) or cuda: the same comparison on a GPU, bf16 by default")
+    parser.add_argument("--batch-sizes", type=_int_list, default=None, metavar="N[,N]",
+                        help="batch sizes (default: 1,8; --quick: 1,2)")
+    parser.add_argument("--dtypes", type=_dtype_list, default=None, metavar="fp32,bf16",
+                        help="dtypes the models are cast to (default: fp32,bf16 on cpu, bf16 on cuda)")
+    parser.add_argument("--reps", type=int, default=None, metavar="N",
+                        help="timed repetitions per setting (default: cpu 5 at batch 1-2 and 3 above, cuda 20; "
+                             "--quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+                        help="untimed rounds before timing (default: 1; cuda 3)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--contenders", type=_contender_list, default=None, metavar="NAME[,NAME]",
+                        help=f"subset to run (default: {','.join(BASE_CONTENDERS)})")
+    parser.add_argument("--no-autocast", dest="autocast", action="store_false",
+                        help="skip the fp32-weights + autocast contender in low-precision settings")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time ours without the early stop (every layer, every hidden state kept)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with the encoder layers under torch.compile (slow to compile)")
+    parser.add_argument("--memory-batch-sizes", type=_int_list, default=None, metavar="N[,N]",
+                        help="batch sizes of the memory measurement (default: the largest batch size)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes and two repetitions: checks the script end to end (numbers meaningless)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
+                        help=f"where tower_<device>[_quick].{{json,md,png}} go (default: {DEFAULT_OUTPUT_DIR})")
+    parser.add_argument("--name", default=None, help="basename of the result files (default: tower_<device>[_quick])")
+    parser.add_argument("--no-chart", dest="chart", action="store_false", help="skip the PNG chart")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tower", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    cuda = args.device == "cuda"
+    if args.batch_sizes is None:
+        args.batch_sizes = [1, 2] if args.quick else [1, 8]
+    if args.dtypes is None:
+        args.dtypes = ["bf16"] if cuda else ["fp32", "bf16"]
+    if args.warmup is None:
+        args.warmup = 3 if cuda else 1
+    if args.reps is not None and args.reps < 1:
+        raise BenchmarkError(f"--reps must be at least 1, got {args.reps}")
+    if args.warmup < 0:
+        raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise BenchmarkError(f"--threads must be at least 1, got {args.threads}")
+    if args.memory_batch_sizes is None:
+        args.memory_batch_sizes = [max(args.batch_sizes)]
+    if cuda and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is available here")
+
+
+def _reps_for(args: argparse.Namespace, batch: int) -> int:
+    if args.reps is not None:
+        return args.reps
+    if args.quick:
+        return 2
+    if args.device == "cuda":
+        return 20
+    return 5 if batch <= 2 else 3
+
+
+def _output_paths(args: argparse.Namespace) -> dict[str, str]:
+    name = args.name or f"tower_{args.device}{'_quick' if args.quick else ''}"
+    directory = args.output_dir or DEFAULT_OUTPUT_DIR
+    paths = {"json": os.path.join(directory, name + ".json"), "md": os.path.join(directory, name + ".md")}
+    if args.chart:
+        paths["png"] = os.path.join(directory, name + ".png")
+    return paths
+
+
+def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time every contender per (dtype, batch), measure memory, and write JSON, markdown and PNG; returns the report."""
+    _resolve_defaults(args)
+    paths = _output_paths(args)
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise BenchmarkError(f"{existing[0]} already exists; pass --overwrite to replace it (or --output-dir/--name)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = build_shapes(args.quick)
+    report: dict[str, Any] = {
+        "device": args.device,
+        "command": getattr(args, "command_line", None) or "python -m benchmarks.tower " + " ".join(sys.argv[1:]),
+        "machine": machine_info(device),
+        "quick": args.quick,
+        "select_layer": SELECT_LAYER,
+        "image_size": shapes.eva02.image_size,
+        "shapes": {"eva02": shapes.eva02.to_dict(), "plain": shapes.plain.to_dict()},
+        "matmul_size": shapes.matmul_size,
+        "matmul_peak_gflops": {},
+        "contenders": {},
+        "settings": {},
+        "memory": [],
+    }
+    started = time.time()
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        built: dict[str, Contender] = {}
+        for name in contenders_for(dtype, args):
+            progress(f"[{dtype_name}] building {name}")
+            built[name] = build_contender(name, shapes, dtype, device, built)
+        built["matmul"] = matmul_contender(shapes.matmul_size, dtype, device)
+        for name, contender in built.items():
+            report["contenders"][name] = {"label": contender.label, "shape": contender.shape, "note": contender.note}
+        contenders = list(built.values())
+        peak_samples: list[float] = []
+        for batch in args.batch_sizes:
+            reps = _reps_for(args, batch)
+            progress(f"[{dtype_name}] batch {batch}: {reps} repetitions of {len(contenders)} contenders")
+            inputs = {d: pixel_values(shapes, batch, d, device) for d in {c.input_dtype for c in contenders}}
+            times = time_round_robin(contenders, inputs, reps, args.warmup, device, progress)
+            results: dict[str, dict[str, Any]] = {}
+            for contender in contenders:
+                flops = contender_flops(contender, shapes, batch)
+                stats = summarize(times[contender.name])
+                results[contender.name] = {
+                    "label": contender.label, "shape": contender.shape, "layers": contender.layers,
+                    "peers": list(contender.peers), "times_s": times[contender.name], **stats,
+                    "gflop": flops / 1e9, "gflops": flops / 1e9 / stats["median_s"],
+                }
+            peak = results["matmul"]["gflops"]
+            peak_samples.append(peak)
+            for entry in results.values():
+                entry["fraction_of_peak"] = entry["gflops"] / peak if entry["shape"] != "matmul" else None
+            report["settings"][setting_key(dtype_name, batch)] = {
+                "dtype": dtype_name, "batch": batch, "reps": reps, "warmup": args.warmup, "results": results,
+                "ratios": compute_ratios(results, times),
+            }
+        report["matmul_peak_gflops"][dtype_name] = statistics.median(peak_samples)
+        del built, contenders
+        _release_free_memory()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.memory:
+        timeout = 600.0 if not args.quick else 120.0
+        for dtype_name in args.dtypes:
+            for batch in args.memory_batch_sizes:
+                for name in contenders_for(DTYPES[dtype_name], args):
+                    if name == "ours_eva02_compiled":
+                        continue
+                    spec = {"contender": name, "dtype": dtype_name, "batch": batch, "device": args.device,
+                            "quick": args.quick}
+                    progress(f"[memory] {name} {dtype_name} batch {batch}")
+                    try:
+                        entry = memory_in_subprocess(spec, args.threads, timeout)
+                    except subprocess.TimeoutExpired:
+                        entry = {**spec, "error": f"memory child timed out after {timeout:.0f} s"}
+                    report["memory"].append(entry)
+                    if "error" in entry:
+                        progress(f"  {entry['error']}")
+                    else:
+                        progress(f"  {entry['peak_above_weights_mib']:.0f} MiB above {entry['weights_mib']:.0f} MiB")
+    report["wall_s"] = time.time() - started
+    report["goals"] = evaluate_goals(report)
+    _atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"))
+    _atomic_write(paths["md"], _write_text(render_markdown(report)))
+    if "png" in paths:
+        _atomic_write(paths["png"], lambda path: render_chart(report, path))
+    report["paths"] = paths
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.memory_child is not None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(measure_memory(json.loads(args.memory_child))), flush=True)
+        return 0
+    try:
+        report = run_benchmark(args)
+    except BenchmarkError as error:
+        print(f"benchmarks.tower: error: {error}", file=sys.stderr)
+        return 2
+    for goal in report["goals"]:
+        print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']} [{goal['setting']}]: {goal['value']:.3f} "
+              f"(target {goal['target']})")
+    print("wrote " + ", ".join(report["paths"].values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

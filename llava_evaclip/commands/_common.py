@@ -1,0 +1,349 @@
+"""Helpers shared by the CLI commands: model resolution (checkpoint dir or preset), image discovery and decoding,
+dtype/device parsing and atomic file writes. Heavy imports (torch, transformers) stay inside functions so that
+`llava-evaclip --help` and `presets` start quickly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+
+from ..cli import CLIError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from ..configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+SELECT_FEATURES = ("patch", "cls_patch", "cls")
+# Presets get reproducible random weights, so a rerun (resume) continues with the same model.
+PRESET_SEED = 0
+FULL_MODEL_TYPES = ("evaclip", "clip")
+VISION_MODEL_TYPES = ("evaclip_vision_model", "clip_vision_model")
+
+
+def samples_dir() -> str:
+    """The sample images shipped inside the package (used by `features --samples`)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr that does not break a running tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def random_weights_banner(preset: str) -> str:
+    return (
+        f"WARNING: {preset!r} is a preset name, not a checkpoint: the model has RANDOM weights (seed {PRESET_SEED}), "
+        "so its features only exercise the pipeline. For real features convert a released checkpoint "
+        "(llava-evaclip convert SRC OUT_DIR --arch " + preset + ") and pass --model OUT_DIR."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_select_layer(select_layer: str) -> str:
+    """`--select-layer` as recorded in outputs: "-2", or "-2,-5" for several layers."""
+    return ",".join(part.strip() for part in str(select_layer).split(","))
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--select-layer", default="-2", metavar="INDEX",
+                        help="hidden state LLaVA reads (mm_vision_select_layer): 0 = embeddings, negative counts "
+                             "from the end; several as -2,-5 are concatenated on channels (default: -2)")
+    parser.add_argument("--select-feature", choices=SELECT_FEATURES, default="patch",
+                        help="tokens LLaVA keeps (mm_vision_select_feature): patch drops CLS (default: patch)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="compute and storage dtype (default: float32)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def selected_layers(select_layer: str, num_layers: int) -> tuple[int, ...]:
+    """The `hidden_states` indices `--select-layer` names, validated by the tower's own parser (one rule for LLaVA
+    and the CLI); a bad value becomes one CLIError line naming the valid range."""
+    from ..tower import parse_select_layer
+
+    try:
+        return parse_select_layer(select_layer, num_layers)
+    except ValueError as error:
+        raise CLIError(f"--select-layer: {one_line(error)}") from None
+
+
+def tokens_per_image(num_patches: int, select_feature: str) -> int:
+    return {"patch": num_patches, "cls_patch": num_patches + 1, "cls": 1}[select_feature]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: a converted checkpoint dir or a preset name
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSource:
+    """What `--model` named: a checkpoint dir (`path`) or a preset (`preset`, random weights)."""
+
+    spec: str
+    config: Any  # EvaCLIPConfig or EvaCLIPVisionConfig
+    path: Optional[str] = None
+    preset: Optional[str] = None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.preset is not None
+
+    @property
+    def has_text_tower(self) -> bool:
+        return hasattr(self.config, "text_config")
+
+    @property
+    def vision_config(self) -> "EvaCLIPVisionConfig":
+        return self.config.vision_config if self.has_text_tower else self.config
+
+    @property
+    def label(self) -> str:
+        """How the model is recorded in outputs: the preset name, or the dir's absolute path."""
+        return self.preset if self.preset is not None else self.path
+
+
+def resolve_model(spec: str, option: str = "--model") -> ModelSource:
+    """Turn `--model` into a config without loading weights; every user mistake becomes one CLIError line."""
+    from ..presets import list_presets, preset_config
+
+    presets = ", ".join(list_presets())
+    if os.path.isdir(spec):
+        config_path = os.path.join(spec, "config.json")
+        if not os.path.isfile(config_path):
+            raise CLIError(
+                f"{option} {spec}: the directory has no config.json; expected a converted EVA-CLIP checkpoint dir "
+                f"(made by `llava-evaclip convert`) or a preset name ({presets})."
+            )
+        return ModelSource(spec=spec, config=read_config(spec), path=os.path.abspath(spec))
+    if spec in list_presets():
+        return ModelSource(spec=spec, config=preset_config(spec), preset=spec)
+    if os.path.exists(spec):
+        raise CLIError(f"{option} {spec} is a file; expected a converted checkpoint directory or a preset name "
+                       f"({presets}).")
+    raise CLIError(f"{option} {spec!r} is neither an existing checkpoint directory nor a preset name; "
+                   f"presets: {presets}.")
+
+
+def read_config(path: str) -> Any:
+    """The EvaCLIPConfig / EvaCLIPVisionConfig stored in a checkpoint dir."""
+    from ..configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig
+
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise CLIError(f"cannot read {config_path}: {error}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    try:
+        if model_type in FULL_MODEL_TYPES:
+            return EvaCLIPConfig.from_pretrained(path)
+        if model_type in VISION_MODEL_TYPES:
+            return EvaCLIPVisionConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError) as error:
+        raise CLIError(f"{config_path} is not a valid EVA-CLIP config: {one_line(error)}") from None
+    raise CLIError(
+        f"{config_path} has model_type {model_type!r}; expected an EVA-CLIP checkpoint "
+        f"({', '.join(FULL_MODEL_TYPES + VISION_MODEL_TYPES)})."
+    )
+
+
+def build_random_vision_model(source: ModelSource) -> Any:
+    """The preset's vision tower with reproducible random weights (never a download)."""
+    import torch
+
+    from ..modeling_evaclip import EvaCLIPVisionModel
+
+    torch.manual_seed(PRESET_SEED)
+    model = EvaCLIPVisionModel(source.vision_config)
+    return model.eval()
+
+
+def load_tower(source: ModelSource, select_layer: str, select_feature: str, dtype: "torch.dtype",
+               device: "torch.device") -> Any:
+    """The same `EvaCLIPVisionTower` LLaVA builds (so CLI features equal LLaVA's), ready for inference.
+
+    A preset has no checkpoint to load: the tower is created delay-loaded from the preset's config and then given
+    a randomly initialised model and the preset's image processor, through LLaVA's tower attributes."""
+    import tempfile
+
+    from ..processing import build_image_processor
+    from ..tower import EvaCLIPVisionTower
+
+    args = argparse.Namespace(mm_vision_select_layer=select_layer, mm_vision_select_feature=select_feature)
+    try:
+        if source.preset is None:
+            tower = EvaCLIPVisionTower(source.path, args)
+        else:
+            with tempfile.TemporaryDirectory(prefix="llava-evaclip-preset-") as config_dir:
+                source.vision_config.save_pretrained(config_dir)
+                tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
+            tower.vision_tower_name = source.preset
+            tower.image_processor = build_image_processor(source.vision_config)
+            tower.vision_tower = build_random_vision_model(source).requires_grad_(False)
+            tower.is_loaded = True
+    except (ValueError, OSError) as error:
+        raise CLIError(f"cannot load the vision tower from {source.spec}: {one_line(error)}") from None
+    return tower.to(device=device, dtype=dtype).eval()
+
+
+def image_processor_for(source: ModelSource) -> Any:
+    from ..processing import build_image_processor, load_image_processor
+
+    if source.path is None:
+        return build_image_processor(source.vision_config)
+    return load_image_processor(source.path, source.vision_config)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (multi-line library messages would break the one-line contract)."""
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image to process: where it is, and its path relative to the input it came from (names its output)."""
+
+    path: str
+    relative: str
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def collect_images(inputs: Iterable[str]) -> list[ImageItem]:
+    """Files as given, folders searched recursively for common image types; missing or empty inputs are errors."""
+    items: list[ImageItem] = []
+    for entry in inputs:
+        if not os.path.exists(entry):
+            raise CLIError(f"{entry}: no such file or directory.")
+        if os.path.isdir(entry):
+            found = []
+            for root, dirs, files in os.walk(entry):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if _is_image_name(name):
+                        path = os.path.join(root, name)
+                        found.append(ImageItem(path, os.path.relpath(path, entry).replace(os.sep, "/")))
+            if not found:
+                raise CLIError(f"{entry}: no images found in this folder or below "
+                               f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
+            items.extend(found)
+        else:
+            items.append(ImageItem(entry, os.path.basename(entry)))
+    return _deduplicate(items)
+
+
+def _deduplicate(items: list[ImageItem]) -> list[ImageItem]:
+    """Drop repeats of one file under one name; two different files under one output name are an error."""
+    by_relative: dict[str, ImageItem] = {}
+    unique = []
+    for item in items:
+        previous = by_relative.get(item.relative)
+        if previous is None:
+            by_relative[item.relative] = item
+            unique.append(item)
+        elif os.path.realpath(previous.path) != os.path.realpath(item.path):
+            raise CLIError(
+                f"{previous.path} and {item.path} would both be saved as {item.relative!r} (outputs are named after "
+                "the path relative to their input); process them in separate runs with different --out."
+            )
+    return unique
+
+
+def open_rgb(path: str) -> "Image.Image":
+    """A fully decoded RGB image; any decoding problem becomes an OSError naming what went wrong."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise OSError(f"cannot read image ({one_line(error)})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)` to a hidden temp name beside `path`, then rename: a crash or Ctrl-C never
+    leaves a truncated `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+
+
+def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None:
+    if os.path.isdir(path):
+        raise CLIError(f"{option} {path} is a directory; give a file name.")
+    if os.path.exists(path) and not overwrite:
+        raise CLIError(f"{option} {path} already exists; pass --overwrite to replace it.")
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageItem",
+    "ModelSource",
+    "atomic_write",
+    "collect_images",
+    "load_tower",
+    "open_rgb",
+    "resolve_model",
+    "samples_dir",
+]

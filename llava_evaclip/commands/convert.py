@@ -1,0 +1,55 @@
+"""`llava-evaclip convert SRC OUT --arch ARCH`: a released EVA-CLIP checkpoint to a Hugging Face dir."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ..cli import CLIError
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a BAAI / timm / open_clip / InternVL-port EVA-CLIP checkpoint to a Hugging Face dir",
+        description="Convert SRC into a complete Hugging Face dir OUT (config.json, safetensors weights, "
+                    "preprocessor_config.json and, for full models, the CLIP tokenizer). SRC is a BAAI release "
+                    "state dict (.pt/.bin, CLIP or CustomCLIP layout), a timm EVA / EVA-02 vision state dict, an "
+                    "open_clip EVA state dict, or an InternVL-port Hugging Face dir; the kind is detected from the "
+                    "keys. .pt files are read with torch.load(weights_only=True). Every weight must match the "
+                    "architecture exactly, and OUT appears only once it is complete.",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file (.pt, .pth, .bin, .safetensors) or HF dir")
+    parser.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--arch", metavar="ARCH",
+                        help="preset name (see `llava-evaclip presets`) or a BAAI model-config JSON (embed_dim, "
+                             "vision_cfg, text_cfg); optional for Hugging Face dirs, whose config.json is used")
+    parser.add_argument("--vision-only", action="store_true",
+                        help="write only the vision tower (plus its image projection when the source has one); "
+                             "timm state dicts always give a vision tower")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="dtype of the written weights (default: float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..convert import ConversionError, convert_checkpoint
+
+    start = time.perf_counter()
+    try:
+        result = convert_checkpoint(
+            args.src, args.out, arch=args.arch, vision_only=args.vision_only, dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, ValueError, FileNotFoundError) as error:
+        raise CLIError(" ".join(str(error).split())) from None  # one line, whatever the message holds
+    print(
+        f"converted {result.source_kind} checkpoint {args.src} -> {result.output_dir}: {result.model_class}, "
+        f"{result.num_parameters / 1e6:.1f}M parameters, {result.dtype}, {len(result.files)} files "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return 0

@@ -1,0 +1,113 @@
+"""`llava-evaclip similarity`: zero-shot image-text probabilities with the full EVA-CLIP model and its tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..cli import CLIError
+from . import _common
+
+TEXT_COLUMN_WIDTH = 24
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "similarity",
+        help="image-text probabilities with a converted full model (vision + text towers)",
+        description="Score every image against every text with the full EVA-CLIP model, as CLIP zero-shot "
+                    "classification does: softmax over the texts of logit_scale * cosine(image, text). Texts are "
+                    "tokenized with the checkpoint's CLIP tokenizer and padded to the text tower's context length, "
+                    "as EVA-CLIP does.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a converted full checkpoint dir (with its text tower and tokenizer files)")
+    parser.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="image files or folders")
+    parser.add_argument("--texts", nargs="+", required=True, metavar="TEXT", help="candidate texts (quote each)")
+    _common.add_runtime_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def load_full_model(source: _common.ModelSource, dtype: Any, device: Any) -> tuple[Any, Any, Any]:
+    """The EvaCLIPModel, its tokenizer and its image processor from a checkpoint dir."""
+    from transformers import AutoTokenizer
+
+    from ..modeling_evaclip import EvaCLIPModel
+
+    if source.random_weights:
+        raise CLIError(f"--model {source.spec} is a preset (random weights, no tokenizer); similarity needs a "
+                       "converted full checkpoint dir (llava-evaclip convert SRC OUT_DIR --arch "
+                       f"{source.preset}).")
+    if not source.has_text_tower:
+        raise CLIError(f"--model {source.spec} holds only a vision tower (converted with --vision-only?); "
+                       "similarity needs the full model with its text tower.")
+    if not any(os.path.isfile(os.path.join(source.path, name)) for name in ("tokenizer.json", "vocab.json")):
+        raise CLIError(f"--model {source.spec} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); "
+                       "convert the checkpoint again with `llava-evaclip convert`, which writes them.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        model = EvaCLIPModel.from_pretrained(source.path)
+    except (OSError, ValueError) as error:
+        raise CLIError(f"cannot load the model from {source.spec}: {_common.one_line(error)}") from None
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer, _common.image_processor_for(source)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    source = _common.resolve_model(args.model)
+    items = _common.collect_images(args.images)
+    texts = [text for text in args.texts]
+    if any(not text.strip() for text in texts):
+        raise CLIError("--texts contains an empty text; give each candidate text as a non-empty quoted string.")
+    dtype = _common.resolve_dtype(args.dtype)
+    device = _common.resolve_device(args.device)
+    model, tokenizer, processor = load_full_model(source, dtype, device)
+
+    images, names, failures = [], [], []
+    for item in items:
+        try:
+            images.append(_common.open_rgb(item.path))
+            names.append(item.path)
+        except OSError as error:
+            _common.warn(f"skipping {item.path}: {error}")
+            failures.append((item.path, str(error)))
+    if images:
+        context_length = model.config.text_config.max_position_embeddings
+        # EVA-CLIP pads every text to the full context with no attention mask: the causal tower pools at the first
+        # end token, so the padding never reaches the pooled output.
+        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length,
+                           return_tensors="pt")
+        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            output = model(input_ids=tokens["input_ids"].to(device), pixel_values=pixel_values.to(device, dtype))
+        probabilities = output.logits_per_image.float().softmax(dim=-1).cpu()
+        print(render_table(names, texts, probabilities))
+    if failures:
+        print(f"{len(failures)} image(s) failed:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render_table(images: list[str], texts: list[str], probabilities: Any) -> str:
+    """Rows are images, columns texts; each row is a probability distribution over the texts (sums to 1)."""
+    image_width = min(max(len("image"), *(len(name) for name in images)), 60)
+    columns = [_clip(text, TEXT_COLUMN_WIDTH) for text in texts]
+    widths = [max(len(column), 6) for column in columns]
+    lines = ["P(text | image): softmax over the texts of logit_scale * cosine similarity"]
+    lines.append("  ".join([f"{'image':<{image_width}}", *(f"{c:>{w}}" for c, w in zip(columns, widths)),
+                            "best match"]))
+    for name, row in zip(images, probabilities.tolist()):
+        cells = [f"{value:>{w}.4f}" for value, w in zip(row, widths)]
+        best = texts[max(range(len(row)), key=row.__getitem__)]
+        lines.append("  ".join([f"{_clip(name, image_width):<{image_width}}", *cells, _clip(best, 40)]))
+    return "\n".join(lines)

@@ -1,0 +1,296 @@
+"""Run any LLaVA entry module with EVA-CLIP vision towers available, without editing LLaVA.
+
+    python integration/run_llava.py llava.train.train_mem --vision_tower /ckpt/EVA02-CLIP-L-14-336 ...
+    deepspeed integration/run_llava.py llava.train.train_mem --deepspeed integration/zero3.json ...
+    torchrun --nproc_per_node 8 integration/run_llava.py llava.train.train ...
+    python -m llava_evaclip.launch llava.serve.cli --model-path ... --image-file ...
+
+Before handing over, the launcher
+- hooks LLaVA's `build_vision_tower` (`register_with_llava()`);
+- for LLaVA's training modules, adds the tower options LLaVA 1.2's `ModelArguments` lacks (`--unfreeze_mm_vision_tower`,
+  `--s2`, `--s2_scales`, and several layers in `--mm_vision_select_layer "-2,-5,-8"`), records them in the model config
+  so a saved model rebuilds the same tower, and unfreezes the tower when asked;
+- bridges the transformers APIs LLaVA's trainer was written against (renamed `TrainingArguments` flags, the Trainer's
+  `tokenizer` argument and method signatures changed in transformers 5). Nothing in LLaVA's files is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import os
+import runpy
+import sys
+from typing import Any, Optional, Sequence
+
+from transformers.utils import logging
+
+from .llava_registry import find_factory, register_with_llava
+
+logger = logging.get_logger(__name__)
+
+PROG = "run_llava.py"
+USAGE = (
+    f"usage: {PROG} MODULE [ARGS...]\n"
+    "  MODULE: a LLaVA entry module (llava.train.train_mem, llava.train.train, llava.serve.cli, llava.eval.model_vqa, "
+    "...) or the path of its .py file; ARGS go to it unchanged."
+)
+TRAIN_PACKAGE = "llava.train"
+TRAIN_MODULE = "llava.train.train"
+
+
+class LaunchError(Exception):
+    """A usage error: reported in one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """(module, its arguments). The `--local_rank` that `deepspeed` puts before the module is passed on to it."""
+    rest = list(argv)
+    launcher_args: list[str] = []
+    while rest and rest[0].startswith("--local_rank"):
+        launcher_args.append(rest.pop(0))
+        if launcher_args[-1] == "--local_rank" and rest:
+            launcher_args.append(rest.pop(0))
+    if not rest or rest[0].startswith("-"):
+        raise LaunchError("expected a LLaVA module to run, e.g. llava.train.train_mem")
+    return resolve_module(rest[0]), rest[1:] + launcher_args
+
+
+def resolve_module(target: str) -> str:
+    """A module name, also for LLaVA's own spelling `llava/train/train_mem.py` (a file of the importable package)."""
+    if target.endswith(".py"):
+        parts = os.path.normpath(os.path.abspath(target))[: -len(".py")].split(os.sep)
+        if "llava" in parts:
+            start = len(parts) - 1 - parts[::-1].index("llava")
+            candidate = ".".join(parts[start:])
+            spec = _find_spec(candidate)
+            if spec is not None and spec.origin and os.path.samefile(spec.origin, target):
+                return candidate
+        raise LaunchError(f"{target} is not a module of the installed `llava` package; pass a module name instead")
+    if _find_spec(target) is None:
+        raise LaunchError(f"no module named {target!r} (is LLaVA installed? pip install --no-deps llava-torch)")
+    return target
+
+
+def _find_spec(name: str) -> Optional[Any]:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers compatibility for LLaVA's trainer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def patch_transformers_for_llava() -> None:
+    """`llava.train.llava_trainer` imports `ALL_LAYERNORM_LAYERS` from `transformers.trainer`, which transformers 5
+    keeps only in `transformers.pytorch_utils`."""
+    import transformers.trainer as trainer_module
+
+    if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
+        from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+
+        trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {field.name for field in dataclasses.fields(TrainingArguments)}
+
+
+def translate_training_args(args: Sequence[str]) -> list[str]:
+    """LLaVA's scripts use TrainingArguments flags renamed across transformers versions; map them to this version's
+    names (`--evaluation_strategy`/`--eval_strategy`; transformers 5 takes `--warmup_ratio` as `--warmup_steps`)."""
+    names = _training_argument_names()
+    renames = {}
+    if "evaluation_strategy" not in names:
+        renames["evaluation_strategy"] = "eval_strategy"
+    if "eval_strategy" not in names:
+        renames["eval_strategy"] = "evaluation_strategy"
+    if "warmup_ratio" not in names:
+        renames["warmup_ratio"] = "warmup_steps"  # a float in [0, 1) is a ratio there
+    translated = []
+    for arg in args:
+        flag, sep, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in renames:
+            arg = f"--{renames[flag[2:]]}{sep}{value}"
+        translated.append(arg)
+    return translated
+
+
+def _compat_trainer_class(llava_trainer: type) -> type:
+    """LLaVATrainer adapted to the transformers 5 Trainer: `tokenizer=` becomes `processing_class=`, and the
+    overridden methods accept the arguments the new Trainer passes (and pass on only the ones it takes)."""
+    from transformers import Trainer
+
+    class _TrainerSignatures(Trainer):
+        """Sits between LLaVATrainer and Trainer in the MRO, for LLaVA's `super()` calls."""
+
+        def _save_checkpoint(self, model: Any, trial: Any, metrics: Any = None) -> None:
+            return Trainer._save_checkpoint(self, model, trial)
+
+    class LLaVATrainer(llava_trainer, _TrainerSignatures):
+        _evaclip_compat = True
+
+        def __init__(self, *args: Any, tokenizer: Any = None, **kwargs: Any) -> None:
+            if tokenizer is not None and kwargs.get("processing_class") is None:
+                kwargs["processing_class"] = tokenizer
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            if train_dataset is not None and train_dataset is not self.train_dataset:
+                return _TrainerSignatures._get_train_sampler(self, train_dataset)
+            return llava_trainer._get_train_sampler(self)
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            return llava_trainer.create_optimizer(self)
+
+    LLaVATrainer.__qualname__ = LLaVATrainer.__name__ = llava_trainer.__name__
+    LLaVATrainer.__module__ = __name__
+    return LLaVATrainer
+
+
+def patch_llava_trainer(train_module: Any) -> None:
+    """Use the adapted trainer class in `llava.train.train` when the installed Trainer no longer takes `tokenizer`."""
+    from transformers import Trainer
+
+    trainer_class = train_module.LLaVATrainer
+    if getattr(trainer_class, "_evaclip_compat", False):
+        return
+    if "tokenizer" not in inspect.signature(Trainer.__init__).parameters:
+        train_module.LLaVATrainer = _compat_trainer_class(trainer_class)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tower options for LLaVA's training script
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _parse_select_layer(value: Any) -> Any:
+    """'-2' -> -2 (what LLaVA's own tower expects); several layers stay a string for the EVA-CLIP tower."""
+    if isinstance(value, str) and "," not in value:
+        try:
+            return int(value)
+        except ValueError:
+            return value  # the tower names the valid choices
+    return value
+
+
+def extend_model_arguments(train_module: Any) -> None:
+    """Add the tower options LLaVA's `ModelArguments` lacks, so `HfArgumentParser` accepts them."""
+    base = train_module.ModelArguments
+    if getattr(base, "_evaclip_extended", False):
+        return
+    existing = {field.name: field for field in dataclasses.fields(base)}
+    extra: list[tuple[str, Any, Any]] = []
+    if "unfreeze_mm_vision_tower" not in existing:
+        extra.append(("unfreeze_mm_vision_tower", bool, dataclasses.field(
+            default=False, metadata={"help": "Train the vision tower too (it is loaded eagerly, and saved)."})))
+    if "s2" not in existing:
+        extra.append(("s2", bool, dataclasses.field(
+            default=False, metadata={"help": "LLaVA's S2 multi-scale features (EVA-CLIP towers)."})))
+    if "s2_scales" not in existing:
+        extra.append(("s2_scales", Optional[str], dataclasses.field(
+            default="336,672,1008", metadata={"help": "S2 image sides, smallest = the tower's image size."})))
+    select_default = existing["mm_vision_select_layer"].default if "mm_vision_select_layer" in existing else -1
+    extra.append(("mm_vision_select_layer", Optional[str], dataclasses.field(
+        default=select_default,
+        metadata={"help": "hidden_states index of the tower, or several (\"-2,-5,-8\", EVA-CLIP towers) concatenated."},
+    )))
+
+    def __post_init__(self: Any) -> None:
+        if hasattr(base, "__post_init__"):
+            base.__post_init__(self)
+        self.mm_vision_select_layer = _parse_select_layer(self.mm_vision_select_layer)
+        if isinstance(self.mm_vision_select_layer, str) and self.vision_tower and find_factory(self.vision_tower) is None:
+            raise ValueError(
+                f"--mm_vision_select_layer {self.mm_vision_select_layer!r}: several layers need an EVA-CLIP tower; "
+                f"{self.vision_tower!r} is handled by LLaVA's own CLIPVisionTower, which takes one int."
+            )
+
+    extended = dataclasses.make_dataclass(
+        base.__name__, extra, bases=(base,), namespace={"__post_init__": __post_init__, "_evaclip_extended": True}
+    )
+    extended.__module__ = base.__module__
+    train_module.ModelArguments = extended
+
+
+def record_tower_options() -> None:
+    """After LLaVA's `initialize_vision_modules`, copy the tower options into the model config (so reloading the
+    saved model builds the same tower: S2 changes the feature width, and an unfrozen tower's trained weights live in
+    the LLaVA checkpoint, so it must be built eagerly) and unfreeze the tower when asked."""
+    from llava.model.llava_arch import LlavaMetaModel
+
+    original = LlavaMetaModel.initialize_vision_modules
+    if getattr(original, "_evaclip_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def initialize_vision_modules(self: Any, model_args: Any, fsdp: Any = None) -> Any:
+        result = original(self, model_args, fsdp=fsdp)
+        if getattr(model_args, "s2", False):
+            self.config.s2, self.config.s2_scales = True, model_args.s2_scales
+        if getattr(model_args, "unfreeze_mm_vision_tower", False):
+            self.config.unfreeze_mm_vision_tower = True
+            self.get_vision_tower().requires_grad_(True)
+        return result
+
+    initialize_vision_modules._evaclip_wrapped = True  # type: ignore[attr-defined]
+    LlavaMetaModel.initialize_vision_modules = initialize_vision_modules
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_llava(module: str) -> Optional[Any]:
+    """Everything the launcher sets up before running `module`; returns `llava.train.train` for training modules."""
+    patch_transformers_for_llava()
+    register_with_llava()
+    if not module.startswith(TRAIN_PACKAGE + "."):
+        return None
+    train_module = importlib.import_module(TRAIN_MODULE)
+    patch_llava_trainer(train_module)
+    extend_model_arguments(train_module)
+    record_tower_options()
+    return train_module
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    try:
+        module, args = split_command(argv)
+    except LaunchError as error:
+        print(f"{USAGE}\n{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    train_module = prepare_llava(module)
+    if train_module is not None:
+        args = translate_training_args(args)
+    if module == TRAIN_MODULE:
+        # Its `__main__` block is `train()`; calling it on the imported module keeps the extensions above in effect
+        # (runpy would execute a second copy of the module).
+        sys.argv = [train_module.__file__, *args]
+        train_module.train()
+        return 0
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A hook into LLaVA's `build_vision_tower`: EVA-CLIP towers (and any other registered type) without editing LLaVA.
+
+LLaVA builds its tower with `llava.model.multimodal_encoder.builder.build_vision_tower`, which other modules import
+by name (`llava.model.llava_arch` does), so `register_with_llava()` rebinds it in every loaded `llava.*` module.
+Towers are matched by a small registry of (matcher, factory) pairs; the first match wins, and anything unmatched goes
+to LLaVA's own builder unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Optional
+
+from transformers.utils import logging
+
+from .configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig, INTERNVL_MODEL_TYPES, INTERNVL_VISION_MODEL_TYPES
+
+logger = logging.get_logger(__name__)
+
+Matcher = Callable[[str], bool]
+Factory = Callable[..., Any]  # factory(vision_tower_name, args=vision_tower_cfg, **kwargs), like CLIPVisionTower
+
+LLAVA_BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
+EVACLIP_MODEL_TYPES = (EvaCLIPConfig.model_type, EvaCLIPVisionConfig.model_type)
+# Fields the InternVL port of EVA-CLIP writes into its (CLIP-typed) vision config; plain CLIP configs have none.
+INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
+
+_registry: list[tuple[Matcher, Factory]] = []
+_original_builder: Optional[Callable[..., Any]] = None
+
+
+def register_vision_tower(matcher: Matcher, factory: Factory) -> None:
+    """Route towers for which `matcher(name)` is true to `factory(name, args=cfg, **kwargs)`. Later registrations
+    are tried first, so a project can override the defaults; registering the same pair twice is a no-op."""
+    if not callable(matcher) or not callable(factory):
+        raise ValueError("register_vision_tower needs two callables: matcher(name) -> bool and factory(name, args, ...).")
+    if (matcher, factory) not in _registry:
+        _registry.insert(0, (matcher, factory))
+
+
+def unregister_vision_tower(matcher: Matcher) -> None:
+    """Forget every registration made with `matcher`."""
+    _registry[:] = [(m, f) for m, f in _registry if m is not matcher]
+
+
+def find_factory(name: Any) -> Optional[Factory]:
+    """The factory of the first registered tower type that claims `name`, or None (LLaVA's own builder)."""
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    name = os.fspath(name)
+    for matcher, factory in _registry:
+        if matcher(name):
+            return factory
+    return None
+
+
+def _read_config(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_evaclip_tower(name: str) -> bool:
+    """A local dir is judged by its config.json: one of our model types, or a CLIP-typed config carrying the
+    InternVL port's EVA fields. Anything else (a hub id, a dir without config.json) by a name containing "eva"."""
+    config = _read_config(name) if os.path.isdir(name) else None
+    if config is None:
+        return "eva" in name.lower()
+    if config.get("model_type") in EVACLIP_MODEL_TYPES:
+        return True
+    vision = config.get("vision_config") if config.get("model_type") in INTERNVL_MODEL_TYPES else config
+    if not isinstance(vision, dict):
+        return False
+    if vision.get("model_type", INTERNVL_VISION_MODEL_TYPES[0]) not in INTERNVL_VISION_MODEL_TYPES + EVACLIP_MODEL_TYPES:
+        return False
+    return any(field in vision for field in INTERNVL_EVA_FIELDS)
+
+
+def _build_evaclip_tower(vision_tower: str, args: Any, **kwargs: Any) -> Any:
+    from .tower import EvaCLIPVisionTower
+
+    return EvaCLIPVisionTower(vision_tower, args=args, **kwargs)
+
+
+register_vision_tower(is_evaclip_tower, _build_evaclip_tower)
+
+
+def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
+    """LLaVA's `build_vision_tower`, with registered tower types tried first."""
+    name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
+    factory = find_factory(name)
+    if factory is None:
+        if _original_builder is None:
+            raise RuntimeError("LLaVA's build_vision_tower is not hooked; call register_with_llava() first.")
+        return _original_builder(vision_tower_cfg, **kwargs)
+    return factory(os.fspath(name), args=vision_tower_cfg, **kwargs)
+
+
+def _llava_modules() -> list[Any]:
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name == "llava" or name.startswith("llava."))
+    ]
+
+
+def register_with_llava() -> None:
+    """Make every binding of LLaVA's `build_vision_tower` use the registry. Idempotent; `unregister_from_llava()`
+    restores LLaVA's function."""
+    global _original_builder
+    try:
+        import importlib
+
+        builder = importlib.import_module(LLAVA_BUILDER_MODULE)  # imports llava.model (and llava_arch) too
+    except ImportError as error:
+        raise ImportError(
+            f"register_with_llava() needs LLaVA's code (module `llava`: pip install --no-deps llava-torch, or LLaVA's "
+            f"repo): {error}"
+        ) from error
+    current = builder.build_vision_tower
+    if _original_builder is None:
+        if current is build_vision_tower:
+            raise RuntimeError(f"{LLAVA_BUILDER_MODULE}.build_vision_tower is already ours but the original is lost.")
+        _original_builder = current
+    patched = []
+    for module in _llava_modules():
+        if getattr(module, "build_vision_tower", None) is _original_builder:
+            module.build_vision_tower = build_vision_tower
+            patched.append(module.__name__)
+    if patched:
+        logger.info(f"EVA-CLIP towers registered with LLaVA's build_vision_tower in {', '.join(sorted(patched))}.")
+
+
+def unregister_from_llava() -> None:
+    """Restore LLaVA's own `build_vision_tower` everywhere `register_with_llava()` put ours."""
+    global _original_builder
+    if _original_builder is None:
+        return
+    for module in _llava_modules():
+        if getattr(module, "build_vision_tower", None) is build_vision_tower:
+            module.build_vision_tower = _original_builder
+    _original_builder = None
+
+
+def is_registered_with_llava() -> bool:
+    builder = sys.modules.get(LLAVA_BUILDER_MODULE)
+    return builder is not None and getattr(builder, "build_vision_tower", None) is build_vision_tower
+
+
+__all__ = [
+    "build_vision_tower",
+    "find_factory",
+    "is_evaclip_tower",
+    "is_registered_with_llava",
+    "register_vision_tower",
+    "register_with_llava",
+    "unregister_from_llava",
+    "unregister_vision_tower",
+]

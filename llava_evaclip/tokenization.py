@@ -1,0 +1,138 @@
+"""The CLIP BPE tokenizer of every EVA-CLIP text tower, built offline from the vocabulary file shipped in this package.
+
+EVA-CLIP's text towers use OpenAI CLIP's byte-level BPE (`bpe_simple_vocab_16e6.txt.gz`, MIT-licensed, as shipped by
+open_clip and BAAI's EVA-CLIP). This module turns that merge list into the `vocab.json` + `merges.txt` pair that
+transformers' `CLIPTokenizer` / `CLIPTokenizerFast` read, so a converted checkpoint carries its tokenizer without any
+download. Ids match open_clip's `SimpleTokenizer` (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) up to and including
+the end token. Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text tower is
+causal and pools at the first end token, so padding never changes its output. "!" (id 0) cannot be the pad token,
+because a special token is split out of the raw text and would change how "!" in captions is tokenized.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Union
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+BPE_VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = EOS_TOKEN
+CONTEXT_LENGTH = 77
+# CLIP keeps the first 49152 - 256 - 2 merges of the file: 256 byte symbols x 2 (with / without "</w>") plus the
+# merges plus the two special tokens make the 49408-entry vocabulary.
+NUM_MERGES = 49152 - 256 - 2
+VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@lru_cache()
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) map to code points from 256
+    upwards in byte order, so that BPE never sees whitespace or control characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    next_code_point = 256
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(next_code_point)
+            next_code_point += 1
+    # Vocabulary order is the printable bytes first, then the remapped ones (insertion order of the original table).
+    return {byte: mapping[byte] for byte in [*printable, *(b for b in range(256) if b not in printable)]}
+
+
+@lru_cache()
+def read_bpe_merges(path: Union[str, os.PathLike] = BPE_VOCAB_FILE) -> tuple[tuple[str, str], ...]:
+    """The merges CLIP uses: the file's lines after its header, first `NUM_MERGES` only."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = []
+    for line in lines[1 : NUM_MERGES + 1]:
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"Malformed BPE merge line {line!r} in {path}; expected two symbols.")
+        merges.append((parts[0], parts[1]))
+    if len(merges) != NUM_MERGES:
+        raise ValueError(f"{path} holds {len(merges)} merges; CLIP's vocabulary needs {NUM_MERGES}.")
+    return tuple(merges)
+
+
+def build_vocab(merges: tuple[tuple[str, str], ...]) -> dict[str, int]:
+    """Token -> id, in CLIP's order: byte symbols, byte symbols + "</w>", one token per merge, then BOS and EOS."""
+    symbols = list(byte_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge) for merge in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("The BPE merges produce duplicate tokens; the vocabulary file is not CLIP's.")
+    return vocab
+
+
+def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: int = CONTEXT_LENGTH) -> list[str]:
+    """Write `vocab.json`, `merges.txt`, `tokenizer_config.json` and `special_tokens_map.json` into `directory`.
+
+    The files are written directly (not via `save_pretrained`) so the same bytes load on transformers 4.37 and 5.x,
+    as `CLIPTokenizer` (slow, where it exists) and `CLIPTokenizerFast`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    merges = read_bpe_merges()
+    vocab = build_vocab(merges)
+    special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+    tokenizer_config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": int(model_max_length),
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": True,
+        **special_tokens,
+    }
+    with open(directory / "vocab.json", "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle, ensure_ascii=False)
+    with open(directory / "merges.txt", "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n")
+        handle.write("\n".join(f"{left} {right}" for left, right in merges))
+        handle.write("\n")
+    with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2)
+    with open(directory / "special_tokens_map.json", "w", encoding="utf-8") as handle:
+        json.dump(special_tokens, handle, indent=2)
+    return [str(directory / name) for name in TOKENIZER_FILES]
+
+
+def build_tokenizer(use_fast: bool = True, model_max_length: int = CONTEXT_LENGTH) -> PreTrainedTokenizerBase:
+    """A transformers CLIP tokenizer for EVA-CLIP's text towers, built from the packaged BPE file (no network)."""
+    with tempfile.TemporaryDirectory(prefix="evaclip-tokenizer-") as directory:
+        write_tokenizer_files(directory, model_max_length=model_max_length)
+        tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=use_fast)
+        # Make sure every file is read before the directory goes away (slow tokenizers read lazily on some lines).
+        tokenizer("warm up")
+    return tokenizer
+
+
+__all__ = [
+    "BOS_TOKEN",
+    "BPE_VOCAB_FILE",
+    "CONTEXT_LENGTH",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "TOKENIZER_FILES",
+    "VOCAB_SIZE",
+    "build_tokenizer",
+    "build_vocab",
+    "byte_to_unicode",
+    "read_bpe_merges",
+    "write_tokenizer_files",
+]

@@ -1,0 +1,322 @@
+"""EVA-CLIP as a LLaVA vision tower: a drop-in for LLaVA's `CLIPVisionTower` (and its S2 multi-scale variant)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPImageProcessor
+from transformers.utils import logging
+
+from .configuration_evaclip import EvaCLIPVisionConfig
+from .modeling_evaclip import EvaCLIPVisionModel
+from .processing import build_image_processor, load_image_processor
+
+logger = logging.get_logger(__name__)
+
+SELECT_FEATURES = ("patch", "cls_patch", "cls")
+DEFAULT_SELECT_LAYER = -1  # LLaVA's ModelArguments default; LLaVA-1.5 scripts pass -2
+DEFAULT_S2_SCALES = "336,672,1008"  # LLaVA's default for CLIPVisionTowerS2
+
+
+def parse_select_layer(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
+    """`mm_vision_select_layer` as indices into `hidden_states` (0 = embeddings, L = last layer), in the order given.
+
+    Accepts an int, a string such as "-2" or "-2,-5,-8", or a list/tuple of ints; None means LLaVA's default (-1).
+    Raises ValueError naming the valid range for anything else."""
+    num_states = num_hidden_layers + 1
+    valid = (
+        f"valid indices are {-num_states}..{num_hidden_layers} (hidden_states of a {num_hidden_layers}-layer tower: "
+        f"0 = embeddings, negative counts from the end), as an int, a comma-separated string like \"-2,-5,-8\" or a list"
+    )
+    if value is None:
+        value = DEFAULT_SELECT_LAYER
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        if not value.strip() or any(not part for part in parts):
+            raise ValueError(f"mm_vision_select_layer {value!r} is not a layer index; {valid}.")
+        try:
+            items: list[Any] = [int(part) for part in parts]
+        except ValueError:
+            raise ValueError(f"mm_vision_select_layer {value!r} is not a layer index; {valid}.") from None
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ValueError(f"mm_vision_select_layer is empty; {valid}.")
+    indices: list[int] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"mm_vision_select_layer {value!r} contains {item!r}, which is not an int; {valid}.")
+        if not -num_states <= item <= num_hidden_layers:
+            raise ValueError(f"mm_vision_select_layer {item} is out of range; {valid}.")
+        index = item % num_states
+        if index in indices:
+            raise ValueError(f"mm_vision_select_layer {value!r} selects hidden state {index} twice; {valid}.")
+        indices.append(index)
+    return tuple(indices)
+
+
+def parse_s2_scales(value: Any, image_size: int) -> list[int]:
+    """S2 scales (image sides) as a sorted list; the smallest must be the tower's own image size (the tile size)."""
+    expected = f"comma-separated image sides starting at the tower's image size, e.g. \"{image_size},{2 * image_size}\""
+    if isinstance(value, str):
+        try:
+            scales = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError(f"s2_scales {value!r} is not valid; expected {expected}.") from None
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        scales = list(value)
+    else:
+        raise ValueError(f"s2_scales {value!r} is not valid; expected {expected}.")
+    scales = sorted(scales)
+    if not scales or scales[0] <= 0 or len(set(scales)) != len(scales):
+        raise ValueError(f"s2_scales {value!r} is not valid; expected {expected} (positive, distinct).")
+    if scales[0] != image_size:
+        raise ValueError(
+            f"s2_scales {value!r} must start at the tower's image size {image_size}: the smallest scale is the tile "
+            f"size each crop is run at; expected {expected}."
+        )
+    return scales
+
+
+def _processor_output_size(processor: Any) -> Optional[tuple[int, int]]:
+    """The (height, width) a CLIP-style processor produces, or None when it does not crop to a fixed size."""
+    if not getattr(processor, "do_center_crop", False):
+        return None
+    crop = processor.crop_size
+    if isinstance(crop, int):
+        return crop, crop
+    try:
+        return int(crop["height"]), int(crop["width"])
+    except (KeyError, TypeError):
+        return None
+
+
+def _split_tiles(images: torch.Tensor, num_split: int) -> torch.Tensor:
+    """[B, C, n*s, n*s] -> [n*n*B, C, s, s], tiles in row-major order, each tile's batch contiguous."""
+    tiles = images.unflatten(2, (num_split, -1)).unflatten(4, (num_split, -1))  # B C n s n s
+    return tiles.permute(2, 4, 0, 1, 3, 5).flatten(0, 2)
+
+
+def _merge_tiles(features: torch.Tensor, num_split: int) -> torch.Tensor:
+    """Inverse of `_split_tiles` on feature maps: [n*n*B, C, g, g] -> [B, C, n*g, n*g]."""
+    grid = features.unflatten(0, (num_split, num_split, -1))  # n n B C g g
+    return grid.permute(2, 3, 0, 4, 1, 5).flatten(4, 5).flatten(2, 3)
+
+
+class EvaCLIPVisionTower(nn.Module):
+    """An EVA-CLIP vision tower with the interface LLaVA's `build_vision_tower` returns.
+
+    Reads `mm_vision_select_layer` (one index or several, concatenated on channels), `mm_vision_select_feature`
+    ("patch", "cls_patch" or "cls"), `unfreeze_mm_vision_tower`, and LLaVA's S2 options (`s2`, `s2_scales`) from
+    `args`. Only the layers up to the deepest selected one run, and only the selected hidden states are kept.
+    Everything is validated at construction, from the config alone, so a delay-loaded tower fails early too.
+    """
+
+    def __init__(self, vision_tower: Union[str, os.PathLike], args: Any, delay_load: bool = False) -> None:
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = os.fspath(vision_tower)
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch") or "patch"
+        if self.select_feature not in SELECT_FEATURES:
+            raise ValueError(
+                f"mm_vision_select_feature {self.select_feature!r} is not supported; choose one of {SELECT_FEATURES}."
+            )
+        self.cfg_only = self._load_config(self.vision_tower_name)
+        self.select_layer = getattr(args, "mm_vision_select_layer", DEFAULT_SELECT_LAYER)
+        self.select_layers = parse_select_layer(self.select_layer, self.cfg_only.num_hidden_layers)
+        self.s2 = bool(getattr(args, "s2", False))
+        if self.s2:
+            self.s2_scales = parse_s2_scales(getattr(args, "s2_scales", DEFAULT_S2_SCALES), self.cfg_only.image_size)
+            self.s2_split_size = self.s2_scales[0]
+            self.s2_image_size = self.s2_scales[-1]
+        else:
+            self.s2_scales = None
+        if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
+            self.load_model()
+
+    @staticmethod
+    def _load_config(name: str) -> EvaCLIPVisionConfig:
+        """The vision config of a checkpoint (a full EvaCLIPModel dir works too), with an error that says what was
+        tried when nothing loads."""
+        try:
+            return EvaCLIPVisionConfig.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            if os.path.isdir(name):
+                tried = f"the local directory {name!r} (its config.json is missing or not an EVA-CLIP config)"
+            elif os.path.exists(name):
+                tried = f"the local path {name!r}, which is a file, not a model directory"
+            else:
+                tried = f"{name!r} as a local directory (it does not exist) and as a Hugging Face Hub repo id"
+            hint = ""
+            from .presets import list_presets
+
+            if os.path.basename(name.rstrip("/")) in list_presets():
+                hint = " It names an architecture preset, which has no weights."
+            raise ValueError(
+                f"Cannot load the EVA-CLIP vision tower {name!r}: tried {tried} ({error}).{hint} Pass a directory "
+                f"written by `llava-evaclip convert` (or EvaCLIPModel/EvaCLIPVisionModel.save_pretrained)."
+            ) from error
+
+    def load_model(self, device_map: Optional[Any] = None) -> None:
+        """Load the weights and the image processor (once; later calls are no-ops), frozen as LLaVA's tower is."""
+        if self.is_loaded:
+            logger.warning(f"{self.vision_tower_name} is already loaded, `load_model` called again, skipping.")
+            return
+        self.image_processor = self._load_image_processor()
+        self.vision_tower = EvaCLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
+        self.vision_tower.requires_grad_(False)
+        self.is_loaded = True
+
+    def _load_image_processor(self) -> CLIPImageProcessor:
+        name, config = self.vision_tower_name, self.cfg_only
+        if os.path.isdir(name):
+            processor = load_image_processor(name, config)
+        else:
+            try:
+                processor = CLIPImageProcessor.from_pretrained(name)
+            except (OSError, ValueError):
+                processor = build_image_processor(config)
+        if self.s2:  # LLaVA's S2 tower preprocesses at the largest scale and resizes down for the others
+            processor = copy.deepcopy(processor)
+            processor.size = {"shortest_edge": self.s2_image_size}
+            processor.crop_size = {"height": self.s2_image_size, "width": self.s2_image_size}
+        output_size = _processor_output_size(processor)
+        if output_size is not None and output_size != (self.input_size, self.input_size):
+            raise ValueError(
+                f"The image processor of {name!r} produces {output_size[0]}x{output_size[1]} images but the tower "
+                f"takes {self.input_size}x{self.input_size}; fix crop_size in its preprocessor_config.json."
+            )
+        return processor
+
+    @property
+    def input_size(self) -> int:
+        """The side of the images `forward` takes: the processor's output size."""
+        return self.s2_image_size if self.s2 else self.config.image_size
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        size, channels = self.input_size, self.config.num_channels
+        expected = f"[batch, {channels}, {size}, {size}] (the image processor's output size, {size}x{size})"
+        if images.ndim != 4 or images.shape[1] != channels or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"Images of shape {tuple(images.shape)} do not fit the tower: expected {expected}.")
+        if images.shape[0] == 0:
+            raise ValueError(f"Got an empty batch of images; expected {expected} with batch >= 1.")
+
+    def _layer_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """All tokens (CLS first) of the selected hidden states, concatenated on channels, in the tower's dtype."""
+        states = self.vision_tower.vision_model.select_hidden_states(pixel_values, self.select_layers)
+        return torch.cat([states[index] for index in self.select_layers], dim=-1)
+
+    def _select(self, cls_token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """cls_token [B, 1, C] and patches [B, N, C] -> the requested tokens."""
+        if self.select_feature == "patch":
+            return patches
+        if self.select_feature == "cls":
+            return cls_token
+        return torch.cat((cls_token, patches), dim=1)
+
+    def _forward_single_scale(self, images: torch.Tensor) -> torch.Tensor:
+        features = self._layer_features(images.to(device=self.device, dtype=self.dtype))
+        return self._select(features[:, :1], features[:, 1:]).to(images.dtype)
+
+    def _forward_s2(self, images: torch.Tensor) -> torch.Tensor:
+        """LLaVA's S2: per scale, resize, cut into tiles of the base size, run each tile, stitch the patch grids back,
+        area-downsample to the base grid, and concatenate the scales on channels (CLS: mean over tiles)."""
+        base, dtype = self.s2_split_size, images.dtype
+        grid = self.num_patches_per_side
+        patch_maps, cls_tokens = [], []
+        for scale in self.s2_scales:
+            num_split = math.ceil(scale / base)
+            tiled_size = num_split * base
+            scaled = images
+            for size in (scale, tiled_size):
+                if scaled.shape[-1] != size:
+                    scaled = F.interpolate(scaled.float(), size=(size, size), mode="bicubic").to(dtype)
+            features = self._layer_features(_split_tiles(scaled, num_split).to(device=self.device, dtype=self.dtype))
+            features = features.to(dtype)
+            cls_tokens.append(features[:, 0].unflatten(0, (num_split * num_split, -1)).mean(dim=0))
+            patch_map = features[:, 1:].transpose(1, 2).unflatten(2, (grid, grid))
+            patch_map = _merge_tiles(patch_map, num_split)
+            kept = math.ceil(scale / tiled_size * patch_map.shape[-1])  # drop what resizing to whole tiles added
+            for size in (kept, grid):
+                if patch_map.shape[-1] != size:
+                    patch_map = F.interpolate(patch_map.float(), size=(size, size), mode="area").to(dtype)
+            patch_maps.append(patch_map)
+        patches = torch.cat(patch_maps, dim=1).flatten(2).transpose(1, 2)
+        return self._select(torch.cat(cls_tokens, dim=-1).unsqueeze(1), patches)
+
+    def _forward_batch(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return self._forward_s2(images) if self.s2 else self._forward_single_scale(images)
+
+    def forward(self, images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """Features [B, tokens, hidden_size] in the input dtype; a list of [3, H, W] gives a list of [1, tokens, C].
+
+        Runs under `no_grad` when the tower is frozen and keeps the autograd graph when its parameters are trained."""
+        if not self.is_loaded:
+            raise RuntimeError(f"The vision tower {self.vision_tower_name!r} is not loaded; call load_model() first.")
+        track_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(track_grad):
+            if isinstance(images, torch.Tensor):
+                return self._forward_batch(images)
+            if not isinstance(images, (list, tuple)) or len(images) == 0:
+                raise ValueError(
+                    f"images must be a tensor [batch, 3, H, W] or a non-empty list of [3, H, W] tensors, got "
+                    f"{'an empty list' if isinstance(images, (list, tuple)) else type(images).__name__}."
+                )
+            for image in images:
+                if not isinstance(image, torch.Tensor) or image.ndim != 3:
+                    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                    raise ValueError(f"Each image in a list must be a [3, H, W] tensor, got {shape}.")
+            if all(image.shape == images[0].shape and image.dtype == images[0].dtype for image in images):
+                return list(self._forward_batch(torch.stack(list(images))).split(1))
+            return [self._forward_batch(image.unsqueeze(0)) for image in images]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # LLaVA's properties
+    # ---------------------------------------------------------------------------------------------------------------
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    @property
+    def config(self) -> EvaCLIPVisionConfig:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels of each output token: the tower width times the number of selected layers (and S2 scales)."""
+        width = self.config.hidden_size * len(self.select_layers)
+        return width * len(self.s2_scales) if self.s2 else width
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (S2 merges every scale onto the base grid); like LLaVA, CLS is not counted."""
+        return self.num_patches_per_side**2
+
+
+__all__ = ["EvaCLIPVisionTower", "SELECT_FEATURES", "parse_select_layer", "parse_s2_scales"]

@@ -1,0 +1,222 @@
+"""DeepSpeed ZeRO-3 loading of the EVA-CLIP tower on 2 CPU ranks (gloo), compared with plain single-process loads.
+
+One torchrun run (tests/_dist/zero3_load.py) does every loading check; each test below asserts on what the ranks
+recorded. Separate short runs check that a crashed or stalled rank ends the whole job with an error in bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from _dist.runner import DIST_DIR, read_rank_results, run_torchrun  # noqa: E402
+from conftest import tiny_config, tiny_vision_config  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel  # noqa: E402
+
+NPROC = 2
+RUN_TIMEOUT_S = 240  # hard limit per torchrun run (the machine is shared; a healthy run takes well under a minute)
+ATOL = 1e-5
+CHECKPOINTS = {  # name -> (builder, family): each EVA family's flags, and a full CLIP dir as LLaVA points at
+    "eva02": (EvaCLIPVisionModel, "eva02"),
+    "eva01_layer_scale": (EvaCLIPVisionModel, "eva01_layer_scale"),
+    "bige": (EvaCLIPVisionModel, "bige"),
+    "eva02_full_clip": (EvaCLIPModel, "eva02"),
+}
+MISSING_KEYS = ["vision_model.post_layernorm.weight", "vision_model.encoder.layers.1.mlp.fc2.bias"]
+TOWER_ARGS = {"mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
+
+
+def _tower_available() -> bool:
+    try:
+        import llava_evaclip.tower  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> SimpleNamespace:
+    """Checkpoints and inputs for the workers, plus what a plain single-process load computes from them."""
+    root = tmp_path_factory.mktemp("zero3_case")
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    torch.save({"pixel_values": pixel_values}, root / "inputs.pt")
+    for name, (model_class, family) in CHECKPOINTS.items():
+        config = tiny_config(family) if model_class is EvaCLIPModel else tiny_vision_config(family)
+        model_class(config).save_pretrained(root / name)
+    # A copy of eva02 that lacks two weights.
+    missing = root / "eva02_missing"
+    EvaCLIPVisionModel.from_pretrained(root / "eva02").save_pretrained(missing)
+    state = load_file(missing / "model.safetensors")
+    for key in MISSING_KEYS:
+        del state[key]
+    save_file(state, missing / "model.safetensors", metadata={"format": "pt"})
+    (root / "manifest.json").write_text(json.dumps({
+        "checkpoints": list(CHECKPOINTS),
+        "rotary_checkpoint": "eva02",
+        "missing_checkpoint": "eva02_missing",
+        "tower_checkpoint": "eva02_full_clip",
+        "tower_args": TOWER_ARGS,
+    }))
+
+    reference = {}
+    with torch.no_grad():
+        for name in CHECKPOINTS:
+            model = EvaCLIPVisionModel.from_pretrained(root / name).eval()
+            output = model(pixel_values)
+            reference[name] = {
+                "last_hidden_state": output.last_hidden_state,
+                "pooler_output": output.pooler_output,
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+            }
+        tower_features = None
+        if _tower_available():
+            from llava_evaclip.tower import EvaCLIPVisionTower
+
+            tower = EvaCLIPVisionTower(str(root / "eva02_full_clip"), SimpleNamespace(**TOWER_ARGS))
+            tower_features = tower(pixel_values)
+    return SimpleNamespace(root=root, pixel_values=pixel_values, reference=reference, tower_features=tower_features)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(case, tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("zero3_out")
+    result = run_torchrun(DIST_DIR / "zero3_load.py", "--case", case.root, "--out", out,
+                          nproc=NPROC, timeout=RUN_TIMEOUT_S)
+    ranks = read_rank_results(out, NPROC)
+    tensors = [torch.load(out / f"rank{r}.pt", weights_only=True) if (out / f"rank{r}.pt").exists() else {}
+               for r in range(NPROC)]
+    assert result.returncode == 0 and all(r.get("finished") for r in ranks), result.describe()
+    return SimpleNamespace(result=result, ranks=ranks, tensors=tensors)
+
+
+def _checkpoint_state(case, name: str) -> dict[str, torch.Tensor]:
+    state = load_file(case.root / name / "model.safetensors")
+    return {k: v for k, v in state.items() if k.startswith("vision_model.")}
+
+
+def _assert_partitioned(stats: dict, nproc: int = NPROC) -> None:
+    """Every parameter is a ZeRO-3 placeholder and this rank holds about 1/N of the tower (each slice is padded to
+    ceil(numel / N), at most N - 1 extra elements per parameter)."""
+    assert stats["num_partitioned"] == stats["num_params"] > 0
+    assert stats["placeholder_numel"] == 0
+    full, local = stats["full_param_numel"], stats["local_param_numel"]
+    assert full / nproc <= local <= full / nproc + stats["num_params"] * (nproc - 1) / nproc + 1
+    assert stats["local_param_bytes"] <= 1.1 * stats["full_param_bytes"] / nproc + 4 * stats["num_params"]
+
+
+def test_zero3_detection(zero3_run):
+    for rank in zero3_run.ranks:
+        assert rank["zero3_before"] is False
+        assert rank["zero3_with_hf_config"] is True
+        assert rank["zero3_after_hf_config"] is False  # the weak reference died with the config
+        assert rank["zero3_in_zero_init"] is True
+        assert rank["zero3_after_zero_init"] is False
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_from_pretrained_with_hf_deepspeed_config(zero3_run, case, name):
+    """Partitioned across the ranks, and the checkpoint's values are in the partitions: gathered, the weights equal the
+    file exactly and the features equal a plain single-process load."""
+    expected_state = _checkpoint_state(case, name)
+    for rank, tensors in zip(zero3_run.ranks, zero3_run.tensors):
+        _assert_partitioned(rank[f"hf/{name}"])
+        gathered = {k[len(f"hf/{name}/state/"):]: v for k, v in tensors.items() if k.startswith(f"hf/{name}/state/")}
+        assert gathered.keys() == expected_state.keys()
+        for key, value in expected_state.items():
+            assert torch.equal(gathered[key], value), key
+        for output in ("last_hidden_state", "pooler_output"):
+            torch.testing.assert_close(tensors[f"hf/{name}/{output}"], case.reference[name][output],
+                                       atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_inside_bare_zero_init(zero3_run, case):
+    """Without any transformers config, inside `deepspeed.zero.Init` (transformers alone fails there with "size
+    mismatch ... torch.Size([0])")."""
+    for rank, tensors in zip(zero3_run.ranks, zero3_run.tensors):
+        _assert_partitioned(rank["zero_init/from_pretrained"])
+        for output in ("last_hidden_state", "pooler_output"):
+            torch.testing.assert_close(tensors[f"zero_init/from_pretrained/{output}"],
+                                       case.reference["eva02"][output], atol=ATOL, rtol=0)
+
+
+def test_construction_under_zero_init_reads_no_parameters(zero3_run, case):
+    """Built inside zero.Init, the rotary tables come from the config (checked against BAAI's own
+    VisionRotaryEmbeddingFast); loading a rank-0-only state dict then gives the plain model's outputs."""
+    rope = pytest.importorskip("consisid_eva_clip.rope")
+    config = tiny_vision_config("eva02")
+    grid = config.image_size // config.patch_size
+    baai = rope.VisionRotaryEmbeddingFast(dim=config.head_dim // 2, pt_seq_len=config.rope_pt_grid_size,
+                                          ft_seq_len=grid)
+    for rank, tensors in zip(zero3_run.ranks, zero3_run.tensors):
+        cos, sin = tensors["zero_init/constructed/rotary_cos"], tensors["zero_init/constructed/rotary_sin"]
+        assert cos.dtype == sin.dtype == torch.float32
+        torch.testing.assert_close(cos[1:], baai.freqs_cos, atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin[1:], baai.freqs_sin, atol=1e-6, rtol=0)
+        assert torch.equal(cos[0], torch.ones_like(cos[0])) and torch.equal(sin[0], torch.zeros_like(sin[0]))
+        assert rank["zero_init/load_report"]["missing"] == []
+        _assert_partitioned(rank["zero_init/constructed"])
+        for output in ("last_hidden_state", "pooler_output"):
+            torch.testing.assert_close(tensors[f"zero_init/constructed/{output}"],
+                                       case.reference["eva02"][output], atol=ATOL, rtol=0)
+
+
+def test_tower_load_model_under_zero3(zero3_run, case):
+    if "skipped" in zero3_run.ranks[0].get("tower", {}):
+        pytest.skip(zero3_run.ranks[0]["tower"]["skipped"])
+    assert case.tower_features is not None
+    for rank, tensors in zip(zero3_run.ranks, zero3_run.tensors):
+        assert rank["tower/loaded_before"] is False
+        stats = rank["tower"]
+        assert stats["num_partitioned"] == stats["num_params"] > 0
+        assert stats["local_param_bytes"] <= 1.1 * stats["full_param_bytes"] / NPROC + 4 * stats["num_params"]
+        torch.testing.assert_close(tensors["tower/features"], case.tower_features, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("check", ["fault/from_pretrained_missing", "fault/load_state_dict_missing"])
+def test_missing_keys_fail_on_every_rank(zero3_run, check):
+    messages = set()
+    for rank in zero3_run.ranks:
+        error = rank[check]
+        assert error["raised"] and error["type"] == "ValueError", error
+        for key in MISSING_KEYS:
+            assert key in error["message"]
+        messages.add(error["message"])
+    assert len(messages) == 1  # the ranks agreed on one error
+    assert all(rank["barrier_after_faults"] for rank in zero3_run.ranks)  # and none was left in a collective
+
+
+def test_missing_source_state_dict_fails_on_every_rank(zero3_run):
+    for rank in zero3_run.ranks:
+        error = rank["fault/load_state_dict_no_source"]
+        assert error["raised"] and error["type"] == "ValueError" and "no state dict" in error["message"], error
+
+
+@pytest.mark.parametrize("mode", ["exit", "stall"])
+def test_failed_rank_ends_the_run(tmp_path, mode):
+    """A rank that dies (os._exit: no exception, no teardown) is reaped by torchrun, which stops the others; a rank
+    that stalls outside the collective makes its peer fail at the process group's timeout. Either way the whole run
+    ends with a non-zero status well within the bound, and rank 0 never completes its collective."""
+    collective_timeout = 10
+    start = time.monotonic()
+    result = run_torchrun(DIST_DIR / "crash.py", "--out", tmp_path, "--mode", mode, nproc=NPROC, timeout=150,
+                          env={"EVACLIP_TEST_COLLECTIVE_TIMEOUT": str(collective_timeout)})
+    elapsed = time.monotonic() - start
+    assert not result.timed_out, result.describe()
+    assert result.returncode not in (0, None), result.describe()
+    rank0, rank1 = read_rank_results(tmp_path, NPROC)
+    assert rank0.get("joined") and rank1.get("joined"), result.describe()
+    assert rank0.get("entered_collective") and not rank0.get("left_collective")
+    assert not rank0.get("finished") and not rank1.get("finished")
+    if mode == "stall":
+        assert "Timed out" in rank0.get("error", "") or "timeout" in rank0.get("error", "").lower(), rank0
+    assert elapsed < 150
