@@ -40,14 +40,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so `llava-evaclip --help` stays fast
+    import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 SELECT_LAYER = -2
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 SHAPE_LABELS = {"eva02": "EVA02-CLIP-L-14-336", "plain": "plain EVA ViT-L/14-336"}
 
 # Goals of issue 6 (ratios below 1 mean ours is faster / smaller).
@@ -129,6 +130,8 @@ class Contender:
 
 
 def _seed() -> None:
+    import torch
+
     torch.manual_seed(0)
 
 
@@ -177,6 +180,8 @@ def build_contender(
     name: str, shapes: Shapes, dtype: torch.dtype, device: torch.device, built: dict[str, Contender]
 ) -> Contender:
     """One contender in `dtype` on `device`; `built` lets the eager baseline share the tower's weights."""
+    import torch
+
     eva02, plain = shapes.eva02, shapes.plain
     full, tower_layers = eva02.num_hidden_layers, eva02.num_hidden_layers + 1 + SELECT_LAYER
     if name in ("ours_eva02", "ours_plain"):
@@ -254,6 +259,8 @@ ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
 
 
 def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
+    import torch
+
     names = list(args.contenders or BASE_CONTENDERS)
     if dtype != torch.float32 and args.autocast and "ours_eva02" in names:
         names.append("ours_eva02_autocast")
@@ -265,6 +272,8 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
 
 
 def matmul_contender(size: int, dtype: torch.dtype, device: torch.device) -> Contender:
+    import torch
+
     _seed()
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -292,11 +301,15 @@ def weight_bytes(model: Any) -> int:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def pixel_values(shapes: Shapes, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    import torch
+
     size = shapes.eva02.image_size
     generator = torch.Generator().manual_seed(1)
     return torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
@@ -307,6 +320,8 @@ def time_round_robin(
     device: torch.device, progress: Callable[[str], None],
 ) -> dict[str, list[float]]:
     """Seconds per call of each contender; every repetition runs each once, in an order rotated by one each time."""
+    import torch
+
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -363,9 +378,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     counted) is the floor; the kernel's peak RSS counter is reset (`/proc/self/clear_refs`) and read back after
     the forward. Meant to run in a fresh process (`--memory-child`) so that no other model's freed memory is reused.
     CUDA: `torch.cuda.max_memory_allocated` above the allocation before the forward."""
+    import torch
+
     shapes = build_shapes(spec["quick"])
     device = torch.device(spec["device"])
-    dtype = DTYPES[spec["dtype"]]
+    dtype = torch_dtype(spec["dtype"])
     contender = build_contender(spec["contender"], shapes, dtype, device, {})
     batch = spec["batch"]
     with torch.inference_mode():
@@ -416,11 +433,19 @@ def memory_in_subprocess(spec: dict[str, Any], threads: Optional[int], timeout: 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _dtype_name(dtype: "torch.dtype") -> str:
+    return next(name for name in DTYPES if torch_dtype(name) == dtype)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    import torch
+
     import transformers
 
     info: dict[str, Any] = {
@@ -715,6 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
+    import torch
+
     cuda = args.device == "cuda"
     if args.batch_sizes is None:
         args.batch_sizes = [1, 2] if args.quick else [1, 8]
@@ -755,6 +782,8 @@ def _output_paths(args: argparse.Namespace) -> dict[str, str]:
 
 def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every contender per (dtype, batch), measure memory, and write JSON, markdown and PNG; returns the report."""
+    import torch
+
     _resolve_defaults(args)
     paths = _output_paths(args)
     existing = [p for p in paths.values() if os.path.exists(p)]
@@ -780,7 +809,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
     }
     started = time.time()
     for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = torch_dtype(dtype_name)
         built: dict[str, Contender] = {}
         for name in contenders_for(dtype, args):
             progress(f"[{dtype_name}] building {name}")
@@ -821,7 +850,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
         timeout = 600.0 if not args.quick else 120.0
         for dtype_name in args.dtypes:
             for batch in args.memory_batch_sizes:
-                for name in contenders_for(DTYPES[dtype_name], args):
+                for name in contenders_for(torch_dtype(dtype_name), args):
                     if name == "ours_eva02_compiled":
                         continue
                     spec = {"contender": name, "dtype": dtype_name, "batch": batch, "device": args.device,
@@ -846,7 +875,16 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
     return report
 
 
+def print_summary(report: dict[str, Any]) -> None:
+    for goal in report["goals"]:
+        print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']} [{goal['setting']}]: {goal['value']:.3f} "
+              f"(target {goal['target']})")
+    print("wrote " + ", ".join(report["paths"].values()))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
     args = build_parser().parse_args(argv)
     if args.memory_child is not None:
         if args.threads:
@@ -858,10 +896,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BenchmarkError as error:
         print(f"benchmarks.tower: error: {error}", file=sys.stderr)
         return 2
-    for goal in report["goals"]:
-        print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']} [{goal['setting']}]: {goal['value']:.3f} "
-              f"(target {goal['target']})")
-    print("wrote " + ", ".join(report["paths"].values()))
+    print_summary(report)
     return 0
 
 

@@ -16,11 +16,13 @@ Every source weight must land on exactly one model weight and every model weight
 left over on either side, or any shape that differs, is a `ConversionError` that lists the keys — never a silent
 random init. ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` (memory-mapped when possible), so a
 checkpoint cannot run code. The model is built on the meta device and the checkpoint tensors are assigned to it
-without copies, and the output is written to a temporary dir beside OUT that is renamed only when complete.
+(copied only to split a fused q/k/v or to change dtype), and the output is written to a temporary dir beside OUT that
+is renamed only when complete.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -31,7 +33,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from transformers.utils import logging
@@ -185,7 +187,11 @@ def _load_index(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
         weight_map = json.load(handle).get("weight_map", {})
     state_dict: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:  # an index must name files in its own dir, never elsewhere on disk
+            raise ConversionError(f"{directory / index_name}: shard {shard!r} is not a file name in that directory.")
         state_dict.update(load_weights_file(directory / shard))
+    if not state_dict:
+        raise ConversionError(f"{directory / index_name} lists no weight files.")
     return state_dict
 
 
@@ -201,8 +207,9 @@ def detect_source_kind(keys: Iterable[str]) -> str:
     if any(key.startswith("blocks.") for key in keys) or "cls_token" in keys or "patch_embed.proj.weight" in keys:
         return "timm"
     raise ConversionError(
-        "Unrecognised checkpoint layout: expected BAAI EVA-CLIP keys ('visual.blocks.*'), open_clip ('visual.trunk.*'), "
-        f"timm ('blocks.*', 'cls_token') or Hugging Face ('vision_model.*'); found {_list_keys(keys)}."
+        "Unrecognised checkpoint layout: expected BAAI EVA-CLIP keys ('visual.blocks.*'), open_clip "
+        "('visual.trunk.*'), timm ('blocks.*', 'cls_token') or Hugging Face ('vision_model.*'); "
+        f"found {_list_keys(keys)}."
     )
 
 
@@ -483,8 +490,6 @@ def map_state_dict(
 
 def _config_fields(config_class: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of a foreign config dict that our config class takes (its constructor's own arguments)."""
-    import inspect
-
     accepted = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
     return {key: value for key, value in values.items() if key in accepted}
 

@@ -222,7 +222,8 @@ def build_llava_config(
             import transformers
 
             raise ValueError(
-                f"LLaVA-NeXT needs transformers >= 4.39; this is {transformers.__version__}. Use next=False (LLaVA-1.5)."
+                f"LLaVA-NeXT needs transformers >= 4.39; this is {transformers.__version__}. "
+                "Use next=False (LLaVA-1.5)."
             )
         if vision_feature_select_strategy != "default":
             raise ValueError(
@@ -269,6 +270,16 @@ def build_llava(
     """
     vision_config = _vision_config(vision)
     text_config = _text_config(language_model)
+    _check_feature_selection(vision_config, vision_feature_layer, vision_feature_select_strategy)  # fail before loading
+    tower = None
+    if _is_dir(vision):
+        tower, info = EvaCLIPVisionModel.from_pretrained(vision, output_loading_info=True)
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{vision} does not hold a full EVA-CLIP vision tower; {len(missing)} weights are missing, e.g. "
+                f"{missing[:5]}. Point vision at a dir written by `llava-evaclip convert` or `save_pretrained`."
+            )
     if tokenizer is None and image_token_index is None:
         tokenizer = _load_tokenizer(language_model)
     if image_token_index is None:
@@ -310,13 +321,7 @@ def build_llava(
     if attn_implementation is not None:
         set_vision_attn_implementation(model, attn_implementation)
 
-    if _is_dir(vision):
-        tower, info = EvaCLIPVisionModel.from_pretrained(vision, output_loading_info=True)
-        if info.get("missing_keys"):
-            raise ValueError(
-                f"{vision} does not hold a full EVA-CLIP vision tower; missing weights: {sorted(info['missing_keys'])[:5]}"
-                " ... Point vision at a dir written by `llava-evaclip convert` or `save_pretrained`."
-            )
+    if tower is not None:
         get_vision_tower(model).load_state_dict(tower.state_dict(), strict=True)
         del tower
     if language is not None:
@@ -373,7 +378,8 @@ def build_llava_processor(
     vision_config = _vision_config(vision)
     if vision_feature_select_strategy not in SELECT_STRATEGIES:
         raise ValueError(
-            f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}; got {vision_feature_select_strategy!r}."
+            f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}; "
+            f"got {vision_feature_select_strategy!r}."
         )
     image_processor = (
         load_image_processor(vision, vision_config) if _is_dir(vision) else build_image_processor(vision_config)
@@ -381,7 +387,9 @@ def build_llava_processor(
     if _is_dir(tokenizer):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     elif isinstance(tokenizer, (str, os.PathLike)) or not hasattr(tokenizer, "convert_tokens_to_ids"):
-        raise ValueError(f"tokenizer must be a tokenizer or a dir that holds one (the language model's); got {tokenizer!r}.")
+        raise ValueError(
+            f"tokenizer must be a tokenizer or a dir that holds one (the language model's); got {tokenizer!r}."
+        )
     _add_image_token(tokenizer, image_token)
     # Decoder-only batches pad on the left for generation, and 4.37.2's LLaVA places image features correctly in a
     # padded batch only then (llava-hf's own processors ship with left padding too).

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import runpy
 import sys
 from typing import Any, Optional, Sequence
@@ -72,7 +73,7 @@ def resolve_module(target: str) -> str:
             start = len(parts) - 1 - parts[::-1].index("llava")
             candidate = ".".join(parts[start:])
             spec = _find_spec(candidate)
-            if spec is not None and spec.origin and os.path.samefile(spec.origin, target):
+            if spec is not None and spec.origin and os.path.isfile(target) and os.path.samefile(spec.origin, target):
                 return candidate
         raise LaunchError(f"{target} is not a module of the installed `llava` package; pass a module name instead")
     if _find_spec(target) is None:
@@ -103,6 +104,41 @@ def patch_transformers_for_llava() -> None:
         trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
 
 
+def patch_llava_forward() -> None:
+    """LLaVA's `LlavaLlamaForCausalLM.forward` names the arguments transformers 4.3x passed and rejects any other;
+    transformers 5's `generate` also passes `cache` (and more). Accept those and hand them to the language model, after
+    LLaVA's own multimodal preparation; calls without them run LLaVA's forward unchanged."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    original = LlavaLlamaForCausalLM.forward
+    signature = inspect.signature(original)
+    if getattr(original, "_evaclip_wrapped", False) or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in signature.parameters.values()
+    ):
+        return
+    language_model_forward = super(LlavaLlamaForCausalLM, LlavaLlamaForCausalLM).forward
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in signature.parameters}
+        if not extra:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        if named["inputs_embeds"] is None:
+            (named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
+             named["inputs_embeds"], named["labels"]) = self.prepare_inputs_labels_for_multimodal(
+                named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
+                named["labels"], named["images"], named["image_sizes"])
+        named = {key: value for key, value in named.items()
+                 if key not in ("self", "images", "image_sizes") and value is not None}
+        return language_model_forward(self, **named, **extra)
+
+    forward._evaclip_wrapped = True  # type: ignore[attr-defined]
+    LlavaLlamaForCausalLM.forward = forward
+
+
 def _training_argument_names() -> set[str]:
     from transformers import TrainingArguments
 
@@ -111,7 +147,8 @@ def _training_argument_names() -> set[str]:
 
 def translate_training_args(args: Sequence[str]) -> list[str]:
     """LLaVA's scripts use TrainingArguments flags renamed across transformers versions; map them to this version's
-    names (`--evaluation_strategy`/`--eval_strategy`; transformers 5 takes `--warmup_ratio` as `--warmup_steps`)."""
+    names (`--evaluation_strategy`/`--eval_strategy`; transformers 5 takes `--warmup_ratio` as `--warmup_steps`).
+    Also joins `--mm_vision_select_layer -2,-5,-8` into one argument, which argparse would otherwise reject."""
     names = _training_argument_names()
     renames = {}
     if "evaluation_strategy" not in names:
@@ -120,11 +157,14 @@ def translate_training_args(args: Sequence[str]) -> list[str]:
         renames["eval_strategy"] = "evaluation_strategy"
     if "warmup_ratio" not in names:
         renames["warmup_ratio"] = "warmup_steps"  # a float in [0, 1) is a ratio there
-    translated = []
+    translated: list[str] = []
     for arg in args:
         flag, sep, value = arg.partition("=")
         if flag.startswith("--") and flag[2:] in renames:
             arg = f"--{renames[flag[2:]]}{sep}{value}"
+        if translated and translated[-1] == "--mm_vision_select_layer" and re.fullmatch(r"-?\d+(,-?\d+)+", arg):
+            translated[-1] = f"--mm_vision_select_layer={arg}"  # argparse would take "-2,-5" for an option
+            continue
         translated.append(arg)
     return translated
 
@@ -244,6 +284,10 @@ def record_tower_options() -> None:
         if getattr(model_args, "unfreeze_mm_vision_tower", False):
             self.config.unfreeze_mm_vision_tower = True
             self.get_vision_tower().requires_grad_(True)
+        # Under ZeRO-3 the projector LLaVA just built is fp32 beside bf16/fp16 partitions; DeepSpeed no longer casts it.
+        from .zero import align_unpartitioned_dtypes
+
+        align_unpartitioned_dtypes(self)
         return result
 
     initialize_vision_modules._evaclip_wrapped = True  # type: ignore[attr-defined]
@@ -259,6 +303,7 @@ def prepare_llava(module: str) -> Optional[Any]:
     """Everything the launcher sets up before running `module`; returns `llava.train.train` for training modules."""
     patch_transformers_for_llava()
     register_with_llava()
+    patch_llava_forward()
     if not module.startswith(TRAIN_PACKAGE + "."):
         return None
     train_module = importlib.import_module(TRAIN_MODULE)

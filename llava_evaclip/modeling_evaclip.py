@@ -696,6 +696,12 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r".*position_ids$"]
 
     @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Lets transformers 5's `set_attn_implementation` switch kernels on a built model (its source heuristic
+        misses our dispatch): `EvaCLIPAttention` reads `config._attn_implementation` at every call."""
+        return True
+
+    @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
         so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders."""

@@ -3,10 +3,11 @@
 EVA-CLIP's text towers use OpenAI CLIP's byte-level BPE (`bpe_simple_vocab_16e6.txt.gz`, MIT-licensed, as shipped by
 open_clip and BAAI's EVA-CLIP). This module turns that merge list into the `vocab.json` + `merges.txt` pair that
 transformers' `CLIPTokenizer` / `CLIPTokenizerFast` read, so a converted checkpoint carries its tokenizer without any
-download. Ids match open_clip's `SimpleTokenizer` (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) up to and including
-the end token. Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text tower is
-causal and pools at the first end token, so padding never changes its output. "!" (id 0) cannot be the pad token,
-because a special token is split out of the raw text and would change how "!" in captions is tokenized.
+download. Ids match open_clip's `SimpleTokenizer` (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) up to and
+including the end token. Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text
+tower is causal and pools at the first end token, so padding never changes its output. "!" (id 0) cannot be the pad
+token: a special token is split out of the raw text, which would change how "!" in captions is tokenized. Like
+transformers' CLIP tokenizers, HTML entities are not unescaped (open_clip turns "&amp;" into "&").
 """
 
 from __future__ import annotations

@@ -147,6 +147,8 @@ class EvaCLIPVisionTower(nn.Module):
         """The vision config of a checkpoint (a full EvaCLIPModel dir works too), with an error that says what was
         tried when nothing loads."""
         try:
+            if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+                raise OSError(f"no config.json in {name!r}")  # transformers 5 would fall back to a default config
             return EvaCLIPVisionConfig.from_pretrained(name)
         except (OSError, ValueError) as error:
             if os.path.isdir(name):

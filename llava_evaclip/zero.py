@@ -260,6 +260,32 @@ def partition_stats(module: nn.Module) -> PartitionStats:
     return PartitionStats(local, full, buffers, count, partitioned)
 
 
+def align_unpartitioned_dtypes(module: nn.Module) -> list[str]:
+    """Cast the floating-point parameters ZeRO-3 has not partitioned to the dtype of the partitioned ones; returns
+    their names.
+
+    Modules built after `zero.Init` closed (LLaVA's `mm_projector`, created in `initialize_vision_modules` once the
+    language model and the tower are loaded) keep fp32 while the partitioned weights are bf16/fp16. DeepSpeed used to
+    cast the whole model when wrapping it; recent releases skip that for zero-initialised models, and the ZeRO-3
+    optimizer then refuses the mix of trainable dtypes (`assert len(set(t.dtype for t in tensors)) == 1` in
+    `defragment`), or the forward fails on a bf16 input to an fp32 projector. A no-op without partitioned parameters
+    or when they disagree among themselves."""
+    dtypes = {param.ds_tensor.dtype for param in module.parameters() if is_partitioned(param)}
+    if len(dtypes) != 1:
+        return []
+    (target,) = dtypes
+    if not target.is_floating_point:
+        return []
+    cast = []
+    for name, param in module.named_parameters():
+        if not is_partitioned(param) and param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
+            cast.append(name)
+    if cast:
+        logger.info(f"Cast {len(cast)} parameter(s) built outside zero.Init to {target}: {_format_keys(cast)}")
+    return cast
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,6 +414,36 @@ def load_state_dict(
     return report
 
 
+def load_checkpoint(
+    model: nn.Module, checkpoint: str | os.PathLike, *, src_rank: int = 0, strict: bool = True
+) -> LoadReport:
+    """Load an original checkpoint (BAAI's .pt/.bin, open_clip, timm, or a Hugging Face dir: whatever
+    `llava-evaclip convert` reads) straight into `model`, whose parameters may be ZeRO-3 partitioned.
+
+    Only rank `src_rank` reads the file and maps it to our key names (the converter's mapping, so the result equals
+    converting first); the other ranks never touch it. A file that cannot be read or mapped, and any missing,
+    unexpected or mis-shaped weight, raises the same ValueError on every rank. Collective under ZeRO-3."""
+    from .configuration_evaclip import EvaCLIPVisionConfig
+    from .convert import load_source, map_state_dict
+
+    config = model.config
+    vision_only = isinstance(config, EvaCLIPVisionConfig)
+    vision_config = config if vision_only else config.vision_config
+    state_dict, local_error = None, None
+    if get_rank() == src_rank:
+        try:
+            state_dict, _ = map_state_dict(load_source(checkpoint), vision_config, vision_only=vision_only)
+        except (OSError, ValueError, RuntimeError) as error:
+            local_error = f"Cannot load {os.fspath(checkpoint)!r}: {error}"
+    raise_if_any_rank_failed(local_error)
+    expected = _expected_tensors(model)
+    # A vision tower without projection takes a checkpoint that has one (BAAI's `visual.head`), as LLaVA does.
+    ignore = [r"^visual_projection\."] if "visual_projection.weight" not in expected else []
+    return load_state_dict(
+        model, state_dict, strict=strict, src_rank=src_rank, ignore_unexpected=ignore, source=os.fspath(checkpoint)
+    )
+
+
 def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """`model_class.from_pretrained`, refusing a checkpoint that lacks any of the model's weights.
 
@@ -422,6 +478,7 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.Pa
 
 __all__ = [
     "LoadReport",
+    "align_unpartitioned_dtypes",
     "PartitionStats",
     "all_gather_object",
     "broadcast_object",
@@ -436,6 +493,7 @@ __all__ = [
     "is_partitioned",
     "is_zero3_enabled",
     "is_zero_init_active",
+    "load_checkpoint",
     "load_state_dict",
     "partition_stats",
     "raise_if_any_rank_failed",

@@ -260,8 +260,14 @@ def test_inspect_dir_counts_match_loaded_model(full_dir):
     assert info["llava"]["tokens_per_image"] == 65 and info["llava"]["hidden_states_indices"] == [1]
     assert "float32" in info["weights"]
 
-    text = run_cli("inspect", full_dir)  # the human-readable form
-    assert text.returncode == 0 and "LLaVA            64 visual tokens per image of width 32" in text.stdout
+
+
+def test_inspect_text_form(full_dir, capsys):
+    assert main(["inspect", full_dir]) == 0
+    text = capsys.readouterr().out
+    assert "LLaVA            64 visual tokens per image of width 32" in text
+    total = sum(p.numel() for p in EvaCLIPModel.from_pretrained(full_dir).parameters())
+    assert re.search(rf"^  total +[\d.]+ M +\({total:,}\)$", text, re.M), text
 
 
 def test_inspect_preset_matches_timm_without_allocating():
@@ -309,7 +315,7 @@ def test_similarity_table_matches_reference(full_dir, tmp_path):
     texts = ["a red square", "random noise", "a photo of a dog!"]
     result = run_cli("similarity", "--model", full_dir, "--images", *images, "--texts", *texts)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(tuple(images))]
+    rows = [next(line for line in result.stdout.splitlines() if os.path.basename(path) in line) for path in images]
     table = torch.tensor([[float(v) for v in re.findall(r"\b[01]\.\d{4}\b", row)[:3]] for row in rows])
 
     # Reference: EVA-CLIP's own tokenization (open_clip's, zero padded) and the two towers' embeddings.
@@ -329,7 +335,7 @@ def test_similarity_table_matches_reference(full_dir, tmp_path):
     assert expected.max() > 0.5  # a peaked distribution, so the comparison is not between near-uniform rows
 
 
-def test_visualize_pca_png(vision_dir, tmp_path):
+def test_visualize_pca_png(vision_dir, tmp_path, capsys):
     image_path = str(tmp_path / "scene.png")
     canvas = np.zeros((90, 120, 3), dtype=np.uint8)
     canvas[:, :60] = (200, 40, 40)
@@ -360,22 +366,16 @@ def test_visualize_pca_png(vision_dir, tmp_path):
         correlation = np.corrcoef(colours[:, component], scores[:, component])[0, 1]
         assert abs(correlation) > 0.95, (component, correlation)
 
-    again = run_cli("visualize", image_path, "--model", vision_dir, "--out", out)  # refuses to overwrite
-    assert again.returncode == 2
-    assert_one_line_error(again.stderr, "already exists", "--overwrite")
+    before = stat_key(out)
+    capsys.readouterr()  # drop the reference model's loading messages
+    assert main(["visualize", image_path, "--model", vision_dir, "--out", out]) == 2  # refuses to overwrite
+    assert_one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    assert stat_key(out) == before
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit status 2, nothing written
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def test_missing_path_subprocess(vision_dir, tmp_path):
-    missing = str(tmp_path / "nowhere")
-    result = run_cli("features", missing, "--model", vision_dir, "--out", str(tmp_path / "out"))
-    assert result.returncode == 2
-    assert_one_line_error(result.stderr, missing, "no such file or directory")
-    assert not os.path.exists(tmp_path / "out")
 
 
 def test_bad_input_errors(vision_dir, full_dir, image_tree, tmp_path, capsys):
@@ -389,7 +389,9 @@ def test_bad_input_errors(vision_dir, full_dir, image_tree, tmp_path, capsys):
     existing_png.write_bytes(b"keep me")
     corrupt = os.path.join(image_tree, "corrupt.jpg")
     good = os.path.join(image_tree, "top.png")
+    missing = str(tmp_path / "nowhere")
     cases = [
+        (["features", missing, "--model", vision_dir, "--out", out], [missing, "no such file or directory"]),
         (["features", str(empty), "--model", vision_dir, "--out", out], ["no images found", str(empty)]),
         (["features", good, "--model", "EVA03-CLIP-Z-99", "--out", out],
          ["'EVA03-CLIP-Z-99' is neither", "EVA02-CLIP-L-14-336"]),

@@ -221,6 +221,16 @@ def test_baai_family_matches_reference(tmp_path, family):
     check_against_baai(family, reference, out)
 
 
+def test_baai_xattn_text_tower_has_the_same_keys():
+    """BAAI's EVA02-CLIP-B-16 config builds its text tower with xattn=True (xformers, no CPU kernel); the tests run
+    xattn=False. The two layouts store the same tensors under the same names, so the conversion is the same."""
+    config = baai_config("EVA02-CLIP-B-16")
+    with_xattn = copy.deepcopy(config)
+    with_xattn["text_cfg"]["xattn"] = True
+    shapes = {key: value.shape for key, value in consisid_model.CustomCLIP(**with_xattn).state_dict().items()}
+    assert shapes == {key: value.shape for key, value in consisid_model.CustomCLIP(**config).state_dict().items()}
+
+
 def test_cli_subprocess_and_written_files(tmp_path):
     """`python -m llava_evaclip convert` end to end; the dir is complete (processor, tokenizer) and self-consistent."""
     family = "EVA02-CLIP-L-14"
@@ -274,6 +284,16 @@ def test_round_trip_is_bit_exact(tmp_path):
     for key, tensor in converted.items():
         assert torch.equal(state[key], tensor), key
     assert reloaded.config.to_dict()["vision_config"] == model.config.to_dict()["vision_config"]
+
+    # Sharded output (max_shard_size), and a converted dir as SRC (no --arch: its config.json is used).
+    sharded = tmp_path / "sharded"
+    convert_checkpoint(checkpoint, sharded, arch=str(arch), max_shard_size="2MB")
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 1
+    convert_cli(sharded, tmp_path / "reconverted")
+    reconverted = load_file(tmp_path / "reconverted" / "model.safetensors")
+    assert set(reconverted) == set(converted)
+    for key, tensor in converted.items():
+        assert torch.equal(reconverted[key], tensor), key
 
 
 def test_source_weights_are_copied_exactly_and_dtype(tmp_path):
@@ -542,8 +562,8 @@ def test_missing_keys_are_listed(tmp_path, eva02_checkpoint):
 
 def test_unexpected_keys_are_listed(tmp_path, eva02_checkpoint):
     state_dict, arch = eva02_checkpoint
-    edited = {**state_dict, "visual.fc_norm.weight": torch.ones(48), "visual.blocks.0.attn.relative_position_bias_table":
-              torch.zeros(10, 3)}
+    edited = {**state_dict, "visual.fc_norm.weight": torch.ones(48),
+              "visual.blocks.0.attn.relative_position_bias_table": torch.zeros(10, 3)}
     with pytest.raises(ConversionError) as error:
         convert_checkpoint(_save(tmp_path, edited), tmp_path / "out", arch=str(arch))
     assert "visual.fc_norm.weight" in str(error.value)

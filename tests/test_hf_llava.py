@@ -60,7 +60,8 @@ WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + "a photo of cat dog what is in the i
 
 
 def tiny_llama_config(vocab_size: int = 64, **overrides) -> LlamaConfig:
-    # No padding_idx: a trained LM has no all-zero embedding row, and 4.37.2's LLaVA treats all-zero rows as image slots.
+    # No padding_idx: a trained LM has no all-zero embedding row, and 4.37.2's LLaVA takes all-zero rows for image
+    # slots.
     fields = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=None,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -252,8 +253,9 @@ def test_gradient_checkpointing_through_llava_matches_plain_backward():
         model.zero_grad()
         model(**prompt, pixel_values=pixel_values).loss.backward()
         tower = get_vision_tower(model).vision_model
-        return [p.grad.clone() for p in (tower.embeddings.patch_embedding.weight, tower.encoder.layers[0].mlp.fc1.weight,
-                                         get_multi_modal_projector(model).linear_1.weight)]
+        watched = (tower.embeddings.patch_embedding.weight, tower.encoder.layers[0].mlp.fc1.weight,
+                   get_multi_modal_projector(model).linear_1.weight)
+        return [p.grad.clone() for p in watched]
 
     plain = grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -323,6 +325,16 @@ def test_attn_implementation_dispatch_through_llava_config_and_from_pretrained(i
     assert modeling.resolve_attn_implementation(get_vision_tower(per_part).config) == implementation
     assert per_part.config.text_config._attn_implementation == other
 
+    # ... and 5.x's runtime switch reaches the tower too
+    reloaded.set_attn_implementation(implementation)
+    assert modeling.resolve_attn_implementation(get_vision_tower(reloaded).config) == implementation
+    reloaded.set_attn_implementation({"vision_config": other})
+    assert modeling.resolve_attn_implementation(get_vision_tower(reloaded).config) == other
+    for name in kernel_calls:
+        kernel_calls[name] = 0
+    _run_tower_once(reloaded)
+    assert kernel_calls[other] == 3 and sum(kernel_calls.values()) == 3
+
 
 def test_eager_and_sdpa_towers_give_the_same_llava_logits():
     eager = tiny_llava(attn_implementation="eager").eval()
@@ -355,8 +367,8 @@ def test_llava_next_image_features_loss_gradients_and_round_trip(layer, tmp_path
     inputs = processor(text=["<image> a photo of a cat", "<image> a dog"], images=images, return_tensors="pt",
                        padding=True)
     # the processor's ids: map the processor's image token onto this model's
-    input_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>"),
-                                                IMAGE_TOKEN_ID)
+    processor_image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    input_ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor_image_id, IMAGE_TOKEN_ID)
     pixel_values, image_sizes = inputs["pixel_values"], inputs["image_sizes"]
     assert pixel_values.shape[-3:] == (3, 28, 28) and pixel_values.shape[1] > 1  # base image + tiles
 
@@ -443,8 +455,8 @@ def test_build_llava_and_processor_from_dirs_end_to_end(vision_dir, language_mod
     _check_loaded_weights(model, vision_dir, language_model_dir, original_vocab)
 
     images = random_images([(40, 60), (30, 30)])
-    inputs = processor(text=["<image>\nUSER : what is in the image ? ASSISTANT : a cat", "<image>\nUSER : a dog"],
-                       images=images, return_tensors="pt", padding=True)
+    texts = ["<image>\nUSER : what is in the image ? ASSISTANT : a cat", "<image>\nUSER : a dog"]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
     expected_pixels = build_image_processor(get_vision_tower(model).config)(images, return_tensors="pt")["pixel_values"]
     assert torch.equal(inputs["pixel_values"], expected_pixels)
     image_tokens = (inputs["input_ids"] == image_token_id).sum(dim=1)
@@ -463,8 +475,7 @@ def test_build_llava_and_processor_from_dirs_end_to_end(vision_dir, language_mod
     processor.save_pretrained(tmp_path)
     reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
     reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    again = reloaded_processor(text=["<image>\nUSER : what is in the image ? ASSISTANT : a cat", "<image>\nUSER : a dog"],
-                               images=images, return_tensors="pt", padding=True)
+    again = reloaded_processor(text=texts, images=images, return_tensors="pt", padding=True)
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         assert torch.equal(reloaded(**again).logits, output.logits)
@@ -476,7 +487,8 @@ def test_build_llava_next_and_processor_from_dirs_end_to_end(language_model_dir)
     processor = build_llava_processor(vision, language_model_dir, next=True)
     model = build_llava(vision, language_model_dir, tokenizer=processor.tokenizer, next=True).eval()
     assert isinstance(model, LlavaNextForConditionalGeneration)
-    assert model.config.image_grid_pinpoints == default_image_grid_pinpoints(28) == processor.image_processor.image_grid_pinpoints
+    pinpoints = default_image_grid_pinpoints(28)
+    assert model.config.image_grid_pinpoints == pinpoints == processor.image_processor.image_grid_pinpoints
     inputs = processor(text=["<image> a photo of a cat", "<image> a dog"], images=random_images([(40, 90), (30, 30)]),
                        return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -537,3 +549,17 @@ def test_build_llava_rejects_unusable_sources(tmp_path):
         build_llava(tiny_vision_config(), tiny_llama_config())
     with pytest.raises(ValueError, match="tokenizer must be"):
         build_llava_processor(tiny_vision_config(), str(tmp_path / "missing"))
+
+
+def test_build_llava_refuses_a_vision_dir_with_missing_tower_weights(tmp_path, language_model_dir):
+    """A dir whose weights do not cover the tower would otherwise leave it silently random."""
+    from safetensors.torch import load_file, save_file
+
+    EvaCLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = "vision_model.encoder.layers.1.mlp.fc2.weight"
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="weights are missing") as error:
+        build_llava(tmp_path, language_model_dir)
+    assert dropped in str(error.value)

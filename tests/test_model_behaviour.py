@@ -15,7 +15,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from llava_evaclip import (
-    EvaCLIPConfig,
     EvaCLIPModel,
     EvaCLIPTextConfig,
     EvaCLIPTextModel,
@@ -471,7 +470,7 @@ def test_native_rope_table_matches_baai_and_interpolation_is_a_no_op_at_native_s
 
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_bias_flags_create_only_the_biases_asked_for(tower: str) -> None:
-    make = tiny_vision_config if tower == "vision" else (lambda family=None, **kw: tiny_text_config(**kw))
+    make = (lambda **flags: tiny_vision_config("eva01", **flags)) if tower == "vision" else tiny_text_config
     model_cls = EvaCLIPVisionModel if tower == "vision" else EvaCLIPTextModel
     eva = model_cls(make(k_bias=False))
     names = {name for name, _ in eva.named_parameters()}

@@ -32,6 +32,16 @@ CHECKPOINTS = {  # name -> (builder, family): each EVA family's flags, and a ful
     "eva02_full_clip": (EvaCLIPModel, "eva02"),
 }
 MISSING_KEYS = ["vision_model.post_layernorm.weight", "vision_model.encoder.layers.1.mlp.fc2.bias"]
+# A toy EVA02 release in BAAI's own code and layout (xattn / fusedLN off on CPU); image and patch as the tiny towers.
+BAAI_ARCH = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 28, "patch_size": 7, "layers": 2, "width": 32, "head_width": 8, "mlp_ratio": 2.6667,
+                   "rope": True, "pt_hw_seq_len": 16, "intp_freq": True, "naiveswiglu": True, "subln": True,
+                   "xattn": False, "fusedLN": False, "drop_path_rate": 0.0, "eva_model_name": "eva-clip-test"},
+    "text_cfg": {"context_length": 8, "vocab_size": 99, "width": 32, "heads": 4, "layers": 1, "xattn": False,
+                 "fusedLN": False},
+}
+BAAI_MISSING_KEY = "visual.blocks.1.mlp.w3.weight"  # ours: vision_model.encoder.layers.1.mlp.fc2.weight
 TOWER_ARGS = {"mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
 
 
@@ -60,7 +70,11 @@ def case(tmp_path_factory) -> SimpleNamespace:
     for key in MISSING_KEYS:
         del state[key]
     save_file(state, missing / "model.safetensors", metadata={"format": "pt"})
+    baai_reference = _write_baai_checkpoints(root, pixel_values)
     (root / "manifest.json").write_text(json.dumps({
+        "baai_arch": "baai_arch.json",
+        "baai_checkpoint": "baai_eva02.pt",
+        "baai_missing_checkpoint": "baai_eva02_missing.pt",
         "checkpoints": list(CHECKPOINTS),
         "rotary_checkpoint": "eva02",
         "missing_checkpoint": "eva02_missing",
@@ -84,7 +98,27 @@ def case(tmp_path_factory) -> SimpleNamespace:
 
             tower = EvaCLIPVisionTower(str(root / "eva02_full_clip"), SimpleNamespace(**TOWER_ARGS))
             tower_features = tower(pixel_values)
-    return SimpleNamespace(root=root, pixel_values=pixel_values, reference=reference, tower_features=tower_features)
+    return SimpleNamespace(root=root, pixel_values=pixel_values, reference=reference, tower_features=tower_features,
+                           baai=baai_reference)
+
+
+def _write_baai_checkpoints(root: Path, pixel_values: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """BAAI's model with random non-trivial weights, saved as a release .pt (and a copy lacking one weight); returns
+    what BAAI's own forward computes (all tokens before the final norm, and the pooled CLS after it)."""
+    consisid_model = pytest.importorskip("consisid_eva_clip.model")
+    torch.manual_seed(1)
+    model = consisid_model.CustomCLIP(**json.loads(json.dumps(BAAI_ARCH))).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # unit norms / zero biases would hide a mapping error
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        tokens = model.visual.forward_features(pixel_values, return_all_features=True)
+        pooled, _ = model.visual.forward_features(pixel_values)
+    state = model.state_dict()
+    torch.save(state, root / "baai_eva02.pt")
+    del state[BAAI_MISSING_KEY]
+    torch.save(state, root / "baai_eva02_missing.pt")
+    (root / "baai_arch.json").write_text(json.dumps(BAAI_ARCH))
+    return {"last_hidden_state": tokens, "pooler_output": pooled}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +204,18 @@ def test_construction_under_zero_init_reads_no_parameters(zero3_run, case):
                                        case.reference["eva02"][output], atol=ATOL, rtol=0)
 
 
+def test_baai_pt_loads_into_partitioned_tower(zero3_run, case):
+    """`zero.load_checkpoint`: rank 0 alone reads and maps BAAI's .pt into a tower built under zero.Init; gathered, it
+    computes what BAAI's own code computes (fp32 parity: 2e-5 relative to the magnitude, as for the converter)."""
+    for rank, tensors in zip(zero3_run.ranks, zero3_run.tensors):
+        _assert_partitioned(rank["baai_pt"])
+        assert rank["baai_pt/load_report"]["missing"] == []
+        for output, expected in case.baai.items():
+            actual = tensors[f"baai_pt/{output}"]
+            scale = max(1.0, expected.abs().max().item())
+            assert (actual - expected).abs().max().item() <= 2e-5 * scale, output
+
+
 def test_tower_load_model_under_zero3(zero3_run, case):
     if "skipped" in zero3_run.ranks[0].get("tower", {}):
         pytest.skip(zero3_run.ranks[0]["tower"]["skipped"])
@@ -182,13 +228,15 @@ def test_tower_load_model_under_zero3(zero3_run, case):
         torch.testing.assert_close(tensors["tower/features"], case.tower_features, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("check", ["fault/from_pretrained_missing", "fault/load_state_dict_missing"])
+@pytest.mark.parametrize("check", ["fault/from_pretrained_missing", "fault/load_state_dict_missing",
+                                   "fault/load_checkpoint_missing"])
 def test_missing_keys_fail_on_every_rank(zero3_run, check):
+    expected_keys = ["vision_model.encoder.layers.1.mlp.fc2.weight"] if "checkpoint" in check else MISSING_KEYS
     messages = set()
     for rank in zero3_run.ranks:
         error = rank[check]
         assert error["raised"] and error["type"] == "ValueError", error
-        for key in MISSING_KEYS:
+        for key in expected_keys:
             assert key in error["message"]
         messages.add(error["message"])
     assert len(messages) == 1  # the ranks agreed on one error

@@ -5,11 +5,12 @@ dtype/device parsing and atomic file writes. Heavy imports (torch, transformers)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from ..cli import CLIError
 
@@ -62,7 +63,7 @@ def format_select_layer(select_layer: str) -> str:
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select-layer", default="-2", metavar="INDEX",
                         help="hidden state LLaVA reads (mm_vision_select_layer): 0 = embeddings, negative counts "
-                             "from the end; several as -2,-5 are concatenated on channels (default: -2)")
+                             "from the end; several, as --select-layer=-2,-5, are concatenated on channels (default: -2)")
     parser.add_argument("--select-feature", choices=SELECT_FEATURES, default="patch",
                         help="tokens LLaVA keeps (mm_vision_select_feature): patch drops CLS (default: patch)")
 
@@ -187,14 +188,30 @@ def read_config(path: str) -> Any:
     )
 
 
-def build_random_vision_model(source: ModelSource) -> Any:
-    """The preset's vision tower with reproducible random weights (never a download)."""
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' own weight-loading bars, so the CLI's output stays its progress bar and summary."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def build_random_vision_model(source: ModelSource, device: "torch.device") -> Any:
+    """The preset's vision tower with reproducible random weights (never a download), created on `device` so a
+    large preset is never materialised twice."""
     import torch
 
     from ..modeling_evaclip import EvaCLIPVisionModel
 
     torch.manual_seed(PRESET_SEED)
-    model = EvaCLIPVisionModel(source.vision_config)
+    with torch.device(device):
+        model = EvaCLIPVisionModel(source.vision_config)
     return model.eval()
 
 
@@ -212,14 +229,15 @@ def load_tower(source: ModelSource, select_layer: str, select_feature: str, dtyp
     args = argparse.Namespace(mm_vision_select_layer=select_layer, mm_vision_select_feature=select_feature)
     try:
         if source.preset is None:
-            tower = EvaCLIPVisionTower(source.path, args)
+            with quiet_loading():
+                tower = EvaCLIPVisionTower(source.path, args)
         else:
             with tempfile.TemporaryDirectory(prefix="llava-evaclip-preset-") as config_dir:
                 source.vision_config.save_pretrained(config_dir)
                 tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
             tower.vision_tower_name = source.preset
             tower.image_processor = build_image_processor(source.vision_config)
-            tower.vision_tower = build_random_vision_model(source).requires_grad_(False)
+            tower.vision_tower = build_random_vision_model(source, device).requires_grad_(False)
             tower.is_loaded = True
     except (ValueError, OSError) as error:
         raise CLIError(f"cannot load the vision tower from {source.spec}: {one_line(error)}") from None

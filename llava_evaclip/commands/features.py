@@ -128,16 +128,22 @@ def _extract(todo: list[ImageItem], tower: Any, source: ModelSource, args: argpa
     with tqdm(total=len(todo), unit="img", desc="features", file=sys.stderr, dynamic_ncols=True) as progress:
         for start in range(0, len(todo), args.batch_size):
             batch: list[tuple[ImageItem, Any]] = []
+            pixels = []
             for item in todo[start:start + args.batch_size]:
-                try:
-                    batch.append((item, _common.open_rgb(item.path)))
-                except OSError as error:
-                    _common.warn(f"skipping {item.path}: {error}")
-                    failures.append((item.path, str(error)))
+                try:  # decode and preprocess one image at a time, so a bad one fails alone
+                    image = _common.open_rgb(item.path)
+                    pixels.append(processor([image], return_tensors="pt")["pixel_values"])
+                except Exception as error:  # PIL and the processor raise many types for broken inputs
+                    reason = (str(error) if isinstance(error, OSError)
+                              else f"cannot preprocess ({_common.one_line(error)})")
+                    _common.warn(f"skipping {item.path}: {reason}")
+                    failures.append((item.path, reason))
                     progress.update(1)
+                    continue
+                batch.append((item, image))
             if not batch:
                 continue
-            pixel_values = processor([image for _, image in batch], return_tensors="pt")["pixel_values"]
+            pixel_values = torch.cat(pixels)
             with torch.no_grad():
                 features = tower(pixel_values.to(device=device, dtype=dtype))
             for (item, image), feature in zip(batch, features):
@@ -155,7 +161,7 @@ def _extract(todo: list[ImageItem], tower: Any, source: ModelSource, args: argpa
                 if source.random_weights:
                     metadata["random_weights_seed"] = str(_common.PRESET_SEED)
                     metadata["warning"] = "RANDOM weights from a preset: not a trained model"
-                tensor = feature.detach().to("cpu").contiguous()
+                tensor = feature.detach().to("cpu").clone()  # its own storage, not a view of the batch
                 _common.atomic_write(
                     output_path(args.out, item), lambda temp: save_file({"features": tensor}, temp, metadata)
                 )

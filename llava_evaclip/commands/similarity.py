@@ -48,7 +48,8 @@ def load_full_model(source: _common.ModelSource, dtype: Any, device: Any) -> tup
                        "convert the checkpoint again with `llava-evaclip convert`, which writes them.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        model = EvaCLIPModel.from_pretrained(source.path)
+        with _common.quiet_loading():
+            model = EvaCLIPModel.from_pretrained(source.path)
     except (OSError, ValueError) as error:
         raise CLIError(f"cannot load the model from {source.spec}: {_common.one_line(error)}") from None
     model = model.to(device=device, dtype=dtype).eval()
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = _common.resolve_model(args.model)
     items = _common.collect_images(args.images)
-    texts = [text for text in args.texts]
+    texts = list(args.texts)
     if any(not text.strip() for text in texts):
         raise CLIError("--texts contains an empty text; give each candidate text as a non-empty quoted string.")
     dtype = _common.resolve_dtype(args.dtype)
@@ -109,5 +110,6 @@ def render_table(images: list[str], texts: list[str], probabilities: Any) -> str
     for name, row in zip(images, probabilities.tolist()):
         cells = [f"{value:>{w}.4f}" for value, w in zip(row, widths)]
         best = texts[max(range(len(row)), key=row.__getitem__)]
-        lines.append("  ".join([f"{_clip(name, image_width):<{image_width}}", *cells, _clip(best, 40)]))
+        shown = name if len(name) <= image_width else "..." + name[-(image_width - 3):]  # keep the file name
+        lines.append("  ".join([f"{shown:<{image_width}}", *cells, _clip(best, 40)]))
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+from ..cli import CLIError
 from . import _common
 
 CAPTION_HEIGHT = 18
@@ -69,16 +70,16 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image, ImageDraw
 
     if not args.out.lower().endswith(".png"):
-        raise _common.CLIError(f"--out {args.out} must be a .png file name.")
+        raise CLIError(f"--out {args.out} must be a .png file name.")
     _common.check_output_file(args.out, args.overwrite)
     source = _common.resolve_model(args.model)
     _common.selected_layers(args.select_layer, source.vision_config.num_hidden_layers)
     if not os.path.isfile(args.image):
-        raise _common.CLIError(f"{args.image}: no such file (expected one image file).")
+        raise CLIError(f"{args.image}: no such file (expected one image file).")
     try:
         image = _common.open_rgb(args.image)
     except OSError as error:
-        raise _common.CLIError(f"{args.image}: {error}") from None
+        raise CLIError(f"{args.image}: {error}") from None
     if source.random_weights:
         print(_common.random_weights_banner(source.preset), file=sys.stderr)
     dtype = _common.resolve_dtype(args.dtype)

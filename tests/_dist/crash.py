@@ -1,7 +1,7 @@
 """Worker: one rank dies (or stalls) before a collective that the other rank has entered.
 
-Run by tests/test_zero3.py. `--mode exit` ends rank 1 with os._exit (a hard crash: no teardown, no exception),
-`--mode raise` raises on rank 1, `--mode stall` keeps rank 1 alive but away from the collective. Rank 0 records when it
+Run by tests/test_zero3.py. `--mode exit` ends rank 1 with os._exit (a hard crash: no teardown, no exception);
+`--mode stall` keeps rank 1 alive but away from the collective. Rank 0 records when it
 entered the all_reduce and whether it ever left it; the test asserts that the whole run ends, non-zero, in bounded time.
 """
 
@@ -20,7 +20,7 @@ from common import distributed_run
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--mode", choices=("exit", "raise", "stall"), required=True)
+    parser.add_argument("--mode", choices=("exit", "stall"), required=True)
     args = parser.parse_args()
     with distributed_run(args.out) as results:
         torch.distributed.barrier()  # both ranks are up before anyone fails
@@ -28,8 +28,6 @@ def main() -> None:
         if results.rank == 1:
             if args.mode == "exit":
                 os._exit(3)
-            if args.mode == "raise":
-                raise RuntimeError("rank 1 fails before the collective")
             time.sleep(600)  # stall: alive, but never joins the collective
         results["entered_collective"] = True
         torch.distributed.all_reduce(torch.ones(1))

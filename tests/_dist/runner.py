@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 DIST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = DIST_DIR.parent.parent
@@ -40,7 +40,7 @@ class RunResult:
         return f"returncode={self.returncode} timed_out={self.timed_out} elapsed={self.elapsed:.1f}s\n{tail}"
 
 
-def worker_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def worker_env(extra: Optional[dict[str, str]] = None, pythonpath: Sequence[str] = ()) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
@@ -52,7 +52,7 @@ def worker_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
         PYTHONWARNINGS="ignore",
     )
     # The transformers 4.37.2 overlay (PYTHONPATH) must reach the workers; the repository must be importable too.
-    paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [*map(str, pythonpath), str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env.update(extra or {})
     return env
@@ -64,12 +64,12 @@ def run_torchrun(
     nproc: int = 2,
     timeout: float = 120.0,
     env: Optional[dict[str, str]] = None,
-    module: bool = False,
+    pythonpath: Sequence[str] = (),
 ) -> RunResult:
     """Run `torchrun --nproc_per_node nproc script args` and wait at most `timeout` seconds.
 
-    The run gets its own session, so on timeout the whole process group (agent and every rank) is killed: a hung
-    collective can fail the test, never hang it."""
+    `pythonpath` entries go first on the workers' PYTHONPATH. The run gets its own session, so on timeout the whole
+    process group (agent and every rank) is killed: a hung collective can fail the test, never hang it."""
     command = [
         *TORCHRUN,
         "--nnodes", "1",
@@ -79,13 +79,12 @@ def run_torchrun(
         "--max-restarts", "0",
         "--monitor-interval", "0.5",
     ]
-    command += ["-m", str(script)] if module else [str(script)]
-    command += [str(arg) for arg in args]
+    command += [str(script), *map(str, args)]
     start = time.monotonic()
     process = subprocess.Popen(
         command,
         cwd=str(REPO_ROOT),
-        env=worker_env(env),
+        env=worker_env(env, pythonpath),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -90,6 +90,16 @@ def main() -> None:
         record(results, "zero_init/constructed", constructed, pixel_values)
         del loaded, constructed, state_dict
 
+        # 2b. An original BAAI .pt, loaded straight into a tower built under zero.Init: only rank 0 reads and maps it.
+        from llava_evaclip.presets import resolve_arch
+
+        baai_config = resolve_arch(str(args.case / manifest["baai_arch"])).vision_config
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            baai_tower = EvaCLIPVisionModel(baai_config)
+        report = zero.load_checkpoint(baai_tower, args.case / manifest["baai_checkpoint"])
+        results["baai_pt/load_report"] = {"loaded": len(report.loaded_keys), "missing": report.missing_keys}
+        record(results, "baai_pt", baai_tower, pixel_values)
+
         # 3. LLaVA's contract: EvaCLIPVisionTower(path, args, delay_load=True).load_model() under a live config.
         try:
             from llava_evaclip.tower import EvaCLIPVisionTower
@@ -120,6 +130,8 @@ def main() -> None:
             zero.load_state_dict(target, partial, source="the partial state dict")
         with results.expect_error("fault/load_state_dict_no_source"):
             zero.load_state_dict(target, None, source="nothing")  # the source rank forgot its state dict
+        with results.expect_error("fault/load_checkpoint_missing"):
+            zero.load_checkpoint(baai_tower, args.case / manifest["baai_missing_checkpoint"])
         del hf_ds_config
         torch.distributed.barrier()  # every rank reaches this only if none is stuck in a collective of the above
         results["barrier_after_faults"] = True

@@ -1,0 +1,236 @@
+"""Per-rank resident parameter memory of the EVA-CLIP vision tower loaded under DeepSpeed ZeRO-3, on 1, 2 and 4 ranks.
+
+    DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory                  # EVA02-CLIP-B-16 tower, 1/2/4 CPU ranks
+    DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --ranks 1 2 --preset EVA02-CLIP-L-14
+
+For each world size N the script starts `torchrun --nproc_per_node N` on itself (gloo, CPU). Every rank keeps a stage-3
+`HfDeepSpeedConfig` alive and calls `EvaCLIPVisionModel.from_pretrained` on one checkpoint (random weights of the
+preset, written once to a temporary directory; values do not change sizes), then reports what it holds: the bytes of
+its `ds_tensor` slices (ZeRO-3 pads each parameter to a multiple of N) and the buffers (never partitioned: the RoPE
+tables). Goal per rank: slices <= 1.1 / N of the full tower's parameter bytes, plus the buffers. For context it also
+reports its RSS after the imports, after loading (and again once glibc's malloc_trim has returned freed pages: the
+full-size tensors that construction and per-module gathering create are transient, but the allocator keeps their
+pages), and its peak (rank 0 also holds the checkpoint while loading). Results: benchmarks/results/zero3_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "zero3_memory.json"
+GOAL_FACTOR = 1.1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_after_malloc_trim() -> int | None:
+    """RSS once glibc has handed freed heap memory back to the OS: what the process really keeps (the transient
+    full-size tensors of construction and gathering are freed, but the allocator may hold on to their pages)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return _current_rss_bytes()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Worker (one rank)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def worker(checkpoint: Path, part: Path) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from llava_evaclip import EvaCLIPVisionModel, zero
+
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=300), verbose=False)
+    try:
+        world = torch.distributed.get_world_size()
+        ds_config = HfDeepSpeedConfig({
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": world,
+            "zero_optimization": {"stage": 3},
+        })
+        rss_before = _current_rss_bytes()
+        start = time.perf_counter()
+        model = EvaCLIPVisionModel.from_pretrained(checkpoint)
+        load_seconds = time.perf_counter() - start
+        stats = zero.partition_stats(model).as_dict()
+        stats["load_seconds"] = round(load_seconds, 2)
+        stats["rank"] = torch.distributed.get_rank()
+        stats["rss_before_load_bytes"] = rss_before
+        stats["rss_after_load_bytes"] = _current_rss_bytes()
+        stats["rss_after_malloc_trim_bytes"] = _rss_after_malloc_trim()
+        stats["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        gathered = zero.all_gather_object(stats)
+        if stats["rank"] == 0:
+            tmp = part.with_suffix(".tmp")
+            tmp.write_text(json.dumps(gathered))
+            os.replace(tmp, part)
+        del model, ds_config
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(preset: str, directory: Path) -> dict[str, Any]:
+    import torch
+
+    from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
+
+    torch.manual_seed(0)
+    config = EvaCLIPVisionConfig.from_preset(preset)
+    model = EvaCLIPVisionModel(config)
+    model.save_pretrained(directory)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
+def run_world(world: int, checkpoint: Path, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+    part = workdir / f"ranks{world}.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--max-restarts", "0",
+        str(Path(__file__).resolve()), "--worker", "--checkpoint", str(checkpoint), "--part", str(part),
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise SystemExit(f"{world} ranks: no result within {timeout:.0f} s.\n{output[-4000:]}")
+    if process.returncode != 0 or not part.exists():
+        raise SystemExit(f"{world} ranks failed (exit status {process.returncode}).\n{output[-4000:]}")
+    return json.loads(part.read_text())
+
+
+def summarize(world: int, ranks: list[dict[str, Any]], full_bytes: int) -> dict[str, Any]:
+    worst = max(rank["resident_bytes"] for rank in ranks)
+    buffers = max(rank["buffer_bytes"] for rank in ranks)
+    goal = GOAL_FACTOR * full_bytes / world + buffers
+    return {
+        "world_size": world,
+        "ranks": ranks,
+        "max_resident_bytes": worst,
+        "max_local_param_fraction": max(rank["local_param_bytes"] for rank in ranks) / full_bytes,
+        "ideal_fraction": 1 / world,
+        "goal_bytes": int(goal),
+        "meets_goal": worst <= goal,
+    }
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="EVA02-CLIP-B-16", help="vision tower preset (default: %(default)s)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default: 1 2 4)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per world size")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.checkpoint, args.part)
+        return 0
+    if any(world < 1 for world in args.ranks):
+        parser.error("--ranks must be positive integers")
+
+    import deepspeed
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory(prefix="zero3_memory_") as workdir:
+        checkpoint = Path(workdir) / "tower"
+        tower = write_checkpoint(args.preset, checkpoint)
+        print(f"{args.preset} vision tower: {tower['params'] / 1e6:.1f} M parameters, {_mib(tower['param_bytes'])} "
+              f"fp32, buffers {_mib(tower['buffer_bytes'])}")
+        runs = []
+        for world in args.ranks:
+            ranks = run_world(world, checkpoint, Path(workdir), args.timeout)
+            summary = summarize(world, ranks, tower["param_bytes"])
+            runs.append(summary)
+            print(f"N={world}: max per-rank resident {_mib(summary['max_resident_bytes'])} "
+                  f"({summary['max_local_param_fraction']:.4f} of the parameters, ideal {1 / world:.4f}); goal "
+                  f"<= {_mib(summary['goal_bytes'])}: {'met' if summary['meets_goal'] else 'NOT met'}")
+            for rank in ranks:
+                trimmed = rank["rss_after_malloc_trim_bytes"]
+                print(f"    rank {rank['rank']}: RSS after imports {_mib(rank['rss_before_load_bytes'])}, after load "
+                      f"{_mib(rank['rss_after_load_bytes'])}"
+                      + (f" ({_mib(trimmed)} once malloc_trim returned freed pages)" if trimmed else "")
+                      + f", peak {_mib(rank['max_rss_bytes'])}")
+
+    result = {
+        "preset": args.preset,
+        "tower": tower,
+        "goal": f"per-rank ds_tensor bytes + buffers <= {GOAL_FACTOR} / N * full parameter bytes + buffers",
+        "runs": runs,
+        "command": "DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory " + shlex.join(sys.argv[1:]),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "backend": "gloo (CPU)",
+        },
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return 0 if all(run["meets_goal"] for run in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The integration launcher: command-line handling, LLaVA's training arguments, and LLaVA-1.5's pretrain and finetune
+scripts run end to end on CPU (a tiny Llama, a tiny EVA-CLIP tower, a synthetic dataset in LLaVA's JSON format)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from llava_evaclip import EvaCLIPModel  # noqa: E402
+from llava_evaclip import launch  # noqa: E402
+from llava_evaclip.processing import build_image_processor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+INTEGRATION = REPO / "integration"
+TOWER_WIDTH = 48  # distinct from the LM width, so the projector's input shape shows which tower fed it
+LM_WIDTH = 64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_split_command_passes_deepspeeds_local_rank_on():
+    assert launch.split_command(["llava.train.train", "--a", "1"]) == ("llava.train.train", ["--a", "1"])
+    # deepspeed runs `script --local_rank=N user args...`
+    assert launch.split_command(["--local_rank=1", "llava.train.train", "--a", "1"]) == (
+        "llava.train.train", ["--a", "1", "--local_rank=1"])
+    assert launch.split_command(["--local_rank", "0", "llava.serve.cli"]) == ("llava.serve.cli", ["--local_rank", "0"])
+
+
+def test_llavas_own_file_spelling_resolves_to_the_module():
+    import importlib.util
+
+    path = importlib.util.find_spec("llava.train.train_mem").origin
+    assert launch.resolve_module(path) == "llava.train.train_mem"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "expected a LLaVA module"),
+    (["--bf16", "True"], "expected a LLaVA module"),
+    (["llava.train.trian"], "no module named 'llava.train.trian'"),
+    (["other/train.py"], "not a module of the installed `llava` package"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    assert launch.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("run_llava.py: error: ") and message in error[-1]
+
+
+def test_renamed_training_flags_are_translated():
+    """LLaVA's scripts spell flags for transformers 4.3x; the installed TrainingArguments must accept them."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    for strategy_flag in ("--evaluation_strategy", "--eval_strategy"):
+        args = launch.translate_training_args(
+            ["--output_dir", "unused", strategy_flag, "steps", "--warmup_ratio=0.25", "--max_steps", "8"])
+        (parsed,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args)
+        strategy = getattr(parsed, "eval_strategy", None) or parsed.evaluation_strategy
+        assert str(getattr(strategy, "value", strategy)) == "steps"
+        assert parsed.get_warmup_steps(8) == 2
+
+
+def test_model_arguments_take_the_tower_options(tmp_path):
+    import transformers
+
+    train_module = launch.prepare_llava("llava.train.train")
+    parser = transformers.HfArgumentParser(train_module.ModelArguments)
+    eva_dir = str(tmp_path / "my-eva-tower")
+    (args,) = parser.parse_args_into_dataclasses(launch.translate_training_args(
+        ["--vision_tower", eva_dir, "--mm_vision_select_layer", "-2,-5,-8", "--s2", "True", "--s2_scales", "336,672",
+         "--unfreeze_mm_vision_tower", "True"]))
+    assert args.mm_vision_select_layer == "-2,-5,-8" and args.s2 and args.s2_scales == "336,672"
+    assert args.unfreeze_mm_vision_tower
+    (args,) = parser.parse_args_into_dataclasses(["--vision_tower", eva_dir, "--mm_vision_select_layer", "-2"])
+    assert args.mm_vision_select_layer == -2 and not args.s2 and not args.unfreeze_mm_vision_tower
+    (args,) = parser.parse_args_into_dataclasses(["--vision_tower", "openai/clip-vit-large-patch14"])
+    assert args.mm_vision_select_layer == -1  # LLaVA's default, an int for its own tower
+    with pytest.raises(ValueError, match="several layers need an EVA-CLIP tower"):
+        parser.parse_args_into_dataclasses(
+            ["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer=-2,-3"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end: LLaVA-1.5's two stages from the shell scripts
+# --------------------------------------------------------------------------------------------------------------------
+
+ANSWERS = ["a red square on a blue background", "the image shows a green circle", "a small yellow shape",
+           "two dark stripes"]
+QUESTIONS = ["What is in the image?", "Describe the picture briefly."]
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the human's questions. USER: ASSISTANT:")
+
+
+def write_tokenizer(directory: Path) -> int:
+    """A Llama SentencePiece tokenizer trained on the dataset's sentences (LLaVA loads it with use_fast=False)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter((ANSWERS + QUESTIONS + [SYSTEM]) * 10), model_writer=model, vocab_size=120,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    return 120
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny Llama LM + tokenizer, a tiny EVA-CLIP checkpoint and a few images with conversations."""
+    from PIL import Image
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llava_e2e")
+    torch.manual_seed(0)
+    config = tiny_config("eva02", hidden_size=TOWER_WIDTH, intermediate_size=96)
+    EvaCLIPModel(config).save_pretrained(root / "tower")
+    build_image_processor(config).save_pretrained(root / "tower")
+
+    (root / "lm").mkdir()
+    vocab_size = write_tokenizer(root / "lm")
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=LM_WIDTH, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)).save_pretrained(root / "lm")
+
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for index, answer in enumerate(ANSWERS):
+        size = (36, 40 + 8 * index)  # not square and not the tower's size: the processor resizes and crops
+        Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(root / "images" / f"{index}.png")
+        question = QUESTIONS[index % 2]
+        prompt = f"<image>\n{question}" if index % 2 else f"{question}\n<image>"
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def run_script(script: str, workspace: Path, output_dir: Path, *extra: str, **env_overrides: str) -> None:
+    env = dict(os.environ, LAUNCHER=sys.executable, ENTRY="llava.train.train", DEEPSPEED_CONFIG="",
+               MODEL_PATH=str(workspace / "lm"), VISION_TOWER=str(workspace / "tower"),
+               DATA_PATH=str(workspace / "data.json"), IMAGE_FOLDER=str(workspace / "images"),
+               OUTPUT_DIR=str(output_dir), OMP_NUM_THREADS="1", WANDB_MODE="disabled", **env_overrides)
+    # CPU settings, two steps; later flags override the script's.
+    cpu_args = ["--bf16", "False", "--tf32", "False", "--max_steps", "2", "--per_device_train_batch_size", "2",
+                "--dataloader_num_workers", "0", "--report_to", "none", "--gradient_checkpointing", "False",
+                "--model_max_length", "512"]
+    result = subprocess.run(["bash", str(INTEGRATION / script), *cpu_args, *extra], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    return [float(entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+
+def test_pretrain_then_finetune_from_the_shell_scripts(workspace):
+    pretrain_dir = workspace / "pretrain"
+    run_script("pretrain.sh", workspace, pretrain_dir)
+
+    # Stage 1 trains and saves only the projector, fed by the EVA-CLIP tower's features.
+    losses = logged_losses(pretrain_dir)
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    projector = torch.load(pretrain_dir / "mm_projector.bin", map_location="cpu", weights_only=True)
+    assert projector["model.mm_projector.0.weight"].shape == (LM_WIDTH, TOWER_WIDTH)
+    config = json.loads((pretrain_dir / "config.json").read_text())
+    assert config["mm_vision_tower"] == str(workspace / "tower")
+    assert config["mm_hidden_size"] == TOWER_WIDTH and config["mm_vision_select_layer"] == -2
+
+    # Stage 2 starts from that projector and, here, trains the tower too. LLaVA casts the tower to fp16 unless bf16
+    # is on (Adam on fp16 weights overflows without DeepSpeed's fp32 master copy), so this stage runs in CPU bf16.
+    finetune_dir = workspace / "finetune"
+    run_script("finetune.sh", workspace, finetune_dir, "--unfreeze_mm_vision_tower", "True", "--learning_rate", "1e-3",
+               "--bf16", "True", "--use_cpu", "True", PRETRAIN_MM_MLP_ADAPTER=str(pretrain_dir / "mm_projector.bin"))
+    losses = logged_losses(finetune_dir)
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    config = json.loads((finetune_dir / "config.json").read_text())
+    assert config["unfreeze_mm_vision_tower"] is True and config["mm_vision_tower"] == str(workspace / "tower")
+    saved = load_file(finetune_dir / "model.safetensors")
+    original = load_file(workspace / "tower" / "model.safetensors")
+    prefix = "model.vision_tower.vision_tower."
+    tower_keys = [key for key in saved if key.startswith(prefix)]
+    assert tower_keys and all(key[len(prefix):] in original for key in tower_keys)
+    changed = [key for key in tower_keys if not torch.equal(saved[key].float(), original[key[len(prefix):]].float())]
+    assert changed, "the unfrozen tower was not trained"
