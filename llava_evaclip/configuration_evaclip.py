@@ -294,7 +294,7 @@ def _sub_config(value: Any, config_class: type, key: str) -> Any:
     if isinstance(value, config_class):
         return value
     raise ValueError(
-        f"EvaCLIPConfig.{key} must be a {config_class.__name__} (or a dict of its fields), "
+        f"EvaCLIPConfig.{key} must be an {config_class.__name__} (or a dict of its fields), "
         f"got {type(value).__name__}."
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Optional, Union
@@ -432,6 +433,15 @@ class EvaCLIPEncoderLayer(nn.Module):
         return hidden_states, attn_weights
 
 
+def _is_reentrant_torch_checkpoint(checkpoint: Callable) -> bool:
+    """True for transformers' default `partial(torch.utils.checkpoint.checkpoint)` without use_reentrant=False."""
+    return (
+        isinstance(checkpoint, functools.partial)
+        and checkpoint.func is torch.utils.checkpoint.checkpoint
+        and checkpoint.keywords.get("use_reentrant", True) is not False
+    )
+
+
 class EvaCLIPEncoder(nn.Module):
     """A stack of `EvaCLIPEncoderLayer`, with gradient checkpointing and an early stop after the deepest layer a
     caller needs (the LLaVA tower reads layer -2, so the last layer need not run)."""
@@ -445,7 +455,9 @@ class EvaCLIPEncoder(nn.Module):
     def _run_layer(self, layer: EvaCLIPEncoderLayer, hidden_states: torch.Tensor, *args: Any) -> tuple:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
-            if checkpoint is None:
+            if checkpoint is None or _is_reentrant_torch_checkpoint(checkpoint):
+                # Reentrant checkpointing drops the gradients of trainable layers whose input needs none (a frozen
+                # patch embedding, or LLaVA enabling checkpointing on the whole model on transformers 4.x).
                 return torch.utils.checkpoint.checkpoint(layer.__call__, hidden_states, *args, use_reentrant=False)
             return checkpoint(layer.__call__, hidden_states, *args)
         return layer(hidden_states, *args)
@@ -869,6 +881,12 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
 
     def get_text_features(
         self,

@@ -5,6 +5,7 @@ checked against BAAI's rotary table) and the bias flags."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
@@ -231,6 +232,26 @@ def test_gradient_checkpointing_behind_frozen_patch_embeddings() -> None:
         grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         assert grads[1][name] is not None, f"{name} got no gradient under checkpointing"
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0)
+
+
+def test_reentrant_checkpoint_function_set_from_outside_keeps_gradients() -> None:
+    """LLaVA on transformers 4.x enables checkpointing on the whole model, which hands our encoder a reentrant
+    `partial(torch.utils.checkpoint.checkpoint)`; an unfrozen tower behind a frozen input must still get gradients."""
+    config = tiny_vision_config("eva02")
+    reference = EvaCLIPVisionModel(config).train()
+    reference.vision_model.embeddings.requires_grad_(False)
+    checkpointed = copy.deepcopy(reference)
+    encoder = checkpointed.vision_model.encoder
+    encoder.gradient_checkpointing = True
+    encoder._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint)
+    pixel_values = _pixels(config)
+    grads = []
+    for model in (reference, checkpointed):
+        model(pixel_values).pooler_output.square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, f"{name} got no gradient under an outside reentrant checkpoint function"
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=0)
 
 
