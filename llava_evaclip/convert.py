@@ -48,7 +48,7 @@ from .modeling_evaclip import (
 )
 from .presets import resolve_arch
 from .processing import build_image_processor
-from .tokenization import VOCAB_SIZE, write_tokenizer_files
+from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, write_tokenizer_files
 
 logger = logging.get_logger(__name__)
 
@@ -662,18 +662,20 @@ def save_converted(
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    text_config = model.config.text_config if isinstance(model.config, EvaCLIPConfig) else None
+    with_tokenizer = text_config is not None and text_config.vocab_size == VOCAB_SIZE
+    if with_tokenizer:
+        text_config.pad_token_id = PAD_TOKEN_ID  # what the written tokenizer pads with
+    elif text_config is not None:
+        logger.warning(
+            f"The text tower has {text_config.vocab_size} tokens, not CLIP's {VOCAB_SIZE}: no tokenizer files are "
+            "written (the CLIP BPE vocabulary would not match its embeddings)."
+        )
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         build_image_processor(model.config).save_pretrained(staging)
-        if isinstance(model.config, EvaCLIPConfig):
-            text_config = model.config.text_config
-            if text_config.vocab_size == VOCAB_SIZE:
-                write_tokenizer_files(staging, model_max_length=text_config.max_position_embeddings)
-            else:
-                logger.warning(
-                    f"The text tower has {text_config.vocab_size} tokens, not CLIP's {VOCAB_SIZE}: no tokenizer files "
-                    "were written (the CLIP BPE vocabulary would not match its embeddings)."
-                )
+        if with_tokenizer:
+            write_tokenizer_files(staging, model_max_length=text_config.max_position_embeddings)
         files = sorted(path.name for path in staging.iterdir())
         _move_into_place(staging, out, overwrite)
     except BaseException:

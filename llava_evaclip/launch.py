@@ -27,11 +27,7 @@ import runpy
 import sys
 from typing import Any, Optional, Sequence
 
-from transformers.utils import logging
-
 from .llava_registry import find_factory, register_with_llava
-
-logger = logging.get_logger(__name__)
 
 PROG = "run_llava.py"
 USAGE = (
@@ -253,7 +249,8 @@ def extend_model_arguments(train_module: Any) -> None:
         if hasattr(base, "__post_init__"):
             base.__post_init__(self)
         self.mm_vision_select_layer = _parse_select_layer(self.mm_vision_select_layer)
-        if isinstance(self.mm_vision_select_layer, str) and self.vision_tower and find_factory(self.vision_tower) is None:
+        several = isinstance(self.mm_vision_select_layer, str)
+        if several and self.vision_tower and find_factory(self.vision_tower) is None:
             raise ValueError(
                 f"--mm_vision_select_layer {self.mm_vision_select_layer!r}: several layers need an EVA-CLIP tower; "
                 f"{self.vision_tower!r} is handled by LLaVA's own CLIPVisionTower, which takes one int."

@@ -35,7 +35,9 @@ def register_vision_tower(matcher: Matcher, factory: Factory) -> None:
     """Route towers for which `matcher(name)` is true to `factory(name, args=cfg, **kwargs)`. Later registrations
     are tried first, so a project can override the defaults; registering the same pair twice is a no-op."""
     if not callable(matcher) or not callable(factory):
-        raise ValueError("register_vision_tower needs two callables: matcher(name) -> bool and factory(name, args, ...).")
+        raise ValueError(
+            "register_vision_tower needs two callables: matcher(name) -> bool and factory(name, args, **kwargs)."
+        )
     if (matcher, factory) not in _registry:
         _registry.insert(0, (matcher, factory))
 
@@ -76,7 +78,8 @@ def is_evaclip_tower(name: str) -> bool:
     vision = config.get("vision_config") if config.get("model_type") in INTERNVL_MODEL_TYPES else config
     if not isinstance(vision, dict):
         return False
-    if vision.get("model_type", INTERNVL_VISION_MODEL_TYPES[0]) not in INTERNVL_VISION_MODEL_TYPES + EVACLIP_MODEL_TYPES:
+    vision_type = vision.get("model_type", INTERNVL_VISION_MODEL_TYPES[0])
+    if vision_type not in INTERNVL_VISION_MODEL_TYPES + EVACLIP_MODEL_TYPES:
         return False
     return any(field in vision for field in INTERNVL_EVA_FIELDS)
 

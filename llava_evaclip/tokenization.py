@@ -31,6 +31,9 @@ CONTEXT_LENGTH = 77
 # merges plus the two special tokens make the 49408-entry vocabulary.
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2
+BOS_TOKEN_ID = VOCAB_SIZE - 2
+EOS_TOKEN_ID = VOCAB_SIZE - 1
+PAD_TOKEN_ID = EOS_TOKEN_ID
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -125,10 +128,13 @@ def build_tokenizer(use_fast: bool = True, model_max_length: int = CONTEXT_LENGT
 
 __all__ = [
     "BOS_TOKEN",
+    "BOS_TOKEN_ID",
     "BPE_VOCAB_FILE",
     "CONTEXT_LENGTH",
     "EOS_TOKEN",
+    "EOS_TOKEN_ID",
     "PAD_TOKEN",
+    "PAD_TOKEN_ID",
     "TOKENIZER_FILES",
     "VOCAB_SIZE",
     "build_tokenizer",

@@ -32,7 +32,8 @@ def parse_select_layer(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
     num_states = num_hidden_layers + 1
     valid = (
         f"valid indices are {-num_states}..{num_hidden_layers} (hidden_states of a {num_hidden_layers}-layer tower: "
-        f"0 = embeddings, negative counts from the end), as an int, a comma-separated string like \"-2,-5,-8\" or a list"
+        f"0 = embeddings, negative counts from the end), as an int, a comma-separated string like \"-2,-5,-8\" "
+        f"or a list"
     )
     if value is None:
         value = DEFAULT_SELECT_LAYER

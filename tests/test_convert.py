@@ -260,6 +260,7 @@ def test_cli_subprocess_and_written_files(tmp_path):
     # The written tokenizer reproduces open_clip's ids up to the end token, and its (EOS) padding leaves the text
     # features of BAAI's model unchanged (causal tower, pooled at the first end token).
     tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token_id == model.config.text_config.pad_token_id
     captions = ["a photo of a cat", "an EVA-02 diagram, 2 panels"]
     reference_ids = open_clip.tokenize(captions, context_length=CONTEXT)
     ids = tokenizer(captions, padding="max_length", max_length=CONTEXT, truncation=True, return_tensors="pt").input_ids
@@ -517,6 +518,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_crafted_pickle_is_not_executed(tmp_path, capsys):
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pt"

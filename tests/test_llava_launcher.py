@@ -137,7 +137,8 @@ def workspace(tmp_path_factory) -> Path:
     vocab_size = write_tokenizer(root / "lm")
     LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab_size, hidden_size=LM_WIDTH, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)).save_pretrained(root / "lm")
+        num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+    )).save_pretrained(root / "lm")
 
     (root / "images").mkdir()
     rng = np.random.default_rng(0)

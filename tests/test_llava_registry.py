@@ -1,4 +1,4 @@
-"""The hook into the real LLaVA package's `build_vision_tower`: every binding patched, matching rules, routing, errors."""
+"""The hook into the real LLaVA package's `build_vision_tower`: every binding patched, matching, routing, errors."""
 
 from __future__ import annotations
 

@@ -84,14 +84,14 @@ def test_vision_config_dict_as_text_config() -> None:
 
 
 def test_text_config_object_as_vision_config() -> None:
-    with pytest.raises(ValueError, match=r"vision_config must be a EvaCLIPVisionConfig .*got EvaCLIPTextConfig"):
+    with pytest.raises(ValueError, match=r"vision_config must be an EvaCLIPVisionConfig .*got EvaCLIPTextConfig"):
         EvaCLIPConfig(text_config=tiny_text_config(), vision_config=tiny_text_config(), projection_dim=16)
 
 
 def test_clip_vision_config_object_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"vision_config must be a EvaCLIPVisionConfig .*got CLIPVisionConfig"):
+    with pytest.raises(ValueError, match=r"vision_config must be an EvaCLIPVisionConfig .*got CLIPVisionConfig"):
         EvaCLIPConfig(text_config=tiny_text_config(), vision_config=CLIPVisionConfig(), projection_dim=16)
-    with pytest.raises(ValueError, match=r"text_config must be a EvaCLIPTextConfig .*got CLIPTextConfig"):
+    with pytest.raises(ValueError, match=r"text_config must be an EvaCLIPTextConfig .*got CLIPTextConfig"):
         EvaCLIPConfig(text_config=CLIPTextConfig(), vision_config=tiny_vision_config(), projection_dim=16)
 
 

@@ -61,7 +61,8 @@ def reference_hidden_states(model, images: torch.Tensor) -> tuple[torch.Tensor, 
 )
 def test_selected_layers_equal_hidden_states_exactly(full_model_dir, select_layer, states):
     path, model = full_model_dir
-    tower = EvaCLIPVisionTower(path, tower_args(mm_vision_select_layer=select_layer, mm_vision_select_feature="cls_patch"))
+    args = tower_args(mm_vision_select_layer=select_layer, mm_vision_select_feature="cls_patch")
+    tower = EvaCLIPVisionTower(path, args)
     images = torch.randn(2, 3, 28, 28)
     expected = torch.cat([reference_hidden_states(model, images)[k] for k in states], dim=-1)
     features = tower(images)
@@ -85,7 +86,9 @@ def test_select_feature_patch_cls_patch_cls(full_model_dir):
     assert EvaCLIPVisionTower(path, tower_args()).select_feature == "patch"
 
 
-@pytest.mark.parametrize("select_layer, expected_calls", [(-2, [1, 1, 0]), (1, [1, 0, 0]), (0, [0, 0, 0]), ("-1,1", [1, 1, 1])])
+@pytest.mark.parametrize(
+    "select_layer, expected_calls", [(-2, [1, 1, 0]), (1, [1, 0, 0]), (0, [0, 0, 0]), ("-1,1", [1, 1, 1])]
+)
 def test_layers_after_the_deepest_selected_one_do_not_run(full_model_dir, select_layer, expected_calls):
     path, _ = full_model_dir
     tower = EvaCLIPVisionTower(path, tower_args(mm_vision_select_layer=select_layer))
@@ -227,7 +230,8 @@ def test_vision_only_dir_and_processor_built_from_config(vision_only_dir):
     path, model = vision_only_dir
     tower = EvaCLIPVisionTower(path, tower_args(mm_vision_select_layer=-1))
     processor = tower.image_processor
-    assert list(processor.image_mean) == pytest.approx(EVA_CLIP_MEAN) and list(processor.image_std) == pytest.approx(EVA_CLIP_STD)
+    assert list(processor.image_mean) == pytest.approx(EVA_CLIP_MEAN)
+    assert list(processor.image_std) == pytest.approx(EVA_CLIP_STD)
     assert processor.crop_size["height"] == processor.crop_size["width"] == 28
     images = torch.randn(2, 3, 28, 28)
     assert torch.equal(tower(images), reference_hidden_states(model, images)[-1][:, 1:])

@@ -32,7 +32,9 @@ def s2_args(scales: str, **fields) -> types.SimpleNamespace:
     return types.SimpleNamespace(s2=True, s2_scales=scales, **fields)
 
 
-def reference_s2(model, images: torch.Tensor, scales: list[int], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_s2(
+    model, images: torch.Tensor, scales: list[int], layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """S2 spelled out: per scale, bicubic resize (to whole tiles), run every BASE x BASE tile on its own, paste its
     patch grid in place, average-pool the stitched grid down to GRID x GRID, and concatenate the scales on channels.
     Returns (CLS averaged over tiles [B, C*S], patches [B, GRID*GRID, C*S])."""
@@ -110,7 +112,8 @@ def test_s2_processor_counts_and_dtype(model_dir):
     as_list = tower([pixel_values[0]])
     assert len(as_list) == 1 and as_list[0].shape == (1, GRID * GRID, 3 * WIDTH)
     # The processor saved in the dir is left as it was.
-    assert EvaCLIPVisionTower(path, types.SimpleNamespace(mm_vision_select_layer=-2)).image_processor.crop_size["height"] == 28
+    plain = EvaCLIPVisionTower(path, types.SimpleNamespace(mm_vision_select_layer=-2))
+    assert plain.image_processor.crop_size["height"] == 28
 
 
 def test_s2_delay_load_and_frozen(model_dir):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
@@ -33,6 +34,9 @@ TOWER_PREFIX = "model.vision_tower.vision_tower."
 RUN_TIMEOUT_S = 420
 INTEGRATION = REPO_ROOT / "integration"
 CPU_SHIM = DIST_DIR / "cpu_shim"
+# transformers 5 refuses bf16 without a GPU unless told the run is on CPU; 4.37 takes bf16 on CPU as is, and there
+# --use_cpu would replace DeepSpeed by plain DDP.
+CPU_FLAGS = ["--use_cpu", "True"] if int(transformers.__version__.split(".")[0]) >= 5 else []
 ANSWERS = ["a red square", "the image shows a green circle", "a small blue shape", "two dark stripes"]
 
 
@@ -114,7 +118,7 @@ def train(workspace: SimpleNamespace, output_dir: Path, deepspeed_config: Path, 
         "--data_path", root / "data.json", "--image_folder", root / "images", "--vision_tower", root / "tower",
         "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--bf16", "True", "--use_cpu", "True", "--output_dir", output_dir,
+        "--bf16", "True", *CPU_FLAGS, "--output_dir", output_dir,
         "--per_device_train_batch_size", str(MICRO_BATCH), "--gradient_accumulation_steps", "1",
         "--evaluation_strategy", "no", "--weight_decay", "0.", "--warmup_ratio", "0.0",
         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--model_max_length", "64",
@@ -193,7 +197,7 @@ def test_pretrain_zero2_trains_and_saves_the_projector(workspace, pretrain_run):
     assert config["mm_vision_tower"] == str(workspace.root / "tower") and config["mm_hidden_size"] == 32
 
 
-def test_finetune_zero3_trains_the_unfrozen_tower_and_the_checkpoint_reloads(workspace, finetune_unfrozen_run):
+def test_finetune_zero3_trains_the_unfrozen_tower(workspace, finetune_unfrozen_run):
     run = finetune_unfrozen_run
     assert_loss_decreases(run, FINETUNE_STEPS)
     saved = load_file(run.output_dir / "model.safetensors")  # LLaVA's final save: ZeRO-3's 16-bit gather
@@ -208,20 +212,32 @@ def test_finetune_zero3_trains_the_unfrozen_tower_and_the_checkpoint_reloads(wor
     for key, value in master_tower.items():
         assert value.dtype == torch.float32
         assert torch.equal(value.to(torch.bfloat16), saved_tower[key]), key
-    # ... and they did train: most tower tensors moved away from the checkpoint the run started from.
-    moved = [key for key, value in master_tower.items()
-             if not torch.equal(value.to(torch.bfloat16), workspace.tower[key].to(torch.bfloat16))]
-    assert len(moved) >= 0.9 * len(master_tower), sorted(set(master_tower) - set(moved))
+    # ... and they did train. The master copy started as the checkpoint in bf16; every tensor of the part of the tower
+    # LLaVA runs (embeddings and the layers up to the selected one, -2) moved, and what never runs (the last layer,
+    # the final norm) got no gradient and kept its value exactly.
+    used = ("vision_model.embeddings.", "vision_model.encoder.layers.0.", "vision_model.encoder.layers.1.")
+    for key, value in master_tower.items():
+        start = workspace.tower[key].to(torch.bfloat16).float()
+        assert torch.equal(value, start) != key.startswith(used), key
 
-    # LLaVA reloads the saved model through its own loader; the config says the tower was trained, so the tower is
-    # built eagerly and its weights are the saved (trained) ones, not the original checkpoint's.
+
+
+@pytest.mark.xfail(
+    int(transformers.__version__.split(".")[0]) >= 5, strict=True, raises=RuntimeError,
+    reason="transformers 5 builds the LLaVA model on the meta device in from_pretrained, and the EVA-CLIP tower, built "
+           "eagerly for a trained tower, calls EvaCLIPVisionModel.from_pretrained in there, which transformers refuses",
+)
+def test_unfrozen_finetune_checkpoint_reloads_through_llava(finetune_unfrozen_run):
+    """LLaVA reloads the saved model with its own loader; the config says the tower was trained, so the tower is built
+    eagerly and ends up with the saved (trained) weights, not the original checkpoint's."""
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 
     from llava_evaclip import register_with_llava, unregister_from_llava
 
+    saved_tower = tower_weights(load_file(finetune_unfrozen_run.output_dir / "model.safetensors"))
     register_with_llava()
     try:
-        model = LlavaLlamaForCausalLM.from_pretrained(run.output_dir, torch_dtype=torch.float32)
+        model = LlavaLlamaForCausalLM.from_pretrained(finetune_unfrozen_run.output_dir, torch_dtype=torch.float32)
     finally:
         unregister_from_llava()
     tower = model.get_vision_tower()
