@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `llava-evaclip --help` stays fast
     import torch
@@ -215,6 +215,18 @@ def build_contender(
         label = "ours, sdpa, every layer and every hidden state (ablation)"
         return Contender(name, label, "eva02", full, _all_states_run(model), dtype, True, ("ours_eva02",),
                          "shares ours_eva02's weights", model)
+    if name in ABLATIONS:
+        source = built.get("ours_eva02")
+        model = source.model if source is not None else _our_model(eva02, dtype, device)
+        tower, _ = _tower(model)
+        target, attribute, replacement, label = ABLATIONS[name]()
+
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            with _patched(target, attribute, replacement):
+                return tower(pixel_values)
+
+        return Contender(name, label, "eva02", tower_layers, run, dtype, True, ("ours_eva02",),
+                         "shares ours_eva02's weights", model)
     if name == "ours_eva02_compiled":
         source = built.get("ours_eva02")
         model = _shared_copy(source.model) if source is not None else _our_model(eva02, dtype, device)
@@ -253,8 +265,38 @@ def build_contender(
     raise BenchmarkError(f"unknown contender {name!r}; known: {', '.join(ALL_CONTENDERS)}")
 
 
+@contextlib.contextmanager
+def _patched(target: Any, attribute: str, value: Any) -> Iterator[None]:
+    original = getattr(target, attribute)
+    setattr(target, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(target, attribute, original)
+
+
+def _without_fused_mlp() -> tuple[Any, str, Any, str]:
+    from llava_evaclip.modeling_evaclip import EvaCLIPMLP
+
+    return EvaCLIPMLP, "_fuse_gate_up", lambda self, hidden_states: False, "ours: tower, SwiGLU as two matmuls (ablation)"
+
+
+def _five_pass_rotary() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + modeling_evaclip.rotate_pairs(x) * sin
+
+    return modeling_evaclip, "apply_rotary", apply_rotary, "ours: tower, RoPE as x*cos + rotate(x)*sin (ablation)"
+
+
+# Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
+ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
+    "ours_eva02_unfused_mlp": _without_fused_mlp,
+    "ours_eva02_rope_5pass": _five_pass_rotary,
+}
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
-OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_full", "ours_eva02_compiled")
+OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_full", *ABLATIONS, "ours_eva02_compiled")
 ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
 
 
@@ -265,7 +307,7 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
     if dtype != torch.float32 and args.autocast and "ours_eva02" in names:
         names.append("ours_eva02_autocast")
     if args.ablations and "ours_eva02" in names:
-        names.append("ours_eva02_full")
+        names += ["ours_eva02_full", *ABLATIONS]
     if args.compile and "ours_eva02" in names:
         names.append("ours_eva02_compiled")
     return list(dict.fromkeys(names))
@@ -716,7 +758,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-autocast", dest="autocast", action="store_false",
                         help="skip the fp32-weights + autocast contender in low-precision settings")
     parser.add_argument("--ablations", action="store_true",
-                        help="also time ours without the early stop (every layer, every hidden state kept)")
+                        help="also time ours with each speed-up switched off: every layer and hidden state "
+                             "(no early stop), SwiGLU as two matmuls, RoPE in five passes")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with the encoder layers under torch.compile (slow to compile)")
     parser.add_argument("--memory-batch-sizes", type=_int_list, default=None, metavar="N[,N]",

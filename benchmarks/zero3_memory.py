@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if any(world < 1 for world in args.ranks):
         parser.error("--ranks must be positive integers")
+    from llava_evaclip import list_presets
+
+    if args.preset not in list_presets():
+        parser.error(f"unknown --preset {args.preset!r}; choose one of {', '.join(list_presets())}")
 
     import deepspeed
     import torch
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "tower": tower,
         "goal": f"per-rank ds_tensor bytes + buffers <= {GOAL_FACTOR} / N * full parameter bytes + buffers",
         "runs": runs,
-        "command": "DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["DS_ACCELERATOR=cpu", "python", "-m", "benchmarks.zero3_memory", *sys.argv[1:]]),
         "environment": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -57,6 +57,8 @@ def main() -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel, zero
+        from llava_evaclip.presets import resolve_arch
+        from llava_evaclip.tower import EvaCLIPVisionTower
 
         rank = results.rank
         pixel_values = torch.load(args.case / "inputs.pt", weights_only=True)["pixel_values"]
@@ -91,8 +93,6 @@ def main() -> None:
         del loaded, constructed, state_dict
 
         # 2b. An original BAAI .pt, loaded straight into a tower built under zero.Init: only rank 0 reads and maps it.
-        from llava_evaclip.presets import resolve_arch
-
         baai_config = resolve_arch(str(args.case / manifest["baai_arch"])).vision_config
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             baai_tower = EvaCLIPVisionModel(baai_config)
@@ -101,23 +101,18 @@ def main() -> None:
         record(results, "baai_pt", baai_tower, pixel_values)
 
         # 3. LLaVA's contract: EvaCLIPVisionTower(path, args, delay_load=True).load_model() under a live config.
-        try:
-            from llava_evaclip.tower import EvaCLIPVisionTower
-        except ImportError as error:
-            results["tower"] = {"skipped": f"llava_evaclip.tower not importable: {error}"}
-        else:
-            hf_ds_config = HfDeepSpeedConfig(ds_config)
-            tower_args = SimpleNamespace(**manifest["tower_args"])
-            tower = EvaCLIPVisionTower(str(args.case / manifest["tower_checkpoint"]), tower_args, delay_load=True)
-            results["tower/loaded_before"] = bool(tower.is_loaded)
-            tower.load_model()
-            stats = zero.partition_stats(tower).as_dict()
-            with torch.no_grad(), zero.gathered_parameters(tower):
-                features = tower(pixel_values)
-            results.tensor("tower/features", features)
-            results["tower"] = stats
-            del tower, hf_ds_config
-            gc.collect()
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        tower_args = SimpleNamespace(**manifest["tower_args"])
+        tower = EvaCLIPVisionTower(str(args.case / manifest["tower_checkpoint"]), tower_args, delay_load=True)
+        results["tower/loaded_before"] = bool(tower.is_loaded)
+        tower.load_model()
+        stats = zero.partition_stats(tower).as_dict()
+        with torch.no_grad(), zero.gathered_parameters(tower):
+            features = tower(pixel_values)
+        results.tensor("tower/features", features)
+        results["tower"] = stats
+        del tower, hf_ds_config
+        gc.collect()
 
         # 4. Faults: a checkpoint that lacks keys must fail on every rank, naming the keys, with no rank left waiting.
         hf_ds_config = HfDeepSpeedConfig(ds_config)
