@@ -824,7 +824,11 @@ class EvaCLIPVisionModel(EvaCLIPPreTrainedModel):
     def __init__(self, config: EvaCLIPVisionConfig) -> None:
         super().__init__(config)
         self.vision_model = EvaCLIPVisionTransformer(config)
+        self._build_head(config)
         self.post_init()
+
+    def _build_head(self, config: EvaCLIPVisionConfig) -> None:
+        """No head on the bare tower; `EvaCLIPVisionModelWithProjection` adds its projection here."""
 
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding
@@ -857,7 +861,11 @@ class EvaCLIPTextModel(EvaCLIPPreTrainedModel):
     def __init__(self, config: EvaCLIPTextConfig) -> None:
         super().__init__(config)
         self.text_model = EvaCLIPTextTransformer(config)
+        self._build_head(config)
         self.post_init()
+
+    def _build_head(self, config: EvaCLIPTextConfig) -> None:
+        """No head on the bare tower; `EvaCLIPTextModelWithProjection` adds its projection here."""
 
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.embeddings.token_embedding
@@ -1000,21 +1008,13 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         )
 
 
-class EvaCLIPVisionModelWithProjection(EvaCLIPPreTrainedModel):
+class EvaCLIPVisionModelWithProjection(EvaCLIPVisionModel):
     """Vision tower plus `visual_projection`: image embeddings in the shared space."""
 
-    config_class = EvaCLIPVisionConfig
-    main_input_name = "pixel_values"
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
 
-    def __init__(self, config: EvaCLIPVisionConfig) -> None:
-        super().__init__(config)
-        self.vision_model = EvaCLIPVisionTransformer(config)
+    def _build_head(self, config: EvaCLIPVisionConfig) -> None:
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=True)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.embeddings.patch_embedding
 
     def forward(
         self,
@@ -1026,16 +1026,15 @@ class EvaCLIPVisionModelWithProjection(EvaCLIPPreTrainedModel):
         **kwargs: Any,
     ) -> Union[tuple, EvaCLIPVisionModelOutput]:
         _, _, return_dict = _resolve_flags(self.config, output_attentions, output_hidden_states, return_dict)
-        outputs = self.vision_model(
+        outputs = super().forward(
             pixel_values=pixel_values,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        image_embeds = self.visual_projection(outputs.pooler_output)
         result = EvaCLIPVisionModelOutput(
-            image_embeds=image_embeds,
+            image_embeds=self.visual_projection(outputs.pooler_output),
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -1043,23 +1042,13 @@ class EvaCLIPVisionModelWithProjection(EvaCLIPPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
-class EvaCLIPTextModelWithProjection(EvaCLIPPreTrainedModel):
+class EvaCLIPTextModelWithProjection(EvaCLIPTextModel):
     """Text tower plus `text_projection`: text embeddings in the shared space."""
 
-    config_class = EvaCLIPTextConfig
     _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$"]
 
-    def __init__(self, config: EvaCLIPTextConfig) -> None:
-        super().__init__(config)
-        self.text_model = EvaCLIPTextTransformer(config)
+    def _build_head(self, config: EvaCLIPTextConfig) -> None:
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.embeddings.token_embedding = value
 
     def forward(
         self,
@@ -1072,7 +1061,7 @@ class EvaCLIPTextModelWithProjection(EvaCLIPPreTrainedModel):
         **kwargs: Any,
     ) -> Union[tuple, EvaCLIPTextModelOutput]:
         _, _, return_dict = _resolve_flags(self.config, output_attentions, output_hidden_states, return_dict)
-        outputs = self.text_model(
+        outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -1080,9 +1069,8 @@ class EvaCLIPTextModelWithProjection(EvaCLIPPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        text_embeds = self.text_projection(outputs.pooler_output)
         result = EvaCLIPTextModelOutput(
-            text_embeds=text_embeds,
+            text_embeds=self.text_projection(outputs.pooler_output),
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

@@ -1,0 +1,315 @@
+"""The fast paths of the EVA-CLIP tower give the eager path's numbers, and the tower benchmark runs end to end.
+
+The fast path is what LLaVA runs: sdpa, `select_hidden_states` (stops after the deepest selected layer and keeps only
+the selected states), the per-grid RoPE table with an identity row for CLS applied in three passes, and SwiGLU's two
+input matmuls as one for fp32 inference. It is checked against the same weights run the slow way (eager attention,
+every layer, every hidden state, SwiGLU as two matmuls because grad is on) and against timm's EVA-02, an independent
+implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU). fp32 tolerance: 1e-5 absolute.
+The benchmark is only smoke-tested (`--quick`): it must run and write valid results; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import FAMILY_FLAGS, tiny_vision_config
+from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
+from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
+
+timm = pytest.importorskip("timm")
+from timm.layers.pos_embed_sincos import apply_rot_embed  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from benchmarks import tower as bench  # noqa: E402
+
+ATOL = 1e-5
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Non-trivial LayerNorm parameters and biases (they start as ones / zeros), so every term is exercised."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    return model
+
+
+def _eager_twin(model: EvaCLIPVisionModel) -> EvaCLIPVisionModel:
+    """The same parameters, its own config switched to eager attention."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    twin.config._attn_implementation_internal = "eager"
+    return twin
+
+
+def _eager_states(model: EvaCLIPVisionModel, pixel_values: torch.Tensor, **kwargs) -> tuple[torch.Tensor, ...]:
+    """Every hidden state the slow way: eager attention, all layers, grad on (so SwiGLU is not fused)."""
+    twin = _eager_twin(model)
+    with torch.enable_grad():
+        states = twin(pixel_values, output_hidden_states=True, **kwargs).hidden_states
+    return tuple(state.detach() for state in states)
+
+
+def _tiny_eva02(**overrides) -> EvaCLIPVisionModel:
+    torch.manual_seed(0)
+    return _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02", **overrides))).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RoPE and SwiGLU kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_rotary_matches_timm_rotation_on_strided_heads():
+    """The three-pass rotation equals timm's `x * cos + rot(x) * sin`, on [B, H, N, D] views as attention passes."""
+    torch.manual_seed(0)
+    projected = torch.randn(2, 17, 4, 16)  # [B, N, H, D] as the projection leaves it
+    query = projected.transpose(1, 2)  # non-contiguous [B, H, N, D]
+    angles = torch.rand(17, 16) * 6.0
+    cos, sin = angles.cos(), angles.sin()
+    expected = apply_rot_embed(query, sin, cos)
+    torch.testing.assert_close(apply_rotary(query, cos, sin), expected, atol=1e-6, rtol=0)
+    half = apply_rotary(query.bfloat16(), cos.bfloat16(), sin.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+def _swiglu_reference(mlp: EvaCLIPMLP, x: torch.Tensor) -> torch.Tensor:
+    hidden = F.silu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)) * F.linear(x, mlp.fc1_up.weight, mlp.fc1_up.bias)
+    return mlp.fc2(mlp.ffn_ln(hidden))
+
+
+def test_fused_swiglu_equals_two_matmuls_and_stays_out_of_training():
+    torch.manual_seed(0)
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02")))
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        expected = _swiglu_reference(mlp, x)
+        assert mlp._fuse_gate_up(x)
+        torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not mlp._fuse_gate_up(x)  # bf16 matmuls lose from the fusion
+        assert not copy.deepcopy(mlp).to(torch.bfloat16)._fuse_gate_up(x.bfloat16())
+
+    # with grad on the two layers run as modules: gradients reach both weights, equal to the reference ones
+    assert not mlp._fuse_gate_up(x)
+    mlp(x).square().sum().backward()
+    got = [mlp.fc1.weight.grad.clone(), mlp.fc1_up.weight.grad.clone()]
+    mlp.zero_grad()
+    _swiglu_reference(mlp, x).square().sum().backward()
+    torch.testing.assert_close(got, [mlp.fc1.weight.grad, mlp.fc1_up.weight.grad], atol=ATOL, rtol=0)
+
+    # hooks (adapters, profilers) and ZeRO-3 partitioned weights keep the module calls
+    calls = []
+    handle = mlp.fc1_up.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
+    handle.remove()
+    assert calls == [1]
+    mlp.fc1.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    with torch.no_grad():
+        assert not mlp._fuse_gate_up(x)
+
+
+def test_fused_swiglu_sees_weight_updates():
+    """No stale copy: the fused weight is rebuilt from the parameters on every call."""
+    torch.manual_seed(0)
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02")))
+    x = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        before = mlp(x)
+        mlp.fc1_up.weight.mul_(-1.5)
+        mlp.load_state_dict({**mlp.state_dict(), "fc1.bias": mlp.fc1.bias + 0.3})
+        after = mlp(x)
+        torch.testing.assert_close(after, _swiglu_reference(mlp, x), atol=ATOL, rtol=0)
+    assert (after - before).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole tower: fast path == eager path
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FLAGS))
+def test_selected_states_equal_the_eager_path(family):
+    torch.manual_seed(0)
+    model = _randomize(EvaCLIPVisionModel(tiny_vision_config(family))).eval()
+    layers = model.config.num_hidden_layers
+    pixel_values = torch.randn(2, 3, 28, 28)
+    expected = _eager_states(model, pixel_values)
+
+    ran = []
+    for index, layer in enumerate(model.vision_model.encoder.layers):
+        layer.register_forward_hook(lambda *args, index=index: ran.append(index))
+    with torch.inference_mode():
+        fast = model.vision_model.select_hidden_states(pixel_values, [layers - 1, 0, 1])
+    assert sorted(fast) == [0, 1, layers - 1]
+    assert ran == list(range(layers - 1))  # nothing after the deepest selected layer runs
+    for index, state in fast.items():
+        torch.testing.assert_close(state, expected[index], atol=ATOL, rtol=0, msg=f"{family} hidden_states[{index}]")
+
+
+def test_rope_table_per_grid_equals_the_eager_path():
+    """Other resolutions get their own cached table; switching grids back and forth gives the eager numbers."""
+    model = _tiny_eva02()
+    rotary = model.vision_model.rotary_embedding
+    layers = model.config.num_hidden_layers
+    for size in (42, 28, 42):
+        pixel_values = torch.randn(1, 3, size, size)
+        expected = _eager_states(model, pixel_values, interpolate_pos_encoding=True)
+        with torch.inference_mode():
+            fast = model.vision_model.select_hidden_states(pixel_values, [layers], interpolate_pos_encoding=True)
+        torch.testing.assert_close(fast[layers], expected[layers], atol=ATOL, rtol=0, msg=f"{size}px")
+    grid = 42 // model.config.patch_size
+    table = rotary(grid, grid, torch.float32)
+    assert table[0] is rotary(grid, grid, torch.float32)[0]  # cached, not recomputed
+    cos, sin = rotary.compute_table(grid, grid)
+    assert torch.equal(table[0], cos) and torch.equal(table[1], sin)
+
+
+def _timm_twin(model: EvaCLIPVisionModel) -> nn.Module:
+    """timm's eva02_large_patch14_clip_336 at the tiny shape, holding our weights."""
+    config = model.config
+    reference = timm.create_model(
+        "eva02_large_patch14_clip_336", pretrained=False, num_classes=0, embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers, num_heads=config.num_attention_heads, img_size=config.image_size,
+        patch_size=config.patch_size, ref_feat_shape=(config.rope_pt_grid_size,) * 2,
+    ).eval()
+    ours = model.vision_model.state_dict()
+    names = {"layer_norm1": "norm1", "self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
+             "self_attn.v_proj": "attn.v_proj", "self_attn.inner_attn_ln": "attn.norm",
+             "self_attn.out_proj": "attn.proj", "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1_g",
+             "mlp.fc1_up": "mlp.fc1_x", "mlp.ffn_ln": "mlp.norm", "mlp.fc2": "mlp.fc2"}
+    state = {
+        "cls_token": ours["embeddings.class_embedding"].reshape(1, 1, -1),
+        "pos_embed": ours["embeddings.position_embedding.weight"][None],
+        "patch_embed.proj.weight": ours["embeddings.patch_embedding.weight"],
+        "patch_embed.proj.bias": ours["embeddings.patch_embedding.bias"],
+        "norm.weight": ours["post_layernorm.weight"],
+        "norm.bias": ours["post_layernorm.bias"],
+    }
+    for key, value in ours.items():
+        if key.startswith("encoder.layers."):
+            index, rest = key[len("encoder.layers."):].split(".", 1)
+            module, parameter = rest.rsplit(".", 1)
+            state[f"blocks.{index}.{names[module]}.{parameter}"] = value
+    reference.load_state_dict(state, strict=True)
+    return reference
+
+
+def test_tower_fast_path_matches_timm_eva02():
+    """LLaVA's features (layer -2, patch tokens) and the last layer against timm's independent EVA-02, fp32."""
+    from llava_evaclip.tower import EvaCLIPVisionTower
+
+    model = _tiny_eva02(intermediate_size=85)  # timm's SwiGLU width: int(32 * 4 * 2 / 3)
+    reference = _timm_twin(model)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        x, rope = reference._pos_embed(reference.patch_embed(pixel_values))
+        blocks = []
+        for block in reference.blocks:
+            x = block(x, rope=rope)
+            blocks.append(x)
+
+    tower, _ = bench._tower(model)
+    assert isinstance(tower, EvaCLIPVisionTower)
+    with torch.inference_mode():
+        features = tower(pixel_values)
+        last = model.vision_model.select_hidden_states(pixel_values, [model.config.num_hidden_layers])
+    torch.testing.assert_close(features, blocks[-2][:, 1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last[model.config.num_hidden_layers], blocks[-1], atol=ATOL, rtol=0)
+
+
+def test_cpu_bf16_autocast_tower_is_close_to_fp32():
+    """fp32 weights under CPU autocast: bf16 matmuls, features back in the input dtype, near the fp32 features."""
+    model = _tiny_eva02()
+    tower, _ = bench._tower(model)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    expected = _eager_states(model, pixel_values)[-2][:, 1:]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = tower(pixel_values)
+    assert features.dtype == torch.float32
+    error = (features - expected).norm() / expected.norm()
+    assert 0 < error < 2e-2, error  # bf16 rounding happened, and no more than bf16 rounding
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The benchmark (smoke only: no timing assertions)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
+    argv = ["--quick", "--batch-sizes", "1", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+            "--output-dir", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "tower_cpu_quick.json").read_text())
+    assert set(report["settings"]) == {"fp32/b1", "bf16/b1"}
+    for key, setting in report["settings"].items():
+        results = setting["results"]
+        expected = set(bench.BASE_CONTENDERS) | {"matmul"} | ({"ours_eva02_autocast"} if key.startswith("bf16") else set())
+        assert set(results) == expected
+        for name, entry in results.items():
+            assert len(entry["times_s"]) == 1 and entry["median_s"] > 0 and entry["gflops"] > 0, name
+        config = bench.build_shapes(True).eva02
+        assert results["ours_eva02"]["layers"] == config.num_hidden_layers - 1  # layer -2: the last one never runs
+        assert results["timm_eva02"]["layers"] == config.num_hidden_layers
+        assert results["ours_eva02"]["gflop"] == pytest.approx(
+            bench.tower_flops(config, config.num_hidden_layers - 1, 1) / 1e9)
+        pairs = {(r["ours"], r["peer"]) for r in setting["ratios"]}
+        assert {("ours_eva02", "timm_eva02"), ("ours_eva02", "ours_eager"), ("ours_plain", "hf_clip")} <= pairs
+    assert set(report["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    assert report["goals"] and all(isinstance(goal["met"], bool) for goal in report["goals"])
+    markdown = (tmp_path / "tower_cpu_quick.md").read_text()
+    assert "| `ours_eva02`" in markdown and "## Goals" in markdown
+    assert (tmp_path / "tower_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run refuses to overwrite (before building anything) and leaves the results as they were
+    before = (tmp_path / "tower_cpu_quick.json").read_bytes()
+    capsys.readouterr()
+    assert bench.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--overwrite" in error
+    assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
+
+
+def test_memory_child_measures_one_forward_in_a_fresh_process():
+    """`python -m benchmarks.tower --memory-child`: peak RSS above the weights covers the live MLP activations."""
+    spec = {"contender": "ours_plain", "dtype": "fp32", "batch": 64, "device": "cpu", "quick": True}
+    entry = bench.memory_in_subprocess(spec, threads=1, timeout=300)
+    assert "error" not in entry, entry.get("error")
+    config = bench.build_shapes(True).plain
+    model = EvaCLIPVisionModel(config)
+    assert entry["weights_mib"] == pytest.approx(bench.weight_bytes(model) / 2**20)
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    mlp_hidden_mib = 64 * tokens * config.intermediate_size * 4 / 2**20
+    assert entry["peak_above_weights_mib"] >= mlp_hidden_mib  # fc1's output was live during the forward
+    assert entry["output_mib"] == pytest.approx(64 * (tokens - 1) * config.hidden_size * 4 / 2**20)
+
+
+def test_bench_subcommand_usage_errors_exit_2(tmp_path, capsys):
+    from llava_evaclip.cli import main as cli_main
+
+    (tmp_path / "tower_cpu_quick.json").write_text("{}")
+    assert cli_main(["bench", "--quick", "--output-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("llava-evaclip bench: error:") and "--overwrite" in error
+    assert (tmp_path / "tower_cpu_quick.json").read_text() == "{}"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--batch-sizes", "0"])
+    assert exit_info.value.code == 2
