@@ -209,6 +209,14 @@ def build_contender(
         label = "ours, eager attention, all hidden states (baseline)"
         return Contender(name, label, "eva02", full, _all_states_run(model), dtype, note="shares ours_eva02's weights",
                          model=model)
+    if name == "ours_eva02_flash":
+        source = built.get("ours_eva02")
+        model = _shared_copy(source.model) if source is not None else _our_model(eva02, dtype, device)
+        model.config._attn_implementation_internal = "flash_attention_2"
+        tower, note = _tower(model)
+        label = "ours: tower, flash-attn 2 kernel"
+        return Contender(name, label, "eva02", tower_layers, tower, dtype, True, ("ours_eva02", "timm_eva02"),
+                         "shares ours_eva02's weights", model)
     if name == "ours_eva02_full":
         source = built.get("ours_eva02")
         model = source.model if source is not None else _our_model(eva02, dtype, device)
@@ -278,7 +286,8 @@ def _patched(target: Any, attribute: str, value: Any) -> Iterator[None]:
 def _without_fused_mlp() -> tuple[Any, str, Any, str]:
     from llava_evaclip.modeling_evaclip import EvaCLIPMLP
 
-    return EvaCLIPMLP, "_fuse_gate_up", lambda self, hidden_states: False, "ours: tower, SwiGLU as two matmuls (ablation)"
+    label = "ours: tower, SwiGLU as two matmuls (ablation)"
+    return EvaCLIPMLP, "_fuse_gate_up", lambda self, hidden_states: False, label
 
 
 def _five_pass_rotary() -> tuple[Any, str, Any, str]:
@@ -296,7 +305,8 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_rope_5pass": _five_pass_rotary,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
-OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_full", *ABLATIONS, "ours_eva02_compiled")
+OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_flash", "ours_eva02_full", *ABLATIONS,
+                       "ours_eva02_compiled")
 ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
 
 
@@ -310,6 +320,11 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
         names += ["ours_eva02_full", *ABLATIONS]
     if args.compile and "ours_eva02" in names:
         names.append("ours_eva02_compiled")
+    if args.device == "cuda" and dtype != torch.float32 and "ours_eva02" in names:
+        from llava_evaclip._compat import is_flash_attn_available
+
+        if is_flash_attn_available():
+            names.append("ours_eva02_flash")
     return list(dict.fromkeys(names))
 
 
@@ -357,13 +372,20 @@ def pixel_values(shapes: Shapes, batch: int, dtype: torch.dtype, device: torch.d
     return torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
 
 
+TIMERS = {"wall": time.perf_counter, "process": time.process_time}
+
+
 def time_round_robin(
     contenders: Sequence[Contender], inputs: dict[torch.dtype, torch.Tensor], reps: int, warmup: int,
-    device: torch.device, progress: Callable[[str], None],
+    device: torch.device, progress: Callable[[str], None], timer: str = "wall",
 ) -> dict[str, list[float]]:
-    """Seconds per call of each contender; every repetition runs each once, in an order rotated by one each time."""
+    """Seconds per call of each contender; every repetition runs each once, in an order rotated by one each time.
+
+    `timer="process"` counts this process's CPU time instead of wall time: with one thread it ignores the time other
+    programs hold the core, which makes ratios on a shared machine much steadier."""
     import torch
 
+    clock = TIMERS[timer]
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -375,10 +397,10 @@ def time_round_robin(
             for contender in list(contenders[shift:]) + list(contenders[:shift]):
                 gc.collect()
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 output = contender.run(inputs[contender.input_dtype])
                 _sync(device)
-                times[contender.name].append(time.perf_counter() - start)
+                times[contender.name].append(clock() - start)
                 del output
             progress(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
     return times
@@ -584,14 +606,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# EVA-CLIP tower benchmark ({report['device']})",
         "",
-        f"Machine: {where}; torch {machine['torch']} ({machine['torch_threads']} threads), transformers "
+        f"Machine: {where} ({machine.get('cpu_capability', '')}); torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), transformers "
         f"{machine['transformers']}, timm {machine.get('timm', 'n/a')}. Load average at start: "
         f"{', '.join(f'{x:.1f}' for x in machine.get('load_average', ()))}.",
         "",
         f"Command: `{report['command']}`",
         "",
-        "Random weights, 336x336 inputs. Times are medians over repetitions that run every contender once in a "
-        "rotating order; ratio = ours / peer (below 1: ours is faster).",
+        f"Random weights, {report['image_size']}x{report['image_size']} inputs. Times are medians over repetitions "
+        "that run every contender once in a rotating order; ratio = ours / peer (below 1: ours is faster).",
         "",
     ]
     peaks = report["matmul_peak_gflops"]
@@ -599,7 +622,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["Matmul peak (torch.mm, median GFLOP/s in the same rotation): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()), ""]
     for key, setting in report["settings"].items():
-        lines += [f"## {setting['dtype']}, batch {setting['batch']}", "",
+        clock = "wall clock" if setting.get("timer", "wall") == "wall" else "process CPU time"
+        lines += [f"## {setting['dtype']}, batch {setting['batch']} ({setting['reps']} repetitions, {clock})", "",
                   "| contender | layers run | median s | IQR s | ms / image | GFLOP/s | of matmul peak |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for name, entry in setting["results"].items():
@@ -746,11 +770,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes (default: 1,8; --quick: 1,2)")
     parser.add_argument("--dtypes", type=_dtype_list, default=None, metavar="fp32,bf16",
                         help="dtypes the models are cast to (default: fp32,bf16 on cpu, bf16 on cuda)")
-    parser.add_argument("--reps", type=int, default=None, metavar="N",
-                        help="timed repetitions per setting (default: cpu 5 at batch 1-2 and 3 above, cuda 20; "
-                             "--quick 2)")
+    parser.add_argument("--reps", type=_int_list, default=None, metavar="N[,N]",
+                        help="timed repetitions per setting, one number or one per batch size (default: cpu 5 at "
+                             "batch 1-2 and 3 above, cuda 20; --quick 2)")
     parser.add_argument("--warmup", type=int, default=None, metavar="N",
-                        help="untimed rounds before timing (default: 1; cuda 3)")
+                        help="untimed rounds before timing the first batch size of each dtype (later batch sizes "
+                             "run in the warmed-up process; default: 1, cuda 3)")
+    parser.add_argument("--timer", choices=sorted(TIMERS), default="wall",
+                        help="wall clock (default) or this process's CPU time; use process with --threads 1 on a "
+                             "shared machine (CPU time of several threads also counts their waiting)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--contenders", type=_contender_list, default=None, metavar="NAME[,NAME]",
@@ -764,6 +792,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time ours with the encoder layers under torch.compile (slow to compile)")
     parser.add_argument("--memory-batch-sizes", type=_int_list, default=None, metavar="N[,N]",
                         help="batch sizes of the memory measurement (default: the largest batch size)")
+    parser.add_argument("--memory-dtypes", type=_dtype_list, default=None, metavar="fp32[,bf16]",
+                        help="dtypes of the memory measurement (default: the first of --dtypes on cpu, all on cuda)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and two repetitions: checks the script end to end (numbers meaningless)")
@@ -792,21 +822,26 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         args.dtypes = ["bf16"] if cuda else ["fp32", "bf16"]
     if args.warmup is None:
         args.warmup = 3 if cuda else 1
-    if args.reps is not None and args.reps < 1:
-        raise BenchmarkError(f"--reps must be at least 1, got {args.reps}")
+    if args.reps is not None and len(args.reps) not in (1, len(args.batch_sizes)):
+        raise BenchmarkError(f"--reps takes one number or one per batch size ({len(args.batch_sizes)}), "
+                             f"got {len(args.reps)}")
     if args.warmup < 0:
         raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise BenchmarkError(f"--threads must be at least 1, got {args.threads}")
     if args.memory_batch_sizes is None:
         args.memory_batch_sizes = [max(args.batch_sizes)]
+    if args.memory_dtypes is None:
+        args.memory_dtypes = list(args.dtypes) if cuda else args.dtypes[:1]
+    if cuda and args.timer != "wall":
+        raise BenchmarkError("--timer process measures CPU time; GPU runs need --timer wall")
     if cuda and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda needs a CUDA GPU and a CUDA build of torch; none is available here")
 
 
 def _reps_for(args: argparse.Namespace, batch: int) -> int:
     if args.reps is not None:
-        return args.reps
+        return args.reps[0] if len(args.reps) == 1 else args.reps[args.batch_sizes.index(batch)]
     if args.quick:
         return 2
     if args.device == "cuda":
@@ -862,11 +897,12 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
             report["contenders"][name] = {"label": contender.label, "shape": contender.shape, "note": contender.note}
         contenders = list(built.values())
         peak_samples: list[float] = []
-        for batch in args.batch_sizes:
+        for position, batch in enumerate(args.batch_sizes):
             reps = _reps_for(args, batch)
+            warmup = args.warmup if position == 0 else 0
             progress(f"[{dtype_name}] batch {batch}: {reps} repetitions of {len(contenders)} contenders")
             inputs = {d: pixel_values(shapes, batch, d, device) for d in {c.input_dtype for c in contenders}}
-            times = time_round_robin(contenders, inputs, reps, args.warmup, device, progress)
+            times = time_round_robin(contenders, inputs, reps, warmup, device, progress, args.timer)
             results: dict[str, dict[str, Any]] = {}
             for contender in contenders:
                 flops = contender_flops(contender, shapes, batch)
@@ -881,7 +917,8 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
             for entry in results.values():
                 entry["fraction_of_peak"] = entry["gflops"] / peak if entry["shape"] != "matmul" else None
             report["settings"][setting_key(dtype_name, batch)] = {
-                "dtype": dtype_name, "batch": batch, "reps": reps, "warmup": args.warmup, "results": results,
+                "dtype": dtype_name, "batch": batch, "reps": reps, "warmup": warmup, "timer": args.timer,
+                "results": results,
                 "ratios": compute_ratios(results, times),
             }
         report["matmul_peak_gflops"][dtype_name] = statistics.median(peak_samples)
@@ -891,7 +928,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
             torch.cuda.empty_cache()
     if args.memory:
         timeout = 600.0 if not args.quick else 120.0
-        for dtype_name in args.dtypes:
+        for dtype_name in args.memory_dtypes:
             for batch in args.memory_batch_sizes:
                 for name in contenders_for(torch_dtype(dtype_name), args):
                     if name == "ours_eva02_compiled":

@@ -11,7 +11,10 @@ Before handing over, the launcher
   `--s2`, `--s2_scales`, and several layers in `--mm_vision_select_layer "-2,-5,-8"`), records them in the model config
   so a saved model rebuilds the same tower, and unfreezes the tower when asked;
 - bridges the transformers APIs LLaVA's trainer was written against (renamed `TrainingArguments` flags, the Trainer's
-  `tokenizer` argument and method signatures changed in transformers 5). Nothing in LLaVA's files is changed.
+  `tokenizer` argument and method signatures changed in transformers 5) and rounds the ZeRO bucket sizes transformers
+  4.x fills in for "auto" as floats, which current DeepSpeed refuses;
+- without CUDA (DeepSpeed on CPU ranks), makes `torch.cuda.synchronize`, which LLaVA's train.py calls before its final
+  save, a no-op in this process. Nothing in LLaVA's files is changed.
 """
 
 from __future__ import annotations
@@ -133,6 +136,53 @@ def patch_llava_forward() -> None:
 
     forward._evaclip_wrapped = True  # type: ignore[attr-defined]
     LlavaLlamaForCausalLM.forward = forward
+
+
+# ZeRO settings the Trainer derives from the model's hidden size when the DeepSpeed config says "auto"; DeepSpeed
+# types them int.
+_HIDDEN_SIZE_ZERO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def patch_deepspeed_auto_fill() -> None:
+    """transformers 4.x fills ZeRO-3's `"stage3_prefetch_bucket_size": "auto"` with 0.9 * hidden_size**2, a float
+    (15099494.4 for a 7B Llama) that DeepSpeed's config, typed int, refuses since pydantic 2; transformers 5 fills
+    `int(...)`. Round what `trainer_config_finalize` filled in the same way, so the configs keep LLaVA's "auto"."""
+    try:
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    except ImportError:  # pragma: no cover - both supported transformers lines have it
+        return
+    original = HfTrainerDeepSpeedConfig.trainer_config_finalize
+    if getattr(original, "_evaclip_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def trainer_config_finalize(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        zero = self.config.get("zero_optimization")
+        if isinstance(zero, dict):
+            for key in _HIDDEN_SIZE_ZERO_KEYS:
+                if isinstance(zero.get(key), float):
+                    zero[key] = int(zero[key])
+        return result
+
+    trainer_config_finalize._evaclip_wrapped = True  # type: ignore[attr-defined]
+    HfTrainerDeepSpeedConfig.trainer_config_finalize = trainer_config_finalize
+
+
+def patch_cuda_synchronize() -> None:
+    """LLaVA's train.py calls `torch.cuda.synchronize()` before its final DeepSpeed save, which raises without an
+    NVIDIA driver (DeepSpeed on CPU ranks, `DS_ACCELERATOR=cpu`). With no CUDA device there is nothing to wait for, so
+    it becomes a no-op; only `main` calls this, so only the launcher's own process is affected."""
+    import torch
+
+    if torch.cuda.is_available() or getattr(torch.cuda.synchronize, "_evaclip_noop", False):
+        return
+
+    def synchronize(device: Any = None) -> None:
+        """No CUDA device in this process: nothing to synchronise (set by llava_evaclip.launch)."""
+
+    synchronize._evaclip_noop = True  # type: ignore[attr-defined]
+    torch.cuda.synchronize = synchronize
 
 
 def _training_argument_names() -> set[str]:
@@ -304,6 +354,7 @@ def prepare_llava(module: str) -> Optional[Any]:
     if not module.startswith(TRAIN_PACKAGE + "."):
         return None
     train_module = importlib.import_module(TRAIN_MODULE)
+    patch_deepspeed_auto_fill()
     patch_llava_trainer(train_module)
     extend_model_arguments(train_module)
     record_tower_options()
@@ -320,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LaunchError as error:
         print(f"{USAGE}\n{PROG}: error: {error}", file=sys.stderr)
         return 2
+    patch_cuda_synchronize()
     train_module = prepare_llava(module)
     if train_module is not None:
         args = translate_training_args(args)

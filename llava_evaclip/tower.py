@@ -13,6 +13,7 @@ from torch import nn
 from transformers import CLIPImageProcessor
 from transformers.utils import logging
 
+from . import zero
 from .configuration_evaclip import EvaCLIPVisionConfig
 from .modeling_evaclip import EvaCLIPVisionModel
 from .processing import build_image_processor, load_image_processor
@@ -100,6 +101,20 @@ def _processor_output_size(processor: Any) -> Optional[tuple[int, int]]:
         return None
 
 
+def _building_on_meta_device() -> bool:
+    """True while modules are being built on the meta device, as a parent model's `from_pretrained` does before it
+    fills in the weights: transformers 5 opens a `torch.device("meta")` context (tensors created without a device
+    land there; `from_pretrained` refuses to run inside it), and 4.x's `low_cpu_mem_usage` opens accelerate's
+    `init_empty_weights`, which moves each registered parameter there. Never under ZeRO-3, which builds for real."""
+    if zero.is_zero3_enabled():
+        return False
+    if torch.empty(0).device.type == "meta":
+        return True
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(0), requires_grad=False))
+    return probe.probe.device.type == "meta"
+
+
 def _split_tiles(images: torch.Tensor, num_split: int) -> torch.Tensor:
     """[B, C, n*s, n*s] -> [n*n*B, C, s, s], tiles in row-major order, each tile's batch contiguous."""
     tiles = images.unflatten(2, (num_split, -1)).unflatten(4, (num_split, -1))  # B C n s n s
@@ -169,12 +184,20 @@ class EvaCLIPVisionTower(nn.Module):
             ) from error
 
     def load_model(self, device_map: Optional[Any] = None) -> None:
-        """Load the weights and the image processor (once; later calls are no-ops), frozen as LLaVA's tower is."""
+        """Load the weights and the image processor (once; later calls are no-ops), frozen as LLaVA's tower is.
+
+        A checkpoint that lacks any of the tower's weights is refused (a ValueError listing them, on every rank under
+        ZeRO-3) instead of leaving them randomly initialised. Built on the meta device, the tower is only constructed
+        from its config: that happens when a LLaVA checkpoint whose tower was trained is reloaded (the tower is built
+        eagerly inside the LLaVA model's `from_pretrained`), and the trained weights then come from that checkpoint."""
         if self.is_loaded:
             logger.warning(f"{self.vision_tower_name} is already loaded, `load_model` called again, skipping.")
             return
         self.image_processor = self._load_image_processor()
-        self.vision_tower = EvaCLIPVisionModel.from_pretrained(self.vision_tower_name, device_map=device_map)
+        if _building_on_meta_device():
+            self.vision_tower = EvaCLIPVisionModel(copy.deepcopy(self.cfg_only))
+        else:
+            self.vision_tower = zero.from_pretrained(EvaCLIPVisionModel, self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 

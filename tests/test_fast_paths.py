@@ -262,7 +262,8 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     assert set(report["settings"]) == {"fp32/b1", "bf16/b1"}
     for key, setting in report["settings"].items():
         results = setting["results"]
-        expected = set(bench.BASE_CONTENDERS) | {"matmul"} | ({"ours_eva02_autocast"} if key.startswith("bf16") else set())
+        autocast = {"ours_eva02_autocast"} if key.startswith("bf16") else set()
+        expected = set(bench.BASE_CONTENDERS) | {"matmul"} | autocast
         assert set(results) == expected
         for name, entry in results.items():
             assert len(entry["times_s"]) == 1 and entry["median_s"] > 0 and entry["gflops"] > 0, name
@@ -313,3 +314,8 @@ def test_bench_subcommand_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "--batch-sizes", "0"])
     assert exit_info.value.code == 2
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert cli_main(["bench", "--device", "cuda", "--output-dir", str(tmp_path / "gpu")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu").exists()

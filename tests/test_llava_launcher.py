@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,54 @@ def test_model_arguments_take_the_tower_options(tmp_path):
     with pytest.raises(ValueError, match="several layers need an EVA-CLIP tower"):
         parser.parse_args_into_dataclasses(
             ["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer=-2,-3"])
+
+
+@pytest.mark.parametrize("config_name", ["zero3.json", "zero3_offload.json"])
+def test_auto_zero3_bucket_sizes_are_filled_as_deepspeed_takes_them(config_name, tmp_path, monkeypatch):
+    """The shipped ZeRO-3 configs say "auto" for the hidden-size-based bucket sizes, as LLaVA's do. Filled the way the
+    Trainer fills them for a 7B LLaVA (hidden size 4096), DeepSpeed's own config class must accept the result:
+    transformers 4.37 computes the prefetch bucket as 0.9 * 4096**2 = 15099494.4, which it refuses."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from llava.model.language_model.llava_llama import LlavaConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    monkeypatch.setattr(HfTrainerDeepSpeedConfig, "trainer_config_finalize",
+                        HfTrainerDeepSpeedConfig.trainer_config_finalize)  # restored after the test
+    launch.patch_deepspeed_auto_fill()
+    launch.patch_deepspeed_auto_fill()  # idempotent
+    config = json.loads((INTEGRATION / config_name).read_text())
+    assert all(config["zero_optimization"][key] == "auto" for key in launch._HIDDEN_SIZE_ZERO_KEYS)
+    ds_config = HfTrainerDeepSpeedConfig(config)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, report_to="none")
+    ds_config.trainer_config_process(args)
+    model = types.SimpleNamespace(config=LlavaConfig(hidden_size=4096, num_hidden_layers=1))
+    ds_config.trainer_config_finalize(args, model, 100)
+    zero = ds_config.config["zero_optimization"]
+    expected = {"reduce_bucket_size": 4096 * 4096, "stage3_prefetch_bucket_size": 15099494,
+                "stage3_param_persistence_threshold": 10 * 4096}
+    assert {key: zero[key] for key in expected} == expected
+    assert all(type(zero[key]) is int for key in expected)
+    parsed = DeepSpeedZeroConfig(**zero)
+    assert (parsed.prefetch_bucket_size, parsed.param_persistence_threshold, parsed.reduce_bucket_size) == (
+        15099494, 10 * 4096, 4096 * 4096)
+
+
+def test_cuda_synchronize_is_a_no_op_without_cuda(monkeypatch):
+    """LLaVA's train.py calls torch.cuda.synchronize() before its final DeepSpeed save; without CUDA that raises."""
+    original, has_cuda = torch.cuda.synchronize, torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "synchronize", original)  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    launch.patch_cuda_synchronize()
+    assert torch.cuda.synchronize is original  # with CUDA nothing changes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if not has_cuda:  # what the launcher fixes
+        with pytest.raises((RuntimeError, AssertionError)):
+            original()
+    launch.patch_cuda_synchronize()
+    assert torch.cuda.synchronize is not original
+    assert torch.cuda.synchronize() is None and torch.cuda.synchronize("cuda:0") is None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -172,3 +172,37 @@ def test_generation_uses_the_eva_features(eva_dir):
             expected.append(next_token.item())
             sequence = torch.cat([sequence, next_token], dim=1)
     assert generated[0, -4:].tolist() == expected
+
+
+def test_reloading_a_model_with_a_trained_tower_takes_its_weights_from_the_llava_checkpoint(tmp_path):
+    """`unfreeze_mm_vision_tower` in the config makes LLaVA build the tower eagerly inside `from_pretrained`, which
+    transformers 5 (always) and 4.x with `low_cpu_mem_usage` (as LLaVA's builder loads) do on the meta device. The
+    tower is then built from its config alone: it loads even after its own weights file is gone, and ends up with the
+    trained weights from the LLaVA checkpoint."""
+    torch.manual_seed(3)
+    config = tiny_config("eva02")
+    tower_dir = tmp_path / "tower"
+    EvaCLIPModel(config).save_pretrained(tower_dir)
+    build_image_processor(config).save_pretrained(tower_dir)
+    model = tiny_llava().eval()
+    model.get_model().initialize_vision_modules(model_args(str(tower_dir)))
+    model.config.unfreeze_mm_vision_tower = True  # what the launcher records for a trained tower
+    with torch.no_grad():  # "train" the tower: its weights now differ from the tower checkpoint's
+        for parameter in model.get_vision_tower().parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(tmp_path / "llava")
+    (tower_dir / "model.safetensors").unlink()
+
+    reloaded = LlavaLlamaForCausalLM.from_pretrained(tmp_path / "llava", low_cpu_mem_usage=True).eval()
+    tower = reloaded.get_vision_tower()
+    assert isinstance(tower, EvaCLIPVisionTower) and tower.is_loaded
+    trained = model.get_vision_tower().state_dict()
+    assert tower.state_dict().keys() == trained.keys()
+    for key, value in tower.state_dict().items():
+        assert value.device.type == "cpu" and torch.equal(value, trained[key]), key
+    ids, attention_mask, _ = batch_with_images()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention_mask, images=images).logits
+        actual = reloaded(input_ids=ids, attention_mask=attention_mask, images=images).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)

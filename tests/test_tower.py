@@ -309,3 +309,20 @@ def test_unloadable_name_says_what_was_tried(tmp_path):
         EvaCLIPVisionTower(str(tmp_path / "empty_eva"), tower_args())
     with pytest.raises(ValueError, match="architecture preset, which has no weights"):
         EvaCLIPVisionTower("EVA02-CLIP-L-14-336", tower_args())
+
+
+def test_checkpoint_with_missing_weights_is_refused(tmp_path):
+    """transformers alone would only warn and leave the two weights randomly initialised."""
+    from safetensors.torch import load_file, save_file
+
+    EvaCLIPModel(tiny_config("eva02")).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = ["vision_model.encoder.layers.1.mlp.fc2.bias", "vision_model.post_layernorm.weight"]
+    for key in missing:
+        del state[key]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tower = EvaCLIPVisionTower(str(tmp_path), tower_args(), delay_load=True)
+    with pytest.raises(ValueError, match="lacks 2 weight") as error:
+        tower.load_model()
+    assert all(key in str(error.value) for key in missing), error.value
+    assert not tower.is_loaded
