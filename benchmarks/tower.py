@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
@@ -686,7 +686,8 @@ def render_chart(report: dict[str, Any], path: str) -> None:
         axis.bar(positions, values, width, label=name)
     axis.set_xticks(range(len(keys)))
     axis.set_xticklabels(keys)
-    axis.set_ylabel("ms per image (median)")
+    timers = {setting.get("timer", "wall") for setting in settings.values()}
+    axis.set_ylabel("CPU ms per image (median)" if timers == {"process"} else "ms per image (median)")
     axis.set_title(f"Feature extraction time ({report['device']}; lower is better)")
     axis.legend(fontsize=8)
     if memory:

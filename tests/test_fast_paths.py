@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import FAMILY_FLAGS, tiny_vision_config
-from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
+from llava_evaclip import EvaCLIPVisionModel
 from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
 
 timm = pytest.importorskip("timm")
