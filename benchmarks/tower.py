@@ -283,11 +283,11 @@ def _patched(target: Any, attribute: str, value: Any) -> Iterator[None]:
         setattr(target, attribute, original)
 
 
-def _without_fused_mlp() -> tuple[Any, str, Any, str]:
+def _unaligned_swiglu() -> tuple[Any, str, Any, str]:
     from llava_evaclip.modeling_evaclip import EvaCLIPMLP
 
-    label = "ours: tower, SwiGLU as two matmuls (ablation)"
-    return EvaCLIPMLP, "_fuse_gate_up", lambda self, hidden_states: False, label
+    label = "ours: tower, SwiGLU as two module calls, unaligned 2730-wide outputs (ablation)"
+    return EvaCLIPMLP, "_use_aligned_swiglu", lambda self, hidden_states: False, label
 
 
 def _five_pass_rotary() -> tuple[Any, str, Any, str]:
@@ -299,10 +299,18 @@ def _five_pass_rotary() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "apply_rotary", apply_rotary, "ours: tower, RoPE as x*cos + rotate(x)*sin (ablation)"
 
 
+def _fused_cpu_bf16_attention() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = "ours: tower, torch's fused sdpa kernel for CPU bf16 (ablation)"
+    return modeling_evaclip, "_use_cpu_bf16_attention", lambda *args: False, label
+
+
 # Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
 ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
-    "ours_eva02_unfused_mlp": _without_fused_mlp,
+    "ours_eva02_unfused_mlp": _unaligned_swiglu,
     "ours_eva02_rope_5pass": _five_pass_rotary,
+    "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
 OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_flash", "ours_eva02_full", *ABLATIONS,
@@ -317,7 +325,8 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
     if dtype != torch.float32 and args.autocast and "ours_eva02" in names:
         names.append("ours_eva02_autocast")
     if args.ablations and "ours_eva02" in names:
-        names += ["ours_eva02_full", *ABLATIONS]
+        cpu_bf16 = args.device == "cpu" and dtype == torch.bfloat16
+        names += ["ours_eva02_full", *(name for name in ABLATIONS if cpu_bf16 or "bf16" not in name)]
     if args.compile and "ours_eva02" in names:
         names.append("ours_eva02_compiled")
     if args.device == "cuda" and dtype != torch.float32 and "ours_eva02" in names:
@@ -788,7 +797,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the fp32-weights + autocast contender in low-precision settings")
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each speed-up switched off: every layer and hidden state "
-                             "(no early stop), SwiGLU as two matmuls, RoPE in five passes")
+                             "(no early stop), SwiGLU without row-aligned outputs, RoPE in five passes, and "
+                             "(CPU bf16) torch's fused attention kernel")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with the encoder layers under torch.compile (slow to compile)")
     parser.add_argument("--memory-batch-sizes", type=_int_list, default=None, metavar="N[,N]",

@@ -89,8 +89,17 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + rotate_pairs(x) * sin` in three passes over x instead of five: each pair is swapped and the sign of
-    `rotate_pairs` is folded into the small per-position sin table."""
+    """`x * cos + rotate_pairs(x) * sin` for EVA's tables, whose channel pairs share one angle.
+
+    In fp32/fp64 each pair is a complex number and the rotation one complex multiply (one pass over x, ~7x faster on
+    CPU than the five-pass formula); complex bf16 does not exist, so lower precisions swap each pair and fold the sign
+    of `rotate_pairs` into the small per-position sin table (three passes)."""
+    if x.dtype in (torch.float32, torch.float64):
+        pairs = x.unflatten(-1, (-1, 2))
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+            pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs whole elements
+        angle = torch.complex(cos[..., 0::2].to(x.dtype), sin[..., 0::2].to(x.dtype))
+        return torch.view_as_real(torch.view_as_complex(pairs) * angle).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     signed_sin = torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
     return torch.addcmul(x * cos, swapped, signed_sin)
@@ -248,6 +257,40 @@ def eager_attention(
     return torch.matmul(probs, value), weights
 
 
+# Bytes of attention scores per group of heads in `cpu_bf16_attention`: small enough to stay in cache.
+CPU_SCORES_CHUNK_BYTES = 2 * 2**20
+
+
+def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked bf16 inference attention on CPU as two batched matmuls over groups of heads whose scores fit in
+    cache. torch's CPU flash kernel takes ~1.5x as long in bf16 at ViT sequence lengths
+    (benchmarks/tower.py); the probabilities are rounded to the input dtype before `@ v`, as in eager attention and
+    GPU flash attention."""
+    batch, heads, length, head_dim = query.shape
+    rows = batch * heads
+    query, key, value = (tensor.reshape(rows, length, head_dim) for tensor in (query, key, value))
+    out = torch.empty_like(query)
+    chunks = -(-rows // max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size())))
+    step = -(-rows // chunks)  # equal groups: 16 heads in 4 x 4 rather than 5 x 3 + 1
+    for start in range(0, rows, step):
+        chunk = slice(start, min(rows, start + step))
+        scores = query.new_empty(chunk.stop - chunk.start, length, length)
+        torch.baddbmm(scores, query[chunk], key[chunk].transpose(1, 2), beta=0, alpha=scale, out=scores)
+        torch.bmm(scores.softmax(dim=-1), value[chunk], out=out[chunk])
+    return out.view(batch, heads, length, head_dim)
+
+
+def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
+    """Unmasked bf16 inference on CPU; training keeps sdpa's memory-saving backward."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype == torch.bfloat16
+        and attention_mask is None
+        and dropout == 0.0
+        and not torch.is_grad_enabled()
+    )
+
+
 def sdpa_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -256,6 +299,9 @@ def sdpa_attention(
     scale: float,
     dropout: float,
 ) -> tuple[torch.Tensor, None]:
+    """torch's fused attention, except for bf16 inference on CPU (see `cpu_bf16_attention`)."""
+    if _use_cpu_bf16_attention(query, attention_mask, dropout):
+        return cpu_bf16_attention(query, key, value, scale), None
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale)
     return out, None
 
@@ -390,26 +436,40 @@ class EvaCLIPMLP(nn.Module):
         )
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def _fuse_gate_up(self, hidden_states: torch.Tensor) -> bool:
-        """SwiGLU's fc1 and fc1_up as one matmul on `torch.cat` of their weights (no cached copy): faster for fp32
-        inference on CPU (measured in benchmarks/tower.py), slower for bf16. Plain `nn.Linear`s only (no hooks,
-        adapters or quantized layers), and never under ZeRO-3, where only a called module's weights are gathered."""
+    def _use_aligned_swiglu(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `_aligned_swiglu` may replace the module calls: inference only (it writes with `out=`, which
+        autograd does not record), plain `nn.Linear`s in the input's dtype (no hooks, adapters, quantized layers or
+        autocast), and never under ZeRO-3, where only a called module's weights are gathered."""
         layers = (self.fc1, self.fc1_up)
         return (
             not torch.is_grad_enabled()
-            and hidden_states.dtype == torch.float32
             and not _autocast_enabled(hidden_states.device.type)
-            and all(type(layer) is nn.Linear and layer.weight.dtype == torch.float32 for layer in layers)
+            and all(type(layer) is nn.Linear and layer.weight.dtype == hidden_states.dtype for layer in layers)
             and all(not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
             and not any(is_partitioned(layer.weight) for layer in layers)
         )
 
+    def _aligned_swiglu(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`silu(fc1(x)) * fc1_up(x)` with both matmuls writing into one buffer whose rows start on 64-byte
+        boundaries. EVA02-L's 2730-wide outputs otherwise leave every row misaligned, which costs the fp32 CPU GEMM
+        ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made."""
+        inner = self.fc1.out_features
+        align = max(1, 64 // hidden_states.element_size())
+        row_stride = -(-inner // align) * align
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        buffer = rows.new_empty(rows.shape[0], 2 * row_stride)
+        gate, up = buffer[:, :inner], buffer[:, row_stride : row_stride + inner]
+        for layer, out in ((self.fc1, gate), (self.fc1_up, up)):
+            if layer.bias is None:
+                torch.mm(rows, layer.weight.t(), out=out)
+            else:
+                torch.addmm(layer.bias, rows, layer.weight.t(), out=out)
+        hidden = self.activation_fn(gate).mul_(up)
+        return hidden.view(*hidden_states.shape[:-1], inner)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fc1_up is not None and self._fuse_gate_up(hidden_states):
-            weight = torch.cat((self.fc1.weight, self.fc1_up.weight))
-            bias = torch.cat((self.fc1.bias, self.fc1_up.bias)) if self.fc1.bias is not None else None
-            gate, up = F.linear(hidden_states, weight, bias).chunk(2, dim=-1)
-            hidden = self.activation_fn(gate) * up
+        if self.fc1_up is not None and self._use_aligned_swiglu(hidden_states):
+            hidden = self._aligned_swiglu(hidden_states)
         else:
             hidden = self.activation_fn(self.fc1(hidden_states))
             if self.fc1_up is not None:

@@ -1,10 +1,11 @@
 """The fast paths of the EVA-CLIP tower give the eager path's numbers, and the tower benchmark runs end to end.
 
 The fast path is what LLaVA runs: sdpa, `select_hidden_states` (stops after the deepest selected layer and keeps only
-the selected states), the per-grid RoPE table with an identity row for CLS applied in three passes, and SwiGLU's two
-input matmuls as one for fp32 inference. It is checked against the same weights run the slow way (eager attention,
-every layer, every hidden state, SwiGLU as two matmuls because grad is on) and against timm's EVA-02, an independent
-implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU). fp32 tolerance: 1e-5 absolute.
+the selected states), the per-grid RoPE table with an identity row for CLS applied as one complex multiply, and
+SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
+run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
+against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
+fp32 tolerance: 1e-5 absolute.
 The benchmark is only smoke-tested (`--quick`): it must run and write valid results; no timing is asserted.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from conftest import FAMILY_FLAGS, tiny_vision_config
 from llava_evaclip import EvaCLIPVisionModel
+from llava_evaclip import modeling_evaclip
 from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
 
 timm = pytest.importorskip("timm")
@@ -72,18 +74,71 @@ def _tiny_eva02(**overrides) -> EvaCLIPVisionModel:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_rotary_matches_timm_rotation_on_strided_heads():
-    """The three-pass rotation equals timm's `x * cos + rot(x) * sin`, on [B, H, N, D] views as attention passes."""
+def _pair_shared_table(length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random table shaped like EVA's: both channels of a pair share one angle."""
+    angles = (torch.rand(length, head_dim // 2) * 6.0).repeat_interleave(2, dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rotary_matches_timm_rotation_on_strided_heads(dtype):
+    """The complex-multiply rotation equals timm's `x * cos + rot(x) * sin`, on the non-contiguous [B, H, N, D] views
+    attention passes, on a view whose pairs straddle complex elements (odd offset), and in its gradient."""
     torch.manual_seed(0)
-    projected = torch.randn(2, 17, 4, 16)  # [B, N, H, D] as the projection leaves it
-    query = projected.transpose(1, 2)  # non-contiguous [B, H, N, D]
-    angles = torch.rand(17, 16) * 6.0
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = (table.to(dtype) for table in _pair_shared_table(17, 16))
+    projected = torch.randn(2, 17, 4, 16, dtype=dtype)  # [B, N, H, D] as the projection leaves it
+    query = projected.transpose(1, 2).requires_grad_()  # non-contiguous [B, H, N, D]
     expected = apply_rot_embed(query, sin, cos)
-    torch.testing.assert_close(apply_rotary(query, cos, sin), expected, atol=1e-6, rtol=0)
-    half = apply_rotary(query.bfloat16(), cos.bfloat16(), sin.bfloat16())
+    rotated = apply_rotary(query, cos, sin)
+    assert rotated.dtype == dtype
+    torch.testing.assert_close(rotated, expected, atol=1e-6, rtol=0)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), query)
+    (grad,) = torch.autograd.grad(rotated.square().sum(), query)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=0)
+
+    shifted = torch.randn(2 * 4 * 17 * 16 + 1, dtype=dtype)[1:].view(2, 4, 17, 16)  # storage offset 1
+    torch.testing.assert_close(apply_rotary(shifted, cos, sin), apply_rot_embed(shifted, sin, cos), atol=1e-6, rtol=0)
+
+
+def test_rotary_in_bfloat16_matches_timm_rotation():
+    """bf16 has no complex type: the three-pass path, against timm's rotation of the same bf16 inputs in fp32."""
+    torch.manual_seed(0)
+    cos, sin = _pair_shared_table(17, 16)
+    query = torch.randn(2, 17, 4, 16).transpose(1, 2).bfloat16()
+    half = apply_rotary(query, cos.bfloat16(), sin.bfloat16())
     assert half.dtype == torch.bfloat16
+    expected = apply_rot_embed(query.float(), sin.bfloat16().float(), cos.bfloat16().float())
     torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 17 * 17 * 2])  # default: one group; then 7 groups of <= 3 heads
+def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
+    """The grouped-matmul bf16 kernel against torch's sdpa in fp64 on the same bf16 inputs, for a head dim whose
+    scale is not a power of two; groups of heads (also unequal ones) give the same result."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(modeling_evaclip, "CPU_SCORES_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 17, 10, 24).transpose(1, 2).bfloat16() for _ in range(3))
+    scale = 24**-0.5
+    expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=scale)
+    got = modeling_evaclip.cpu_bf16_attention(query, key, value, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)  # bf16: 8 mantissa bits
+
+
+def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
+    calls = []
+    kernel = modeling_evaclip.cpu_bf16_attention
+    monkeypatch.setattr(modeling_evaclip, "cpu_bf16_attention", lambda *args: calls.append(1) or kernel(*args))
+    query = torch.randn(1, 2, 5, 8).bfloat16()
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)
+        assert calls == [1]
+        modeling_evaclip.sdpa_attention(query, query, query, mask, 0.5, 0.0)  # the text tower's causal mask
+        modeling_evaclip.sdpa_attention(query.float(), query.float(), query.float(), None, 0.5, 0.0)
+    modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)  # grad on: sdpa's backward
+    assert calls == [1]
 
 
 def _swiglu_reference(mlp: EvaCLIPMLP, x: torch.Tensor) -> torch.Tensor:
@@ -91,20 +146,27 @@ def _swiglu_reference(mlp: EvaCLIPMLP, x: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(mlp.ffn_ln(hidden))
 
 
-def test_fused_swiglu_equals_two_matmuls_and_stays_out_of_training():
+@pytest.mark.parametrize("intermediate_size", [64, 43])  # 43: rows padded to 48 floats, as EVA02-L's 2730 to 2736
+def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediate_size):
     torch.manual_seed(0)
-    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02")))
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02", intermediate_size=intermediate_size)))
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
         expected = _swiglu_reference(mlp, x)
-        assert mlp._fuse_gate_up(x)
+        assert mlp._use_aligned_swiglu(x)
         torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
+        half = copy.deepcopy(mlp).to(torch.bfloat16)
+        assert half._use_aligned_swiglu(x.bfloat16())
+        torch.testing.assert_close(half(x.bfloat16()), _swiglu_reference(half, x.bfloat16()))  # bf16 tolerances
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not mlp._fuse_gate_up(x)  # bf16 matmuls lose from the fusion
-        assert not copy.deepcopy(mlp).to(torch.bfloat16)._fuse_gate_up(x.bfloat16())
+            assert not mlp._use_aligned_swiglu(x)  # out= matmuls are not autocast
+        assert not mlp._use_aligned_swiglu(x.double())  # weights in another dtype keep the module calls
+        mlp.fc1.bias = None  # a bias-free projection takes the plain matmul
+        assert mlp._use_aligned_swiglu(x)
+        torch.testing.assert_close(mlp(x), _swiglu_reference(mlp, x), atol=ATOL, rtol=0)
 
     # with grad on the two layers run as modules: gradients reach both weights, equal to the reference ones
-    assert not mlp._fuse_gate_up(x)
+    assert not mlp._use_aligned_swiglu(x)
     mlp(x).square().sum().backward()
     got = [mlp.fc1.weight.grad.clone(), mlp.fc1_up.weight.grad.clone()]
     mlp.zero_grad()
@@ -115,18 +177,18 @@ def test_fused_swiglu_equals_two_matmuls_and_stays_out_of_training():
     calls = []
     handle = mlp.fc1_up.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(mlp(x), _swiglu_reference(mlp, x), atol=ATOL, rtol=0)
     handle.remove()
     assert calls == [1]
     mlp.fc1.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
     with torch.no_grad():
-        assert not mlp._fuse_gate_up(x)
+        assert not mlp._use_aligned_swiglu(x)
 
 
-def test_fused_swiglu_sees_weight_updates():
-    """No stale copy: the fused weight is rebuilt from the parameters on every call."""
+def test_aligned_swiglu_sees_weight_updates():
+    """No stale copy: the matmuls read the parameters themselves on every call."""
     torch.manual_seed(0)
-    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02")))
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config("eva02", intermediate_size=43)))
     x = torch.randn(1, 5, 32)
     with torch.no_grad():
         before = mlp(x)
