@@ -283,11 +283,18 @@ def _patched(target: Any, attribute: str, value: Any) -> Iterator[None]:
         setattr(target, attribute, original)
 
 
-def _unaligned_swiglu() -> tuple[Any, str, Any, str]:
+def _module_mlp() -> tuple[Any, str, Any, str]:
     from llava_evaclip.modeling_evaclip import EvaCLIPMLP
 
-    label = "ours: tower, SwiGLU as two module calls, unaligned 2730-wide outputs (ablation)"
-    return EvaCLIPMLP, "_use_aligned_swiglu", lambda self, hidden_states: False, label
+    label = "ours: tower, MLP as module calls: unaligned 2730-wide SwiGLU outputs, whole batch at once (ablation)"
+    return EvaCLIPMLP, "_use_inference_path", lambda self, hidden_states: False, label
+
+
+def _mlp_whole_batch() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = "ours: tower, MLP over the whole batch instead of cache-sized token blocks (ablation)"
+    return modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 1 << 62, label
 
 
 def _five_pass_rotary() -> tuple[Any, str, Any, str]:
@@ -308,7 +315,8 @@ def _fused_cpu_bf16_attention() -> tuple[Any, str, Any, str]:
 
 # Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
 ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
-    "ours_eva02_unfused_mlp": _unaligned_swiglu,
+    "ours_eva02_module_mlp": _module_mlp,
+    "ours_eva02_mlp_whole_batch": _mlp_whole_batch,
     "ours_eva02_rope_5pass": _five_pass_rotary,
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
 }
@@ -797,7 +805,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the fp32-weights + autocast contender in low-precision settings")
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each speed-up switched off: every layer and hidden state "
-                             "(no early stop), SwiGLU without row-aligned outputs, RoPE in five passes, and "
+                             "(no early stop), the MLP as module calls, the MLP without token blocks, RoPE in five passes, and "
                              "(CPU bf16) torch's fused attention kernel")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with the encoder layers under torch.compile (slow to compile)")

@@ -271,10 +271,10 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     query, key, value = (tensor.reshape(rows, length, head_dim) for tensor in (query, key, value))
     out = torch.empty_like(query)
     chunks = -(-rows // max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size())))
-    step = -(-rows // chunks)  # equal groups: 16 heads in 4 x 4 rather than 5 x 3 + 1
-    for start in range(0, rows, step):
-        chunk = slice(start, min(rows, start + step))
-        scores = query.new_empty(chunk.stop - chunk.start, length, length)
+    bounds = [rows * index // chunks for index in range(chunks + 1)]  # balanced: 16 heads as 2,3,3,2,3,3
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        chunk = slice(start, stop)
+        scores = query.new_empty(stop - start, length, length)
         torch.baddbmm(scores, query[chunk], key[chunk].transpose(1, 2), beta=0, alpha=scale, out=scores)
         torch.bmm(scores.softmax(dim=-1), value[chunk], out=out[chunk])
     return out.view(batch, heads, length, head_dim)
@@ -418,6 +418,18 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+# Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
+INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
+
+
+def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
+    """`layer(rows)` written into `out` (a [N, out_features] view with unit column stride)."""
+    if layer.bias is None:
+        torch.mm(rows, layer.weight.t(), out=out)
+    else:
+        torch.addmm(layer.bias, rows, layer.weight.t(), out=out)
+
+
 class EvaCLIPMLP(nn.Module):
     """`fc2(act(fc1(x)))`, or SwiGLU `fc2(silu(fc1(x)) * fc1_up(x))`; an optional LayerNorm (`ffn_ln`) on the hidden."""
 
@@ -436,11 +448,11 @@ class EvaCLIPMLP(nn.Module):
         )
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def _use_aligned_swiglu(self, hidden_states: torch.Tensor) -> bool:
-        """Whether `_aligned_swiglu` may replace the module calls: inference only (it writes with `out=`, which
+    def _use_inference_path(self, hidden_states: torch.Tensor) -> bool:
+        """Whether `_inference_forward` may replace the module calls: inference only (it writes with `out=`, which
         autograd does not record), plain `nn.Linear`s in the input's dtype (no hooks, adapters, quantized layers or
         autocast), and never under ZeRO-3, where only a called module's weights are gathered."""
-        layers = (self.fc1, self.fc1_up)
+        layers = [layer for layer in (self.fc1, self.fc1_up, self.fc2) if layer is not None]
         return (
             not torch.is_grad_enabled()
             and not _autocast_enabled(hidden_states.device.type)
@@ -449,31 +461,43 @@ class EvaCLIPMLP(nn.Module):
             and not any(is_partitioned(layer.weight) for layer in layers)
         )
 
-    def _aligned_swiglu(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`silu(fc1(x)) * fc1_up(x)` with both matmuls writing into one buffer whose rows start on 64-byte
+    def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
+        """`silu(fc1(x)) * fc1_up(x)` for [N, C] rows, both matmuls writing into one buffer whose rows start on 64-byte
         boundaries. EVA02-L's 2730-wide outputs otherwise leave every row misaligned, which costs the fp32 CPU GEMM
         ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made."""
         inner = self.fc1.out_features
-        align = max(1, 64 // hidden_states.element_size())
+        align = max(1, 64 // rows.element_size())
         row_stride = -(-inner // align) * align
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         buffer = rows.new_empty(rows.shape[0], 2 * row_stride)
         gate, up = buffer[:, :inner], buffer[:, row_stride : row_stride + inner]
         for layer, out in ((self.fc1, gate), (self.fc1_up, up)):
-            if layer.bias is None:
-                torch.mm(rows, layer.weight.t(), out=out)
+            _linear_into(rows, layer, out)
+        return self.activation_fn(gate).mul_(up)
+
+    def _inference_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP over blocks of tokens whose hidden activations fit in cache (`INFERENCE_MLP_BLOCK_BYTES`), so the
+        activation, gating and sub-LayerNorm passes of a batch do not each stream the whole hidden through memory."""
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = rows.new_empty(rows.shape[0], self.fc2.out_features)
+        hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
+        step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
+        for start in range(0, rows.shape[0], step):
+            block = rows[start : start + step]
+            if self.fc1_up is not None:
+                hidden = self._aligned_swiglu(block)
             else:
-                torch.addmm(layer.bias, rows, layer.weight.t(), out=out)
-        hidden = self.activation_fn(gate).mul_(up)
-        return hidden.view(*hidden_states.shape[:-1], inner)
+                hidden = self.activation_fn(self.fc1(block))
+            if self.ffn_ln is not None:
+                hidden = self.ffn_ln(hidden)
+            _linear_into(hidden, self.fc2, out[start : start + step])
+        return out.view(*hidden_states.shape[:-1], self.fc2.out_features)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fc1_up is not None and self._use_aligned_swiglu(hidden_states):
-            hidden = self._aligned_swiglu(hidden_states)
-        else:
-            hidden = self.activation_fn(self.fc1(hidden_states))
-            if self.fc1_up is not None:
-                hidden = hidden * self.fc1_up(hidden_states)
+        if self._use_inference_path(hidden_states):
+            return self._inference_forward(hidden_states)
+        hidden = self.activation_fn(self.fc1(hidden_states))
+        if self.fc1_up is not None:
+            hidden = hidden * self.fc1_up(hidden_states)
         if self.ffn_ln is not None:
             hidden = self.ffn_ln(hidden)
         return self.fc2(hidden)

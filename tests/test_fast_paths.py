@@ -153,20 +153,20 @@ def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediat
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
         expected = _swiglu_reference(mlp, x)
-        assert mlp._use_aligned_swiglu(x)
+        assert mlp._use_inference_path(x)
         torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
         half = copy.deepcopy(mlp).to(torch.bfloat16)
-        assert half._use_aligned_swiglu(x.bfloat16())
+        assert half._use_inference_path(x.bfloat16())
         torch.testing.assert_close(half(x.bfloat16()), _swiglu_reference(half, x.bfloat16()))  # bf16 tolerances
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not mlp._use_aligned_swiglu(x)  # out= matmuls are not autocast
-        assert not mlp._use_aligned_swiglu(x.double())  # weights in another dtype keep the module calls
+            assert not mlp._use_inference_path(x)  # out= matmuls are not autocast
+        assert not mlp._use_inference_path(x.double())  # weights in another dtype keep the module calls
         mlp.fc1.bias = None  # a bias-free projection takes the plain matmul
-        assert mlp._use_aligned_swiglu(x)
+        assert mlp._use_inference_path(x)
         torch.testing.assert_close(mlp(x), _swiglu_reference(mlp, x), atol=ATOL, rtol=0)
 
     # with grad on the two layers run as modules: gradients reach both weights, equal to the reference ones
-    assert not mlp._use_aligned_swiglu(x)
+    assert not mlp._use_inference_path(x)
     mlp(x).square().sum().backward()
     got = [mlp.fc1.weight.grad.clone(), mlp.fc1_up.weight.grad.clone()]
     mlp.zero_grad()
@@ -182,7 +182,29 @@ def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediat
     assert calls == [1]
     mlp.fc1.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
     with torch.no_grad():
-        assert not mlp._use_aligned_swiglu(x)
+        assert not mlp._use_inference_path(x)
+
+
+@pytest.mark.parametrize("family", ["eva02", "eva01"])
+def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, family):
+    """Blocks of 3 tokens over 2 x 17 (the last block short), for SwiGLU + sub-LN and for the plain GELU MLP."""
+    torch.manual_seed(0)
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config(family, intermediate_size=43)))
+    x = torch.randn(2, 17, 32)
+    hidden_bytes = 43 * 4 * (2 if family == "eva02" else 1)
+    monkeypatch.setattr(modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 3 * hidden_bytes)
+    with torch.enable_grad():
+        expected = mlp(x).detach()  # grad on: the module calls
+    calls = []
+    mlp.fc2.register_forward_pre_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)  # the hook makes it take module calls
+        assert calls == [1]
+        mlp.fc2._forward_pre_hooks.clear()
+        assert mlp._use_inference_path(x)
+        got = mlp(x)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def test_aligned_swiglu_sees_weight_updates():
