@@ -474,6 +474,17 @@ class EvaCLIPMLP(nn.Module):
             _linear_into(rows, layer, out)
         return self.activation_fn(gate).mul_(up)
 
+    def _hidden(self, hidden_states: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+        """The activation (SwiGLU-gated or not) and the optional sub-LayerNorm; `aligned` takes `_aligned_swiglu`
+        for [N, C] rows in inference."""
+        if self.fc1_up is None:
+            hidden = self.activation_fn(self.fc1(hidden_states))
+        elif aligned:
+            hidden = self._aligned_swiglu(hidden_states)
+        else:
+            hidden = self.activation_fn(self.fc1(hidden_states)) * self.fc1_up(hidden_states)
+        return self.ffn_ln(hidden) if self.ffn_ln is not None else hidden
+
     def _inference_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The MLP over blocks of tokens whose hidden activations fit in cache (`INFERENCE_MLP_BLOCK_BYTES`), so the
         activation, gating and sub-LayerNorm passes of a batch do not each stream the whole hidden through memory."""
@@ -482,25 +493,14 @@ class EvaCLIPMLP(nn.Module):
         hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
         step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
         for start in range(0, rows.shape[0], step):
-            block = rows[start : start + step]
-            if self.fc1_up is not None:
-                hidden = self._aligned_swiglu(block)
-            else:
-                hidden = self.activation_fn(self.fc1(block))
-            if self.ffn_ln is not None:
-                hidden = self.ffn_ln(hidden)
+            hidden = self._hidden(rows[start : start + step], aligned=True)
             _linear_into(hidden, self.fc2, out[start : start + step])
         return out.view(*hidden_states.shape[:-1], self.fc2.out_features)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self._use_inference_path(hidden_states):
             return self._inference_forward(hidden_states)
-        hidden = self.activation_fn(self.fc1(hidden_states))
-        if self.fc1_up is not None:
-            hidden = hidden * self.fc1_up(hidden_states)
-        if self.ffn_ln is not None:
-            hidden = self.ffn_ln(hidden)
-        return self.fc2(hidden)
+        return self.fc2(self._hidden(hidden_states))
 
 
 class EvaCLIPEncoderLayer(nn.Module):

@@ -116,6 +116,16 @@ def test_images_as_a_list_go_through_llava(eva_dir):
     torch.testing.assert_close(listed.loss, stacked.loss, rtol=0, atol=1e-6)
 
 
+def assert_same_logits(model, reloaded) -> None:
+    """The reloaded LLaVA model gives the original's logits on a batch with images."""
+    ids, attention_mask, _ = batch_with_images()
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention_mask, images=images).logits
+        actual = reloaded(input_ids=ids, attention_mask=attention_mask, images=images).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
 def test_reloading_a_saved_llava_model_delay_loads_the_tower(eva_dir, tmp_path):
     torch.manual_seed(0)
     model = tiny_llava().eval()
@@ -129,12 +139,7 @@ def test_reloading_a_saved_llava_model_delay_loads_the_tower(eva_dir, tmp_path):
     assert not list(tower.parameters())
     assert tower.hidden_size == 64 and tower.num_patches == NUM_PATCHES and tower.config.image_size == 28
     tower.load_model()  # what llava.model.builder.load_pretrained_model does next
-    ids, attention_mask, labels = batch_with_images()
-    images = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=attention_mask, images=images).logits
-        actual = reloaded(input_ids=ids, attention_mask=attention_mask, images=images).logits
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    assert_same_logits(model, reloaded)
 
 
 def test_s2_and_several_layers_in_llava(eva_dir):
@@ -200,9 +205,4 @@ def test_reloading_a_model_with_a_trained_tower_takes_its_weights_from_the_llava
     assert tower.state_dict().keys() == trained.keys()
     for key, value in tower.state_dict().items():
         assert value.device.type == "cpu" and torch.equal(value, trained[key]), key
-    ids, attention_mask, _ = batch_with_images()
-    images = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=attention_mask, images=images).logits
-        actual = reloaded(input_ids=ids, attention_mask=attention_mask, images=images).logits
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    assert_same_logits(model, reloaded)
