@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .llava_registry import find_factory, register_with_llava
+from .llava_registry import find_factory, patch_llava_forward, register_with_llava
 
 PROG = "run_llava.py"
 USAGE = (
@@ -105,39 +105,55 @@ def patch_transformers_for_llava() -> None:
         trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
 
 
-def patch_llava_forward() -> None:
-    """LLaVA's `LlavaLlamaForCausalLM.forward` names the arguments transformers 4.3x passed and rejects any other;
-    transformers 5's `generate` also passes `cache` (and more). Accept those and hand them to the language model, after
-    LLaVA's own multimodal preparation; calls without them run LLaVA's forward unchanged."""
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+def is_llava_next() -> bool:
+    """Whether the importable `llava` package is LLaVA-NeXT / OneVision's (it has the resampler package that LLaVA 1.5
+    lacks), judged from its files so that nothing is imported."""
+    spec = _find_spec("llava")
+    locations = list(getattr(spec, "submodule_search_locations", None) or [])
+    return any(os.path.isdir(os.path.join(location, "model", "multimodal_resampler")) for location in locations)
 
-    original = LlavaLlamaForCausalLM.forward
-    signature = inspect.signature(original)
-    if getattr(original, "_evaclip_wrapped", False) or any(
-        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in signature.parameters.values()
-    ):
+
+def check_llava_next_transformers() -> None:
+    """LLaVA-NeXT's model package imports BERT helpers that transformers 5 removed (its Q-Former) and its trainer
+    overrides the 4.x training loop, so it runs on transformers 4.x only: say so instead of failing deep inside."""
+    import transformers
+
+    if is_llava_next() and int(transformers.__version__.split(".")[0]) >= 5:
+        raise LaunchError(
+            f"LLaVA-NeXT's code needs transformers 4.x (it was written for 4.40; 4.37.2 works through this launcher), "
+            f"found {transformers.__version__}: pip install transformers==4.37.2"
+        )
+
+
+class _MissingTrlPart:
+    """Stands in for a trl class LLaVA-NeXT's trainer module imports for its DPO trainer only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise ImportError("LLaVA-NeXT's DPO training (llava.train.train_dpo) needs trl: pip install trl")
+
+
+def provide_llava_next_trainer_imports() -> None:
+    """`llava.train.llava_trainer` (LLaVA-NeXT) imports trl's DPO classes and, from transformers 4.38+,
+    `trainer_pt_utils.AcceleratorConfig`, none of which its supervised training uses. Where they are missing
+    (trl not installed; transformers 4.37), put stand-ins in their place, so that only DPO needs trl."""
+    import types
+
+    import transformers.trainer_pt_utils as trainer_pt_utils
+    from transformers import Trainer
+
+    if not hasattr(trainer_pt_utils, "AcceleratorConfig"):
+        trainer_pt_utils.AcceleratorConfig = type(
+            "AcceleratorConfig", (), {"__doc__": "Stand-in set by llava_evaclip.launch (transformers < 4.38)."}
+        )
+    if _find_spec("trl") is not None:
         return
-    language_model_forward = super(LlavaLlamaForCausalLM, LlavaLlamaForCausalLM).forward
-
-    @functools.wraps(original)
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in signature.parameters}
-        if not extra:
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        named = dict(bound.arguments)
-        if named["inputs_embeds"] is None:
-            (named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
-             named["inputs_embeds"], named["labels"]) = self.prepare_inputs_labels_for_multimodal(
-                named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
-                named["labels"], named["images"], named["image_sizes"])
-        named = {key: value for key, value in named.items()
-                 if key not in ("self", "images", "image_sizes") and value is not None}
-        return language_model_forward(self, **named, **extra)
-
-    forward._evaclip_wrapped = True  # type: ignore[attr-defined]
-    LlavaLlamaForCausalLM.forward = forward
+    trl, trl_trainer, trl_utils = (types.ModuleType(name) for name in ("trl", "trl.trainer", "trl.trainer.utils"))
+    for module in (trl, trl_trainer, trl_utils):
+        module.__doc__ = "Stand-in set by llava_evaclip.launch: trl is not installed (needed only for DPO)."
+    trl_trainer.DPOTrainer = type("DPOTrainer", (_MissingTrlPart, Trainer), {})
+    trl_utils.DPODataCollatorWithPadding = type("DPODataCollatorWithPadding", (_MissingTrlPart,), {})
+    trl.trainer, trl_trainer.utils = trl_trainer, trl_utils
+    sys.modules.update({"trl": trl, "trl.trainer": trl_trainer, "trl.trainer.utils": trl_utils})
 
 
 # ZeRO settings the Trainer derives from the model's hidden size when the DeepSpeed config says "auto"; DeepSpeed
@@ -260,6 +276,30 @@ def patch_llava_trainer(train_module: Any) -> None:
         train_module.LLaVATrainer = _compat_trainer_class(trainer_class)
 
 
+def patch_llava_next_trainer(train_module: Any) -> None:
+    """LLaVA-NeXT's `LLaVATrainer` overrides `Trainer._inner_training_loop` for its zeroth-order (MeZO) mode with a copy
+    of transformers 4.40's loop that calls names its module never imports (`get_model_param_count`, `speed_metrics`,
+    `TrainOutput`) and 4.40-only Trainer attributes, so it fails on every transformers version. For the default
+    `--trainer_mode regular` run transformers' own loop (what that copy reproduces); "zo" keeps LLaVA-NeXT's."""
+    from transformers import Trainer
+
+    next_trainer = train_module.LLaVATrainer
+    if getattr(next_trainer, "_evaclip_next", False) or "_inner_training_loop" not in vars(next_trainer):
+        return
+
+    class LLaVATrainer(next_trainer):
+        _evaclip_next = True
+
+        def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
+            if getattr(self, "trainer_mode", "regular") == "regular":
+                return Trainer._inner_training_loop(self, *args, **kwargs)
+            return next_trainer._inner_training_loop(self, *args, **kwargs)
+
+    LLaVATrainer.__qualname__ = LLaVATrainer.__name__ = next_trainer.__name__
+    LLaVATrainer.__module__ = __name__
+    train_module.LLaVATrainer = LLaVATrainer
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tower options for LLaVA's training script
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,14 +390,17 @@ def record_tower_options() -> None:
 
 def prepare_llava(module: str) -> Optional[Any]:
     """Everything the launcher sets up before running `module`; returns `llava.train.train` for training modules."""
+    check_llava_next_transformers()
     patch_transformers_for_llava()
-    register_with_llava()
-    patch_llava_forward()
+    register_with_llava()  # also bridges LLaVA's forward to transformers 5's generate (patch_llava_forward)
     if not module.startswith(TRAIN_PACKAGE + "."):
         return None
+    if is_llava_next():
+        provide_llava_next_trainer_imports()
     train_module = importlib.import_module(TRAIN_MODULE)
     patch_deepspeed_auto_fill()
     patch_llava_trainer(train_module)
+    patch_llava_next_trainer(train_module)
     extend_model_arguments(train_module)
     record_tower_options()
     return train_module
@@ -390,7 +433,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{USAGE}\n{PROG}: error: {error}", file=sys.stderr)
         return 2
     patch_cuda_synchronize()
-    train_module = prepare_llava(module)
+    try:
+        train_module = prepare_llava(module)
+    except LaunchError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     if train_module is not None:
         args = translate_training_args(args)
     if module == TRAIN_MODULE:

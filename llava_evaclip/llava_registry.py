@@ -8,6 +8,8 @@ to LLaVA's own builder unchanged.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
@@ -26,6 +28,9 @@ LLAVA_BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
 EVACLIP_MODEL_TYPES = (EvaCLIPConfig.model_type, EvaCLIPVisionConfig.model_type)
 # Fields the InternVL port of EVA-CLIP writes into its (CLIP-typed) vision config; plain CLIP configs have none.
 INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
+
+# Arguments of LLaVA's (and LLaVA-NeXT's) forward that the language model itself does not take.
+LLAVA_ONLY_ARGUMENTS = ("images", "image_sizes", "modalities", "dpo_forward")
 
 _registry: list[tuple[Matcher, Factory]] = []
 _original_builder: Optional[Callable[..., Any]] = None
@@ -104,6 +109,46 @@ def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> Any:
     return factory(os.fspath(name), args=vision_tower_cfg, **kwargs)
 
 
+def patch_llava_forward() -> None:
+    """LLaVA's `LlavaLlamaForCausalLM.forward` names the arguments transformers 4.3x passed and rejects any other;
+    transformers 5's `generate` also passes `cache` (and more). Accept those and hand them to the language model, after
+    LLaVA's own multimodal preparation; calls without them run LLaVA's forward unchanged. `register_with_llava()`
+    applies it, so code that loads and serves LLaVA models itself needs no other call."""
+    try:
+        from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    except ImportError:  # a LLaVA without the Llama model: nothing to bridge
+        return
+
+    original = LlavaLlamaForCausalLM.forward
+    signature = inspect.signature(original)
+    if getattr(original, "_evaclip_wrapped", False) or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in signature.parameters.values()
+    ):
+        return
+    language_model_forward = super(LlavaLlamaForCausalLM, LlavaLlamaForCausalLM).forward
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key not in signature.parameters}
+        if not extra:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        if named["inputs_embeds"] is None:
+            (named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
+             named["inputs_embeds"], named["labels"]) = self.prepare_inputs_labels_for_multimodal(
+                named["input_ids"], named["position_ids"], named["attention_mask"], named["past_key_values"],
+                named["labels"], named["images"], image_sizes=named["image_sizes"],  # LLaVA-NeXT has `modalities` first
+                **({"modalities": named["modalities"]} if "modalities" in named else {}))
+        named = {key: value for key, value in named.items()
+                 if key not in ("self", *LLAVA_ONLY_ARGUMENTS) and value is not None}
+        return language_model_forward(self, **named, **extra)
+
+    forward._evaclip_wrapped = True  # type: ignore[attr-defined]
+    LlavaLlamaForCausalLM.forward = forward
+
+
 def _llava_modules() -> list[Any]:
     return [
         module
@@ -113,8 +158,8 @@ def _llava_modules() -> list[Any]:
 
 
 def register_with_llava() -> None:
-    """Make every binding of LLaVA's `build_vision_tower` use the registry. Idempotent; `unregister_from_llava()`
-    restores LLaVA's function."""
+    """Make every binding of LLaVA's `build_vision_tower` use the registry, and bridge LLaVA's forward to the installed
+    transformers' `generate` (`patch_llava_forward`). Idempotent; `unregister_from_llava()` restores LLaVA's builder."""
     global _original_builder
     try:
         import importlib
@@ -135,6 +180,7 @@ def register_with_llava() -> None:
         if getattr(module, "build_vision_tower", None) is _original_builder:
             module.build_vision_tower = build_vision_tower
             patched.append(module.__name__)
+    patch_llava_forward()
     if patched:
         logger.info(f"EVA-CLIP towers registered with LLaVA's build_vision_tower in {', '.join(sorted(patched))}.")
 
@@ -160,6 +206,7 @@ __all__ = [
     "find_factory",
     "is_evaclip_tower",
     "is_registered_with_llava",
+    "patch_llava_forward",
     "register_vision_tower",
     "register_with_llava",
     "unregister_from_llava",

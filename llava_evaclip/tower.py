@@ -21,6 +21,14 @@ from .processing import build_image_processor, load_image_processor
 logger = logging.get_logger(__name__)
 
 SELECT_FEATURES = ("patch", "cls_patch", "cls")
+# LLaVA-NeXT's multi-layer selections (its CLIPVisionTower.feature_select): the prefix picks the layers, the rest of the
+# name is one of the token selections above.
+SLICE_FOUR = "slicefour_"  # every (L+1)//4-th hidden state, starting at (L+1)//4 + mm_vision_select_layer
+SLICE_M25811_F6 = "slice_m25811_f6_"  # hidden states -2, -5, -8, -11 and 6
+SLICE_M25811_F6_LAYERS = (-2, -5, -8, -11, 6)
+NEXT_SELECT_FEATURES = tuple(
+    prefix + feature for prefix in (SLICE_FOUR, SLICE_M25811_F6) for feature in ("patch", "cls_patch")
+)
 DEFAULT_SELECT_LAYER = -1  # LLaVA's ModelArguments default; LLaVA-1.5 scripts pass -2
 DEFAULT_S2_SCALES = "336,672,1008"  # LLaVA's default for CLIPVisionTowerS2
 
@@ -63,6 +71,47 @@ def parse_select_layer(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
             raise ValueError(f"mm_vision_select_layer {value!r} selects hidden state {index} twice; {valid}.")
         indices.append(index)
     return tuple(indices)
+
+
+def parse_select_feature(select_feature: Any, select_layer: Any, num_hidden_layers: int) -> tuple[str, Any]:
+    """(token selection, layer selection) for `mm_vision_select_feature` and `mm_vision_select_layer`.
+
+    LLaVA-NeXT's `slicefour_*` / `slice_m25811_f6_*` values choose several hidden states themselves; they are turned
+    into the explicit list of indices its `CLIPVisionTower.feature_select` reads, in its order (normalised, so
+    `parse_select_layer` checks the range)."""
+    select_feature = select_feature or "patch"
+    if select_feature in SELECT_FEATURES:
+        return select_feature, select_layer
+    if select_feature not in NEXT_SELECT_FEATURES:
+        raise ValueError(
+            f"mm_vision_select_feature {select_feature!r} is not supported; choose one of "
+            f"{SELECT_FEATURES + NEXT_SELECT_FEATURES}."
+        )
+    num_states = num_hidden_layers + 1
+    if select_feature.startswith(SLICE_FOUR):
+        step = num_states // 4
+        offset = DEFAULT_SELECT_LAYER if select_layer is None else select_layer
+        if isinstance(offset, str):
+            try:
+                offset = int(offset)
+            except ValueError:
+                offset = None
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ValueError(
+                f"mm_vision_select_feature {select_feature!r} needs one int mm_vision_select_layer (the offset of "
+                f"the first of every {step}th hidden state), got {select_layer!r}."
+            )
+        layers = list(range(step + offset, num_states, step))
+        prefix = SLICE_FOUR
+    else:
+        layers = list(SLICE_M25811_F6_LAYERS)
+        prefix = SLICE_M25811_F6
+    if not layers or any(not -num_states <= layer < num_states for layer in layers):
+        raise ValueError(
+            f"mm_vision_select_feature {select_feature!r} selects hidden states {layers} of a {num_hidden_layers}-layer "
+            f"tower, which has {num_states} (0 = embeddings); use a deeper tower or another selection."
+        )
+    return select_feature[len(prefix):], [layer % num_states for layer in layers]
 
 
 def parse_s2_scales(value: Any, image_size: int) -> list[int]:
@@ -131,8 +180,8 @@ class EvaCLIPVisionTower(nn.Module):
     """An EVA-CLIP vision tower with the interface LLaVA's `build_vision_tower` returns.
 
     Reads `mm_vision_select_layer` (one index or several, concatenated on channels), `mm_vision_select_feature`
-    ("patch", "cls_patch" or "cls"), `unfreeze_mm_vision_tower`, and LLaVA's S2 options (`s2`, `s2_scales`) from
-    `args`. Only the layers up to the deepest selected one run, and only the selected hidden states are kept.
+    ("patch", "cls_patch" or "cls", and LLaVA-NeXT's `slicefour_*` / `slice_m25811_f6_*`), `unfreeze_mm_vision_tower`
+    or LLaVA-NeXT's `mm_tunable_parts`, and LLaVA's S2 options (`s2`, `s2_scales`) from `args`. Only the layers up to the deepest selected one run, and only the selected hidden states are kept.
     Everything is validated at construction, from the config alone, so a delay-loaded tower fails early too.
     """
 
@@ -140,14 +189,16 @@ class EvaCLIPVisionTower(nn.Module):
         super().__init__()
         self.is_loaded = False
         self.vision_tower_name = os.fspath(vision_tower)
-        self.select_feature = getattr(args, "mm_vision_select_feature", "patch") or "patch"
-        if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(
-                f"mm_vision_select_feature {self.select_feature!r} is not supported; choose one of {SELECT_FEATURES}."
-            )
         self.cfg_only = self._load_config(self.vision_tower_name)
         self.select_layer = getattr(args, "mm_vision_select_layer", DEFAULT_SELECT_LAYER)
-        self.select_layers = parse_select_layer(self.select_layer, self.cfg_only.num_hidden_layers)
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch") or "patch"
+        self.token_selection, layers = parse_select_feature(
+            self.select_feature, self.select_layer, self.cfg_only.num_hidden_layers
+        )
+        if self.token_selection == self.select_feature:
+            self.select_layers = parse_select_layer(layers, self.cfg_only.num_hidden_layers)
+        else:  # LLaVA-NeXT's slices may repeat a hidden state (a short tower); its features repeat it too
+            self.select_layers = tuple(layers)
         self.s2 = bool(getattr(args, "s2", False))
         if self.s2:
             self.s2_scales = parse_s2_scales(getattr(args, "s2_scales", DEFAULT_S2_SCALES), self.cfg_only.image_size)
@@ -155,7 +206,12 @@ class EvaCLIPVisionTower(nn.Module):
             self.s2_image_size = self.s2_scales[-1]
         else:
             self.s2_scales = None
-        if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
+        # A tower whose weights are trained lives in the LLaVA checkpoint, so it is built eagerly (LLaVA 1.5's flag, or
+        # LLaVA-NeXT's `mm_tunable_parts` naming it).
+        trained = getattr(args, "unfreeze_mm_vision_tower", False) or "mm_vision_tower" in (
+            getattr(args, "mm_tunable_parts", None) or ""
+        )
+        if not delay_load or trained:
             self.load_model()
 
     @staticmethod
@@ -246,9 +302,9 @@ class EvaCLIPVisionTower(nn.Module):
 
     def _select(self, cls_token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """cls_token [B, 1, C] and patches [B, N, C] -> the requested tokens."""
-        if self.select_feature == "patch":
+        if self.token_selection == "patch":
             return patches
-        if self.select_feature == "cls":
+        if self.token_selection == "cls":
             return cls_token
         return torch.cat((cls_token, patches), dim=1)
 
@@ -341,8 +397,16 @@ class EvaCLIPVisionTower(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens per image (S2 merges every scale onto the base grid); like LLaVA, CLS is not counted."""
-        return self.num_patches_per_side**2
+        """Tokens per image (S2 merges every scale onto the base grid): the patches, plus CLS when it is selected (as
+        LLaVA-NeXT counts), or just CLS."""
+        if self.token_selection == "cls":
+            return 1
+        return self.num_patches_per_side**2 + (self.token_selection == "cls_patch")
+
+    @property
+    def image_size(self) -> int:
+        """The side of one tile the tower runs at (LLaVA-NeXT's anyres grid unit)."""
+        return self.config.image_size
 
 
 __all__ = ["EvaCLIPVisionTower", "SELECT_FEATURES", "parse_select_layer", "parse_s2_scales"]
