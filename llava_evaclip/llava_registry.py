@@ -28,6 +28,9 @@ LLAVA_BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
 EVACLIP_MODEL_TYPES = (EvaCLIPConfig.model_type, EvaCLIPVisionConfig.model_type)
 # Fields the InternVL port of EVA-CLIP writes into its (CLIP-typed) vision config; plain CLIP configs have none.
 INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
+# Tower names LLaVA-NeXT's builder routes by prefix to its own loaders (timm / Hugging Face Hub, open_clip), also for
+# EVA models such as "open_clip_hub:EVA02-L-14": never ours.
+FOREIGN_TOWER_PREFIXES = ("hf:", "open_clip_hub:")
 
 # Arguments of LLaVA's (and LLaVA-NeXT's) forward that the language model itself does not take.
 LLAVA_ONLY_ARGUMENTS = ("images", "image_sizes", "modalities", "dpo_forward")
@@ -74,7 +77,10 @@ def _read_config(path: str) -> Optional[dict]:
 
 def is_evaclip_tower(name: str) -> bool:
     """A local dir is judged by its config.json: one of our model types, or a CLIP-typed config carrying the
-    InternVL port's EVA fields. Anything else (a hub id, a dir without config.json) by a name containing "eva"."""
+    InternVL port's EVA fields. Anything else (a hub id, a dir without config.json) by a name containing "eva", except
+    names LLaVA-NeXT loads through its own prefixed loaders (`hf:`, `open_clip_hub:`)."""
+    if name.startswith(FOREIGN_TOWER_PREFIXES) and not os.path.isdir(name):
+        return False
     config = _read_config(name) if os.path.isdir(name) else None
     if config is None:
         return "eva" in name.lower()

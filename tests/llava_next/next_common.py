@@ -7,9 +7,12 @@ tokenizers, and a few images with LLaVA-format conversations."""
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -140,6 +143,19 @@ def write_data(root: Path) -> tuple[Path, Path]:
     data = root / "data.json"
     data.write_text(json.dumps(records))
     return data, images
+
+
+_workspace: SimpleNamespace | None = None
+
+
+def workspace_once() -> SimpleNamespace:
+    """The workspace, built once per process in a temporary directory removed at exit."""
+    global _workspace
+    if _workspace is None:
+        root = Path(tempfile.mkdtemp(prefix="llava_next_"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _workspace = workspace(root)
+    return _workspace
 
 
 def workspace(root: Path) -> SimpleNamespace:
