@@ -13,7 +13,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 LAUNCHER=${LAUNCHER:-deepspeed}
-ENTRY=${ENTRY:-llava.train.train}  # with --attn_implementation below; llava.train.train_mem forces flash-attn
+ENTRY=${ENTRY:-llava.train.train_mem}  # LLaVA-NeXT's train_mem takes --attn_implementation (below)
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2-7B-Instruct}
 VISION_TOWER=${VISION_TOWER:-./checkpoints/EVA02-CLIP-L-14-336}
 DATA_PATH=${DATA_PATH:-./playground/data/blip_558k/blip_558k_plain.json}

@@ -11,7 +11,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 LAUNCHER=${LAUNCHER:-deepspeed}
-ENTRY=${ENTRY:-llava.train.train}
+ENTRY=${ENTRY:-llava.train.train_mem}
 MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2-7B-Instruct}
 PRETRAIN_MM_MLP_ADAPTER=${PRETRAIN_MM_MLP_ADAPTER-./checkpoints/projectors/llavanext-evaclip-qwen2-7b-mlp2x_gelu-pretrain_blip558k_plain/mm_projector.bin}
 VISION_TOWER=${VISION_TOWER:-./checkpoints/EVA02-CLIP-L-14-336}

@@ -428,16 +428,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE)
         return 0
     try:
+        check_llava_next_transformers()  # before resolving the module, which imports LLaVA-NeXT's package
+    except LaunchError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    try:
         module, args = split_command(argv)
     except LaunchError as error:
         print(f"{USAGE}\n{PROG}: error: {error}", file=sys.stderr)
         return 2
     patch_cuda_synchronize()
-    try:
-        train_module = prepare_llava(module)
-    except LaunchError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    train_module = prepare_llava(module)
     if train_module is not None:
         args = translate_training_args(args)
     if module == TRAIN_MODULE:
