@@ -145,7 +145,7 @@ def provide_llava_next_trainer_imports() -> None:
         trainer_pt_utils.AcceleratorConfig = type(
             "AcceleratorConfig", (), {"__doc__": "Stand-in set by llava_evaclip.launch (transformers < 4.38)."}
         )
-    if _find_spec("trl") is not None:
+    if "trl" in sys.modules or _find_spec("trl") is not None:  # installed, or our stand-ins already in place
         return
     trl, trl_trainer, trl_utils = (types.ModuleType(name) for name in ("trl", "trl.trainer", "trl.trainer.utils"))
     for module in (trl, trl_trainer, trl_utils):

@@ -17,7 +17,7 @@ from next_common import NEXT_PATH  # noqa: F401  (asserts that `llava` is LLaVA-
 
 from llava_evaclip import launch
 
-TRL_INSTALLED = importlib.util.find_spec("trl") is not None
+TRL_INSTALLED = "trl" not in sys.modules and importlib.util.find_spec("trl") is not None  # before any stand-in
 
 
 def test_llava_nexts_trainer_module_does_not_import_without_the_launcher():
