@@ -137,6 +137,9 @@ def test_matching_rules(eva_dir, eva_vision_dir, internvl_port_dir, clip_dir, tm
         assert match(name)
     for name in ("openai/clip-vit-large-patch14-336", "laion/CLIP-ViT-H-14", "google/siglip-so400m", "foo/bar"):
         assert not match(name)
+    # LLaVA-NeXT's prefixed loaders (timm / HF Hub, open_clip) keep their names, EVA models included.
+    for name in ("hf:timm/eva02_base_patch14_224.mim_in22k", "open_clip_hub:EVA02-L-14", "open_clip_hub:ViT-B-16"):
+        assert not match(name)
     unreadable = tmp_path / "eva_dir_without_config"
     unreadable.mkdir()
     assert match(str(unreadable))  # no config.json: judged by name
