@@ -14,8 +14,10 @@ Before handing over, the launcher
   `tokenizer` argument and method signatures changed in transformers 5) and rounds the ZeRO bucket sizes transformers
   4.x fills in for "auto" as floats, which current DeepSpeed refuses;
 - without CUDA (DeepSpeed on CPU ranks), makes `torch.cuda.synchronize`, which LLaVA's train.py calls before its final
-  save, a no-op in this process, and lets CPU ranks leave together so none aborts at exit. Nothing in LLaVA's files
-  is changed.
+  save, a no-op in this process, and lets CPU ranks leave together so none aborts at exit;
+- for LLaVA-NeXT / OneVision's `llava` (transformers 4.x only; on 5.x it stops with a one-line error), provides the
+  trl / `AcceleratorConfig` names its trainer module imports but supervised training never uses, and runs
+  transformers' own training loop in place of its broken MeZO copy. Nothing in LLaVA's files is changed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .llava_registry import find_factory, patch_llava_forward, register_with_llava
+from .llava_registry import find_factory, register_with_llava
 
 PROG = "run_llava.py"
 USAGE = (

@@ -161,7 +161,7 @@ def test_s2_and_several_layers_in_llava(eva_dir):
 
 def test_generation_uses_the_eva_features(eva_dir):
     """Greedy `generate` (with the KV cache) equals step-by-step argmax of full forwards over the image prompt."""
-    from llava_evaclip.launch import patch_llava_forward
+    from llava_evaclip.llava_registry import patch_llava_forward
 
     patch_llava_forward()  # transformers 5's generate passes arguments LLaVA's forward does not name
     torch.manual_seed(0)

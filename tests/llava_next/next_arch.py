@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from next_common import GRID, IMAGE_SIZE, LM_WIDTH, PINPOINTS, TOWER_WIDTH, workspace_once
+from next_common import GRID, LM_WIDTH, PINPOINTS, workspace_once
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.mm_utils import process_images  # noqa: E402
