@@ -38,7 +38,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from transformers.utils import logging
 
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig, resolve_arch
 from .modeling_evaclip import (
     EvaCLIPModel,
     EvaCLIPPreTrainedModel,
@@ -46,7 +46,6 @@ from .modeling_evaclip import (
     EvaCLIPVisionModel,
     EvaCLIPVisionModelWithProjection,
 )
-from .presets import resolve_arch
 from .processing import build_image_processor
 from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, write_tokenizer_files
 
