@@ -596,6 +596,8 @@ def build_converted_model(
     vision_config = config if isinstance(config, EvaCLIPVisionConfig) else config.vision_config
     state_dict, origin = map_state_dict(source, vision_config, vision_only)
     if vision_only:
+        if isinstance(config, EvaCLIPConfig):  # the image projection in the weights is the two-tower model's
+            vision_config.projection_dim = config.projection_dim
         config = vision_config
         model_class = (EvaCLIPVisionModelWithProjection if "visual_projection.weight" in state_dict
                        else EvaCLIPVisionModel)
