@@ -272,4 +272,5 @@ def test_internvl_checkpoint_with_towers_own_projection_dim_converts_vision_only
     assert vision.config.projection_dim == config.projection_dim
     _, _, pixel_values = _inputs(config)
     with torch.no_grad():
-        assert torch.equal(vision(pixel_values).image_embeds, source.get_image_features(pixel_values=pixel_values))
+        expected = source.visual_projection(source.vision_model(pixel_values).pooler_output)
+        assert torch.equal(vision(pixel_values).image_embeds, expected)
