@@ -842,6 +842,13 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
             gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers 5 skips, for code outside transformers, every module without parameters of its own (our
+        attention, MLP and model-level heads), leaving them at torch's default or, after `from_pretrained`, at
+        uninitialised memory. `_init_weights` uses transformers' initialisers, which never touch loaded tensors, so
+        that shortcut is not needed: every module goes through it."""
+        super()._initialize_weights(module)
+
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config
         factor = getattr(config, "initializer_factor", 1.0)

@@ -32,6 +32,7 @@ from llava_evaclip import (
     EvaCLIPTextConfig,
     EvaCLIPVisionConfig,
     EvaCLIPVisionModel,
+    EvaCLIPVisionModelWithProjection,
 )
 from llava_evaclip.processing import build_image_processor
 from llava_evaclip.tokenization import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE, build_tokenizer
@@ -138,10 +139,32 @@ def test_image_feature_extraction_pipeline(tmp_path) -> None:
     processor = build_image_processor(vision.config)
     processor.save_pretrained(tmp_path)
     extractor = pipeline("image-feature-extraction", model=str(tmp_path))
-    assert type(extractor.model) is EvaCLIPVisionModel and type(AutoModel.from_pretrained(tmp_path)) is EvaCLIPVisionModel
+    assert type(extractor.model) is EvaCLIPVisionModel
+    assert type(AutoModel.from_pretrained(tmp_path)) is EvaCLIPVisionModel
     image = _images()[0]
     with torch.no_grad():
         expected = vision(processor(image, return_tensors="pt").pixel_values)
     torch.testing.assert_close(extractor(image, return_tensors=True), expected.last_hidden_state, atol=1e-6, rtol=0)
     torch.testing.assert_close(extractor(image, return_tensors=True, pool=True), expected.pooler_output,
                                atol=1e-6, rtol=0)
+
+
+def _assert_std(weight: torch.Tensor, expected: float, name: str) -> None:
+    assert torch.isfinite(weight).all(), name
+    assert abs(weight.std().item() / expected - 1) < 0.15, (name, weight.std().item(), expected)
+
+
+def test_heads_missing_from_a_checkpoint_are_initialised_as_clips(full_dir, tmp_path) -> None:
+    """A head the checkpoint lacks (a classifier, an image projection) starts from CLIP's initialisation
+    (normal, std hidden_size ** -0.5), as do the attention projections of a new model (CLIP's scaled normal), on
+    every transformers line; transformers 5 used to skip these modules for code outside transformers."""
+    classifier = AutoModelForImageClassification.from_pretrained(full_dir, num_labels=64)
+    hidden = classifier.config.vision_config.hidden_size
+    _assert_std(classifier.classifier.weight, hidden**-0.5, "classifier")
+    EvaCLIPVisionModel(tiny_vision_config("eva01", hidden_size=64, projection_dim=64)).save_pretrained(tmp_path)
+    projected = EvaCLIPVisionModelWithProjection.from_pretrained(tmp_path)
+    _assert_std(projected.visual_projection.weight, 64**-0.5, "visual_projection")
+    config = projected.config
+    fresh = EvaCLIPVisionModel(config)
+    attention = fresh.vision_model.encoder.layers[0].self_attn
+    _assert_std(attention.q_proj.weight, 64**-0.5 * (2 * config.num_hidden_layers) ** -0.5, "q_proj")
