@@ -110,6 +110,15 @@ def _inputs(config: EvaCLIPConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return ids, mask, torch.randn(2, 3, size, size)
 
 
+def _assert_same_outputs(loaded: EvaCLIPModel, source: EvaCLIPModel, config: EvaCLIPConfig) -> None:
+    ids, mask, pixel_values = _inputs(config)
+    with torch.no_grad():
+        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
+        actual = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
+    for name in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
 # EVA01-style towers (pre-norm) and EVA02-CLIP-bigE-style (post-norm): the two kinds the port can express.
 @pytest.mark.parametrize("family", ["eva01", "bige"])
 def test_full_model_loads_internvl_checkpoint(family: str, tmp_path) -> None:
@@ -128,12 +137,7 @@ def test_full_model_loads_internvl_checkpoint(family: str, tmp_path) -> None:
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, source_state[key]), key
 
-    ids, mask, pixel_values = _inputs(config)
-    with torch.no_grad():
-        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-        actual = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-    for name in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
-        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    _assert_same_outputs(loaded, source, config)
 
 
 def test_vision_tower_loads_internvl_checkpoint(tmp_path) -> None:
@@ -206,15 +210,11 @@ def test_internvl_checkpoint_with_towers_own_projection_dim(family: str, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert loaded.config.projection_dim == config.projection_dim
     assert loaded.config.vision_config.projection_dim == loaded.config.text_config.projection_dim == 512
-    ids, mask, pixel_values = _inputs(config)
-    with torch.no_grad():
-        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-        actual = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-    for name in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
-        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    _assert_same_outputs(loaded, source, config)
 
     # The LLaVA path (vision tower only, no projection) reads the same directory.
     vision = EvaCLIPVisionModel.from_pretrained(tmp_path).eval()
+    _, _, pixel_values = _inputs(config)
     with torch.no_grad():
         assert torch.equal(vision(pixel_values).pooler_output, source.vision_model(pixel_values).pooler_output)
 
