@@ -1,8 +1,5 @@
 """EVA-CLIP as a Hugging Face transformers model family and a plug-in vision tower for LLaVA."""
 
-import transformers
-from transformers import AutoConfig, CLIPConfig
-
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 from .modeling_evaclip import (
     EvaCLIPAttention,
@@ -31,31 +28,33 @@ from .presets import list_presets
 __version__ = "0.1.0"
 
 
-# Every Auto class transformers registers CLIP with, on 4.37 or 5.x, and our model for each of CLIP's model types.
-# Auto classes the installed transformers lacks are skipped; the `*WithProjection` models have none (as CLIP's).
-_AUTO_MODELS = {
-    "AutoModel": {EvaCLIPConfig: EvaCLIPModel, EvaCLIPVisionConfig: EvaCLIPVisionModel,
-                  EvaCLIPTextConfig: EvaCLIPTextModel},
-    "AutoModelForZeroShotImageClassification": {EvaCLIPConfig: EvaCLIPModel},
-    "AutoModelForImageClassification": {EvaCLIPConfig: EvaCLIPForImageClassification},
-    "AutoModelForTextEncoding": {EvaCLIPTextConfig: EvaCLIPTextModel},
-}
-
-
 def _register_auto_classes() -> None:
     """Make the Auto classes and pipelines resolve our model types as they resolve CLIP's, so no
-    `trust_remote_code` is ever needed: AutoModel, zero-shot and plain image classification, text encoding, and
-    CLIP's tokenizer / image processor / processor for a full model (the 4.x pipelines look those up by config)."""
-    for config_class in (EvaCLIPConfig, EvaCLIPVisionConfig, EvaCLIPTextConfig):
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    for auto_name, models in _AUTO_MODELS.items():
-        auto_class = getattr(transformers, auto_name, None)
-        for config_class, model_class in models.items() if auto_class is not None else ():
-            auto_class.register(config_class, model_class, exist_ok=True)
+    `trust_remote_code` is ever needed: every Auto class transformers registers CLIP with on 4.37 or 5.x (those the
+    installed version lacks are skipped; like CLIP's, the `*WithProjection` models have none), and CLIP's tokenizer /
+    image processor / processor for a full model (the 4.x pipelines look those up by config class)."""
+    import transformers
+    from transformers import AutoConfig, CLIPConfig
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
+    from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+    from .modeling_evaclip import EvaCLIPForImageClassification, EvaCLIPModel, EvaCLIPTextModel, EvaCLIPVisionModel
+
+    auto_models = {
+        "AutoModel": {EvaCLIPConfig: EvaCLIPModel, EvaCLIPVisionConfig: EvaCLIPVisionModel,
+                      EvaCLIPTextConfig: EvaCLIPTextModel},
+        "AutoModelForZeroShotImageClassification": {EvaCLIPConfig: EvaCLIPModel},
+        "AutoModelForImageClassification": {EvaCLIPConfig: EvaCLIPForImageClassification},
+        "AutoModelForTextEncoding": {EvaCLIPTextConfig: EvaCLIPTextModel},
+    }
+    for config_class in (EvaCLIPConfig, EvaCLIPVisionConfig, EvaCLIPTextConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for auto_name, models in auto_models.items():
+        auto_class = getattr(transformers, auto_name, None)
+        for config_class, model_class in models.items() if auto_class is not None else ():
+            auto_class.register(config_class, model_class, exist_ok=True)
     for mapping in (TOKENIZER_MAPPING, IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING):
         if CLIPConfig in mapping:
             mapping.register(EvaCLIPConfig, mapping[CLIPConfig], exist_ok=True)

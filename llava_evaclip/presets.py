@@ -63,6 +63,13 @@ def list_presets() -> list[str]:
     return list(BAAI_MODEL_CONFIGS)
 
 
+def vision_shape(name: str) -> dict[str, int]:
+    """A preset vision tower's image size, patch size, layers and width (what `llava-evaclip presets -v` prints)."""
+    vision = preset_fields(name)["vision_config"]
+    return {"image_size": vision["image_size"], "patch_size": vision["patch_size"],
+            "layers": vision["num_hidden_layers"], "width": vision["hidden_size"]}
+
+
 def _check_keys(section: str, cfg: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(cfg) - known)
     if unknown:
@@ -154,4 +161,4 @@ def arch_fields(arch: str | os.PathLike) -> dict[str, Any]:
     )
 
 
-__all__ = ["BAAI_MODEL_CONFIGS", "arch_fields", "baai_config_fields", "list_presets", "preset_fields"]
+__all__ = ["BAAI_MODEL_CONFIGS", "arch_fields", "baai_config_fields", "list_presets", "preset_fields", "vision_shape"]
