@@ -240,6 +240,9 @@ def test_projection_dim_governs_what_it_governs_in_clip() -> None:
     assert pairs[0][1].visual_projection.out_features == 16
     assert pairs[1][1].visual_projection.out_features == 20
     assert pairs[2][1].text_projection.out_features == 24
+    restored = EvaCLIPConfig.from_dict(ours_config.to_dict())  # what save_pretrained / from_pretrained round-trip
+    assert (restored.projection_dim, restored.vision_config.projection_dim,
+            restored.text_config.projection_dim) == (16, 20, 24)
 
 
 def test_legacy_sub_config_dicts_are_read_as_clip_reads_them() -> None:
