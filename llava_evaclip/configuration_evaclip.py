@@ -384,4 +384,5 @@ def resolve_arch(arch: str | os.PathLike) -> EvaCLIPConfig:
         return preset_config(str(arch))
     return EvaCLIPConfig(**presets.arch_fields(arch))
 
+
 __all__ = ["EvaCLIPConfig", "EvaCLIPTextConfig", "EvaCLIPVisionConfig"]
