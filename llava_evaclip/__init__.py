@@ -1,12 +1,11 @@
 """EVA-CLIP as a Hugging Face transformers model family and a plug-in vision tower for LLaVA."""
 
-from transformers import AutoConfig, AutoModel
-
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 from .modeling_evaclip import (
     EvaCLIPAttention,
     EvaCLIPEncoder,
     EvaCLIPEncoderLayer,
+    EvaCLIPForImageClassification,
     EvaCLIPMLP,
     EvaCLIPModel,
     EvaCLIPOutput,
@@ -30,14 +29,35 @@ __version__ = "0.1.0"
 
 
 def _register_auto_classes() -> None:
-    """Make AutoConfig / AutoModel resolve our model types, so no `trust_remote_code` is ever needed."""
-    for config_class, model_class in (
-        (EvaCLIPConfig, EvaCLIPModel),
-        (EvaCLIPVisionConfig, EvaCLIPVisionModel),
-        (EvaCLIPTextConfig, EvaCLIPTextModel),
-    ):
+    """Make the Auto classes and pipelines resolve our model types as they resolve CLIP's, so no
+    `trust_remote_code` is ever needed: every Auto class transformers registers CLIP with on 4.37 or 5.x (those the
+    installed version lacks are skipped; like CLIP's, the `*WithProjection` models have none), and CLIP's tokenizer /
+    image processor / processor for a full model (the 4.x pipelines look those up by config class)."""
+    import transformers
+    from transformers import AutoConfig, CLIPConfig
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+    from .modeling_evaclip import EvaCLIPForImageClassification, EvaCLIPModel, EvaCLIPTextModel, EvaCLIPVisionModel
+
+    auto_models = {
+        "AutoModel": {EvaCLIPConfig: EvaCLIPModel, EvaCLIPVisionConfig: EvaCLIPVisionModel,
+                      EvaCLIPTextConfig: EvaCLIPTextModel},
+        "AutoModelForZeroShotImageClassification": {EvaCLIPConfig: EvaCLIPModel},
+        "AutoModelForImageClassification": {EvaCLIPConfig: EvaCLIPForImageClassification},
+        "AutoModelForTextEncoding": {EvaCLIPTextConfig: EvaCLIPTextModel},
+    }
+    for config_class in (EvaCLIPConfig, EvaCLIPVisionConfig, EvaCLIPTextConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModel.register(config_class, model_class, exist_ok=True)
+    for auto_name, models in auto_models.items():
+        auto_class = getattr(transformers, auto_name, None)
+        for config_class, model_class in models.items() if auto_class is not None else ():
+            auto_class.register(config_class, model_class, exist_ok=True)
+    for mapping in (TOKENIZER_MAPPING, IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING):
+        if CLIPConfig in mapping:
+            mapping.register(EvaCLIPConfig, mapping[CLIPConfig], exist_ok=True)
 
 
 _register_auto_classes()
@@ -68,6 +88,7 @@ __all__ = [
     "EvaCLIPConfig",
     "EvaCLIPEncoder",
     "EvaCLIPEncoderLayer",
+    "EvaCLIPForImageClassification",
     "EvaCLIPMLP",
     "EvaCLIPModel",
     "EvaCLIPOutput",

@@ -8,6 +8,7 @@ from typing import Any
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
+from . import presets
 from ._compat import PretrainedConfig
 
 logger = logging.get_logger(__name__)
@@ -186,8 +187,6 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "EvaCLIPVisionConfig":
         """The vision tower of a released EVA-CLIP model, e.g. ``"EVA02-CLIP-L-14-336"`` (see `list_presets()`)."""
-        from .presets import preset_config
-
         config = preset_config(name).vision_config
         return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
 
@@ -269,8 +268,6 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "EvaCLIPTextConfig":
         """The text tower of a released EVA-CLIP model (see `list_presets()`)."""
-        from .presets import preset_config
-
         config = preset_config(name).text_config
         return cls.from_dict({**config.to_dict(), **overrides}) if overrides else config
 
@@ -284,8 +281,14 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         return super().from_dict(config_dict, **kwargs)
 
 
-def _sub_config(value: Any, config_class: type, key: str) -> Any:
-    """Build one tower's config from None, a dict, or a config object, rejecting the other tower's config."""
+def _sub_config(value: Any, config_class: type, key: str, legacy: dict | None = None) -> Any:
+    """Build one tower's config from None, a dict, or a config object, rejecting the other tower's config.
+
+    `legacy` is the `text_config_dict` / `vision_config_dict` that configs saved by transformers < 4.27 (and ports
+    copied from them) carry: its fields win, as in `CLIPConfig`."""
+    if legacy is not None and (value is None or isinstance(value, (dict, config_class))):
+        base = value.to_dict() if isinstance(value, config_class) else dict(value or {})
+        value = {**base, **_sub_config(legacy, config_class, key).to_dict()}
     if value is None:
         return config_class()
     if isinstance(value, dict):
@@ -313,6 +316,8 @@ class EvaCLIPConfig(PretrainedConfig):
         logit_scale_init_value: float = 2.6592,
         **kwargs: Any,
     ) -> None:
+        text_config_dict = kwargs.pop("text_config_dict", None)
+        vision_config_dict = kwargs.pop("vision_config_dict", None)
         super().__init__(**kwargs)
         if isinstance(text_config, dict) and text_config.get("model_type") in (
             EvaCLIPVisionConfig.model_type,
@@ -326,18 +331,13 @@ class EvaCLIPConfig(PretrainedConfig):
         ):
             raise ValueError("EvaCLIPConfig.vision_config holds a text tower config (model_type "
                              f"{vision_config['model_type']!r}); pass the vision tower's config there.")
-        self.text_config = _sub_config(text_config, EvaCLIPTextConfig, "text_config")
-        self.vision_config = _sub_config(vision_config, EvaCLIPVisionConfig, "vision_config")
+        self.text_config = _sub_config(text_config, EvaCLIPTextConfig, "text_config", text_config_dict)
+        self.vision_config = _sub_config(vision_config, EvaCLIPVisionConfig, "vision_config", vision_config_dict)
+        # As in CLIPConfig: this governs the two-tower model's projections; each tower's own `projection_dim`
+        # governs its `*WithProjection` model, so the values may differ.
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
         self.initializer_factor = kwargs.pop("initializer_factor", 1.0)
-        for key in ("text_config", "vision_config"):
-            tower = getattr(self, key)
-            if tower.projection_dim != projection_dim:
-                raise ValueError(
-                    f"EvaCLIPConfig.projection_dim is {projection_dim} but {key}.projection_dim is "
-                    f"{tower.projection_dim}; both towers project into one shared space, so they must agree."
-                )
 
     @classmethod
     def from_text_vision_configs(
@@ -348,15 +348,11 @@ class EvaCLIPConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name: str) -> "EvaCLIPConfig":
         """A released EVA-CLIP architecture by BAAI's name, e.g. ``"EVA02-CLIP-L-14-336"`` (see `list_presets()`)."""
-        from .presets import preset_config
-
         return preset_config(name)
 
     @staticmethod
     def list_presets() -> list[str]:
-        from .presets import list_presets
-
-        return list_presets()
+        return presets.list_presets()
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -368,5 +364,25 @@ class EvaCLIPConfig(PretrainedConfig):
 
 EvaCLIPVisionConfig.list_presets = EvaCLIPConfig.list_presets  # type: ignore[attr-defined]
 EvaCLIPTextConfig.list_presets = EvaCLIPConfig.list_presets  # type: ignore[attr-defined]
+
+
+def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
+    """An `EvaCLIPConfig` from a BAAI model config (embed_dim, vision_cfg, text_cfg)."""
+    return EvaCLIPConfig(**presets.baai_config_fields(model_cfg), **extra)
+
+
+def preset_config(name: str) -> EvaCLIPConfig:
+    """The `EvaCLIPConfig` of a released model; unknown names raise a ValueError listing the known ones."""
+    config = EvaCLIPConfig(**presets.preset_fields(name))
+    config.preset_name = name
+    return config
+
+
+def resolve_arch(arch: str | os.PathLike) -> EvaCLIPConfig:
+    """`--arch`: a preset name, or the path of a JSON model config in BAAI's schema."""
+    if str(arch) in presets.BAAI_MODEL_CONFIGS:
+        return preset_config(str(arch))
+    return EvaCLIPConfig(**presets.arch_fields(arch))
+
 
 __all__ = ["EvaCLIPConfig", "EvaCLIPTextConfig", "EvaCLIPVisionConfig"]

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from transformers.utils import logging
 
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig, resolve_arch
 from .modeling_evaclip import (
     EvaCLIPModel,
     EvaCLIPPreTrainedModel,
@@ -46,7 +46,6 @@ from .modeling_evaclip import (
     EvaCLIPVisionModel,
     EvaCLIPVisionModelWithProjection,
 )
-from .presets import resolve_arch
 from .processing import build_image_processor
 from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, write_tokenizer_files
 
@@ -597,6 +596,8 @@ def build_converted_model(
     vision_config = config if isinstance(config, EvaCLIPVisionConfig) else config.vision_config
     state_dict, origin = map_state_dict(source, vision_config, vision_only)
     if vision_only:
+        if isinstance(config, EvaCLIPConfig):  # the image projection in the weights is the two-tower model's
+            vision_config.projection_dim = config.projection_dim
         config = vision_config
         model_class = (EvaCLIPVisionModelWithProjection if "visual_projection.weight" in state_dict
                        else EvaCLIPVisionModel)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
 from ._compat import init, is_flash_attn_available
@@ -842,6 +842,13 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
             gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers 5 skips, for code outside transformers, every module without parameters of its own (our
+        attention, MLP and model-level heads), leaving them at torch's default or, after `from_pretrained`, at
+        uninitialised memory. `_init_weights` uses transformers' initialisers, which never touch loaded tensors, so
+        that shortcut is not needed: every module goes through it."""
+        super()._initialize_weights(module)
+
     def _init_weights(self, module: nn.Module) -> None:
         config = self.config
         factor = getattr(config, "initializer_factor", 1.0)
@@ -885,6 +892,8 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.visual_projection.weight, std=config.hidden_size**-0.5 * factor)
         elif isinstance(module, EvaCLIPTextModelWithProjection):
             init.normal_(module.text_projection.weight, std=config.hidden_size**-0.5 * factor)
+        elif isinstance(module, EvaCLIPForImageClassification) and isinstance(module.classifier, nn.Linear):
+            init.normal_(module.classifier.weight, std=config.vision_config.hidden_size**-0.5 * factor)
 
         if isinstance(module, nn.LayerNorm):
             init.zeros_(module.bias)
@@ -1162,10 +1171,81 @@ class EvaCLIPTextModelWithProjection(EvaCLIPTextModel):
         return result if return_dict else result.to_tuple()
 
 
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: EvaCLIPConfig) -> torch.Tensor:
+    """transformers' sequence/image-classification loss: the problem type (regression for one label, single-label
+    for integer labels, multi-label otherwise) is inferred once and recorded on the config."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class EvaCLIPForImageClassification(EvaCLIPPreTrainedModel):
+    """The vision tower with a linear classifier on its mean-pooled patch tokens (CLS excluded), as
+    `CLIPForImageClassification`; `from_pretrained` of a full `EvaCLIPModel` dir loads the tower and starts the
+    classifier from scratch."""
+
+    main_input_name = "pixel_values"
+    _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings"]
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.",
+                                          r"^logit_scale$", r".*position_ids$"]
+
+    def __init__(self, config: EvaCLIPConfig) -> None:
+        super().__init__(config)
+        vision_config = config.vision_config
+        if getattr(config, "_attn_implementation_internal", None) is not None:  # 4.x sets it on the top config only
+            vision_config._attn_implementation_internal = config._attn_implementation_internal
+        self.num_labels = config.num_labels
+        self.vision_model = EvaCLIPVisionTransformer(vision_config)
+        self.classifier = (
+            nn.Linear(vision_config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Union[tuple, ImageClassifierOutput]:
+        _, _, return_dict = _resolve_flags(self.config, output_attentions, output_hidden_states, return_dict)
+        outputs = self.vision_model(
+            pixel_values=pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, 1:, :].mean(dim=1))
+        loss = _classification_loss(logits, labels, self.config) if labels is not None else None
+        result = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return result if return_dict else result.to_tuple()
+
+
 __all__ = [
     "EvaCLIPAttention",
     "EvaCLIPEncoder",
     "EvaCLIPEncoderLayer",
+    "EvaCLIPForImageClassification",
     "EvaCLIPMLP",
     "EvaCLIPModel",
     "EvaCLIPOutput",

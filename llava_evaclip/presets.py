@@ -1,7 +1,9 @@
-"""Released EVA-CLIP architectures, by BAAI's names, and the mapping from BAAI's model-config schema to ours.
+"""Released EVA-CLIP architectures, by BAAI's names, and the mapping from BAAI's model-config schema to our fields.
 
 The numbers are BAAI's (their `model_configs/*.json`, schema: embed_dim, vision_cfg, text_cfg); they are kept here as
-data so presets need no network and no reference package.
+data so presets need no network and no reference package. Plain Python on purpose: this module imports nothing from
+the package (nor torch / transformers), so listing presets is cheap and `configuration_evaclip` builds its configs
+from these fields without an import cycle. A new preset is one entry in `BAAI_MODEL_CONFIGS`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import copy
 import json
 import os
 from typing import Any
-
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 
 _TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 _TEXT_L = {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}
@@ -63,14 +63,21 @@ def list_presets() -> list[str]:
     return list(BAAI_MODEL_CONFIGS)
 
 
+def vision_shape(name: str) -> dict[str, int]:
+    """A preset vision tower's image size, patch size, layers and width (what `llava-evaclip presets -v` prints)."""
+    vision = preset_fields(name)["vision_config"]
+    return {"image_size": vision["image_size"], "patch_size": vision["patch_size"],
+            "layers": vision["num_hidden_layers"], "width": vision["hidden_size"]}
+
+
 def _check_keys(section: str, cfg: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"Unsupported keys in BAAI {section}: {unknown}; supported: {sorted(known)}.")
 
 
-def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
-    """Translate a BAAI model config (embed_dim, vision_cfg, text_cfg) into an `EvaCLIPConfig`."""
+def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Translate a BAAI model config (embed_dim, vision_cfg, text_cfg) into `EvaCLIPConfig`'s arguments."""
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_cfg]
     if missing:
         raise ValueError(f"A BAAI model config needs the keys embed_dim, vision_cfg and text_cfg; missing {missing}.")
@@ -91,7 +98,7 @@ def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
     width = int(vision.get("width", 768))
     head_width = int(vision.get("head_width", 64))
     qkv_bias = bool(vision.get("qkv_bias", True))
-    vision_config = EvaCLIPVisionConfig(
+    vision_config = dict(
         hidden_size=width,
         intermediate_size=int(width * float(vision.get("mlp_ratio", 4.0))),
         projection_dim=embed_dim,
@@ -113,7 +120,7 @@ def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
         use_sub_layernorm=bool(vision.get("subln", False)),
     )
     text_width = int(text.get("width", 512))
-    text_config = EvaCLIPTextConfig(
+    text_config = dict(
         vocab_size=int(text.get("vocab_size", 49408)),
         hidden_size=text_width,
         intermediate_size=int(text_width * float(text.get("mlp_ratio", 4.0))),
@@ -125,25 +132,21 @@ def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
         layer_norm_eps=1e-5,
         layer_scale_init_value=text.get("ls_init_value"),
     )
-    return EvaCLIPConfig(
-        text_config=text_config, vision_config=vision_config, projection_dim=embed_dim, **extra
-    )
+    return {"text_config": text_config, "vision_config": vision_config, "projection_dim": embed_dim}
 
 
-def preset_config(name: str) -> EvaCLIPConfig:
-    """The `EvaCLIPConfig` of a released model; unknown names raise a ValueError listing the known ones."""
+def preset_fields(name: str) -> dict[str, Any]:
+    """`EvaCLIPConfig`'s arguments for a released model; unknown names raise a ValueError listing the known ones."""
     if name not in BAAI_MODEL_CONFIGS:
         raise ValueError(f"Unknown EVA-CLIP preset {name!r}; known presets: {', '.join(list_presets())}.")
-    config = config_from_baai(copy.deepcopy(BAAI_MODEL_CONFIGS[name]))
-    config.preset_name = name
-    return config
+    return baai_config_fields(copy.deepcopy(BAAI_MODEL_CONFIGS[name]))
 
 
-def resolve_arch(arch: str | os.PathLike) -> EvaCLIPConfig:
-    """A preset name, or the path of a JSON model config in BAAI's schema."""
+def arch_fields(arch: str | os.PathLike) -> dict[str, Any]:
+    """`EvaCLIPConfig`'s arguments for a preset name, or for the path of a JSON model config in BAAI's schema."""
     arch = str(arch)
     if arch in BAAI_MODEL_CONFIGS:
-        return preset_config(arch)
+        return preset_fields(arch)
     if os.path.isfile(arch):
         try:
             with open(arch, encoding="utf-8") as handle:
@@ -152,10 +155,10 @@ def resolve_arch(arch: str | os.PathLike) -> EvaCLIPConfig:
             raise ValueError(f"Cannot read model config {arch!r}: {error}") from error
         if not isinstance(model_cfg, dict):
             raise ValueError(f"Model config {arch!r} must hold a JSON object with embed_dim, vision_cfg, text_cfg.")
-        return config_from_baai(model_cfg)
+        return baai_config_fields(model_cfg)
     raise ValueError(
         f"--arch {arch!r} is neither a preset ({', '.join(list_presets())}) nor an existing JSON model config file."
     )
 
 
-__all__ = ["BAAI_MODEL_CONFIGS", "config_from_baai", "list_presets", "preset_config", "resolve_arch"]
+__all__ = ["BAAI_MODEL_CONFIGS", "arch_fields", "baai_config_fields", "list_presets", "preset_fields", "vision_shape"]

@@ -14,9 +14,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel
+from transformers import AutoModel, CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionConfig, EvaCLIPVisionModel
+from llava_evaclip import (
+    EvaCLIPConfig,
+    EvaCLIPModel,
+    EvaCLIPTextModelWithProjection,
+    EvaCLIPVisionConfig,
+    EvaCLIPVisionModel,
+    EvaCLIPVisionModelWithProjection,
+)
+from llava_evaclip.convert import convert_checkpoint
 
 from conftest import tiny_config
 
@@ -102,6 +110,15 @@ def _inputs(config: EvaCLIPConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return ids, mask, torch.randn(2, 3, size, size)
 
 
+def _assert_same_outputs(loaded: EvaCLIPModel, source: EvaCLIPModel, config: EvaCLIPConfig) -> None:
+    ids, mask, pixel_values = _inputs(config)
+    with torch.no_grad():
+        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
+        actual = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
+    for name in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
 # EVA01-style towers (pre-norm) and EVA02-CLIP-bigE-style (post-norm): the two kinds the port can express.
 @pytest.mark.parametrize("family", ["eva01", "bige"])
 def test_full_model_loads_internvl_checkpoint(family: str, tmp_path) -> None:
@@ -120,12 +137,7 @@ def test_full_model_loads_internvl_checkpoint(family: str, tmp_path) -> None:
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, source_state[key]), key
 
-    ids, mask, pixel_values = _inputs(config)
-    with torch.no_grad():
-        expected = source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-        actual = loaded(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-    for name in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
-        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    _assert_same_outputs(loaded, source, config)
 
 
 def test_vision_tower_loads_internvl_checkpoint(tmp_path) -> None:
@@ -166,3 +178,102 @@ def test_internvl_checkpoint_resaves_as_native_evaclip(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(native(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).logits_per_image,
                            source(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).logits_per_image)
+
+
+def _clip_written_config(config: EvaCLIPConfig) -> dict:
+    """The port's config.json as its CLIPConfig-derived classes write it, here written by transformers' CLIPConfig
+    itself: the towers' fields are given without `projection_dim`, so each sub-config keeps CLIP's default (512)
+    while the two-tower model projects to `config.projection_dim`."""
+    port = _port_config(config)
+    towers = {key: {k: v for k, v in port[key].items() if k not in ("model_type", "projection_dim")}
+              for key in ("text_config", "vision_config")}
+    clip_config = CLIPConfig(**towers, projection_dim=config.projection_dim,
+                             logit_scale_init_value=config.logit_scale_init_value)
+    clip_config.architectures = ["EvaCLIPModel"]
+    return clip_config.to_dict()
+
+
+@pytest.mark.parametrize("family", ["eva01", "bige"])
+def test_internvl_checkpoint_with_towers_own_projection_dim(family: str, tmp_path) -> None:
+    """Issue 13 item 7: the top-level projection_dim governs the two-tower model, as in CLIPConfig; the sub-configs'
+    own (different) values are kept for their `*WithProjection` models and do not make the directory unloadable."""
+    config = tiny_config(family)
+    source = _write_port_checkpoint(tmp_path, config)
+    written = _clip_written_config(config)
+    assert written["model_type"] == "clip" and written["vision_config"]["model_type"] == "clip_vision_model"
+    assert written["projection_dim"] == config.projection_dim
+    assert written["vision_config"]["projection_dim"] == written["text_config"]["projection_dim"] == 512
+    (tmp_path / "config.json").write_text(json.dumps(written, indent=2))
+
+    loaded, info = EvaCLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    loaded.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert loaded.config.projection_dim == config.projection_dim
+    assert loaded.config.vision_config.projection_dim == loaded.config.text_config.projection_dim == 512
+    _assert_same_outputs(loaded, source, config)
+
+    # The LLaVA path (vision tower only, no projection) reads the same directory.
+    vision = EvaCLIPVisionModel.from_pretrained(tmp_path).eval()
+    _, _, pixel_values = _inputs(config)
+    with torch.no_grad():
+        assert torch.equal(vision(pixel_values).pooler_output, source.vision_model(pixel_values).pooler_output)
+
+
+def test_projection_dim_governs_what_it_governs_in_clip() -> None:
+    """Same configuration dicts into transformers' CLIP classes and ours: the same projection widths everywhere."""
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "vocab_size": 99, "max_position_embeddings": 16, "projection_dim": 24}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 28, "patch_size": 7, "projection_dim": 20}
+    clip_config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ours_config = EvaCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    pairs = (
+        (CLIPModel(clip_config), EvaCLIPModel(ours_config)),
+        (CLIPVisionModelWithProjection(clip_config.vision_config),
+         EvaCLIPVisionModelWithProjection(ours_config.vision_config)),
+        (CLIPTextModelWithProjection(clip_config.text_config), EvaCLIPTextModelWithProjection(ours_config.text_config)),
+    )
+    for clip, ours in pairs:
+        for name in ("visual_projection", "text_projection"):
+            if hasattr(clip, name):
+                assert getattr(ours, name).weight.shape == getattr(clip, name).weight.shape, (type(ours), name)
+    assert pairs[0][1].visual_projection.out_features == 16
+    assert pairs[1][1].visual_projection.out_features == 20
+    assert pairs[2][1].text_projection.out_features == 24
+    restored = EvaCLIPConfig.from_dict(ours_config.to_dict())  # what save_pretrained / from_pretrained round-trip
+    assert (restored.projection_dim, restored.vision_config.projection_dim,
+            restored.text_config.projection_dim) == (16, 20, 24)
+
+
+def test_legacy_sub_config_dicts_are_read_as_clip_reads_them() -> None:
+    """`text_config_dict` / `vision_config_dict` (configs saved before transformers 4.27, and ports copied from them)
+    override the sub-configs in CLIPConfig; they used to be ignored here, silently giving default towers."""
+    legacy = {"text_config_dict": {"hidden_size": 48, "num_attention_heads": 4, "projection_dim": 24},
+              "vision_config_dict": {"image_size": 28, "patch_size": 7, "num_hidden_layers": 3}}
+    text = {"hidden_size": 32, "num_attention_heads": 4, "vocab_size": 99}
+    clip_config = CLIPConfig(text_config=text, projection_dim=16, **legacy)
+    ours = EvaCLIPConfig(text_config=text, projection_dim=16, **legacy)
+    for tower in ("text_config", "vision_config"):
+        for field in ("hidden_size", "num_attention_heads", "projection_dim", "vocab_size", "image_size",
+                      "patch_size", "num_hidden_layers"):
+            clip_tower = getattr(clip_config, tower)
+            if hasattr(clip_tower, field):
+                assert getattr(getattr(ours, tower), field) == getattr(clip_tower, field), (tower, field)
+    assert ours.text_config.hidden_size == 48 and ours.vision_config.image_size == 28
+    assert "text_config_dict" not in ours.to_dict() and "vision_config_dict" not in ours.to_dict()
+
+
+def test_internvl_checkpoint_with_towers_own_projection_dim_converts_vision_only(tmp_path) -> None:
+    """`convert --vision-only` of such a directory keeps the two-tower model's image projection, at its width."""
+    port, out = tmp_path / "port", tmp_path / "vision"
+    port.mkdir()
+    config = tiny_config("eva01")
+    source = _write_port_checkpoint(port, config)
+    (port / "config.json").write_text(json.dumps(_clip_written_config(config)))
+    convert_checkpoint(port, out, vision_only=True)
+    vision = EvaCLIPVisionModelWithProjection.from_pretrained(out).eval()
+    assert vision.config.projection_dim == config.projection_dim
+    _, _, pixel_values = _inputs(config)
+    with torch.no_grad():
+        expected = source.visual_projection(source.vision_model(pixel_values).pooler_output)
+        assert torch.equal(vision(pixel_values).image_embeds, expected)

@@ -106,15 +106,6 @@ def test_model_with_a_clip_vision_config_is_rejected() -> None:
         EvaCLIPModel(config)
 
 
-def test_projection_dim_disagreement() -> None:
-    with pytest.raises(ValueError, match=r"projection_dim is 8 but text_config\.projection_dim is 16.*must agree"):
-        EvaCLIPConfig(text_config=tiny_text_config().to_dict(), vision_config=tiny_vision_config().to_dict(),
-                      projection_dim=8)
-    with pytest.raises(ValueError, match=r"projection_dim is 16 but vision_config\.projection_dim is 12"):
-        EvaCLIPConfig(text_config=tiny_text_config().to_dict(),
-                      vision_config=tiny_vision_config(projection_dim=12).to_dict(), projection_dim=16)
-
-
 def test_tower_config_from_dict_rejects_the_other_tower() -> None:
     with pytest.raises(ValueError, match=r"Expected a vision tower config.*evaclip_text_model"):
         EvaCLIPVisionConfig.from_dict(tiny_text_config().to_dict())

@@ -13,10 +13,17 @@ import math
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-from llava_evaclip import EvaCLIPModel, EvaCLIPTextModel, EvaCLIPVisionModel
+from llava_evaclip import (
+    EvaCLIPConfig,
+    EvaCLIPForImageClassification,
+    EvaCLIPModel,
+    EvaCLIPTextModel,
+    EvaCLIPVisionModel,
+)
 
 from conftest import tiny_config, tiny_text_config, tiny_vision_config
 
@@ -204,3 +211,42 @@ def test_full_model_matches_clip_model() -> None:
     for name in ("text_embeds", "image_embeds", "logits_per_image", "logits_per_text"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=ATOL, rtol=0)
     torch.testing.assert_close(actual.loss, expected.loss, atol=ATOL, rtol=0)
+
+
+CLIPForImageClassification = getattr(transformers, "CLIPForImageClassification", None)
+
+
+@pytest.mark.skipif(CLIPForImageClassification is None, reason="CLIPForImageClassification is new in transformers 4.41")
+@pytest.mark.parametrize("num_labels, label_kind", [(3, "single_label"), (1, "regression"), (4, "multi_label"),
+                                                    (0, None)])
+def test_image_classification_matches_clip(num_labels: int, label_kind) -> None:
+    """Logits, loss (each problem type transformers infers from the labels) and hidden states of
+    EvaCLIPForImageClassification vs CLIPForImageClassification on the same EVA01-style tower and classifier."""
+    base = tiny_config("eva01")
+    ours_config = EvaCLIPConfig(text_config=base.text_config.to_dict(), vision_config=base.vision_config.to_dict(),
+                                projection_dim=base.projection_dim, num_labels=num_labels)
+    ours = EvaCLIPForImageClassification(ours_config).eval()
+    _randomize(ours)
+    clip = CLIPForImageClassification(CLIPConfig(
+        text_config=_clip_text_config(base.text_config).to_dict(),
+        vision_config=_clip_vision_config(base.vision_config).to_dict(),
+        projection_dim=base.projection_dim, num_labels=num_labels,
+    )).eval()
+    _copy_vision(ours.vision_model, _inner(clip.vision_model, "vision_model"))
+    clip.classifier.load_state_dict(ours.classifier.state_dict())
+
+    pixel_values = torch.randn(3, 3, base.vision_config.image_size, base.vision_config.image_size)
+    labels = {"single_label": torch.tensor([0, 2, 1]), "regression": torch.randn(3),
+              "multi_label": torch.randint(0, 2, (3, max(num_labels, 1))).float(), None: None}[label_kind]
+    with torch.no_grad():
+        expected = clip(pixel_values=pixel_values, labels=labels, output_hidden_states=True)
+        actual = ours(pixel_values=pixel_values, labels=labels, output_hidden_states=True)
+    assert actual.logits.shape == expected.logits.shape == (3, num_labels or base.vision_config.hidden_size)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=ATOL, rtol=0)
+    for ours_state, clip_state in zip(actual.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(ours_state, clip_state, atol=ATOL, rtol=0)
+    if labels is None:
+        assert actual.loss is None and expected.loss is None
+    else:
+        torch.testing.assert_close(actual.loss, expected.loss, atol=ATOL, rtol=0)
+        assert ours.config.problem_type == clip.config.problem_type

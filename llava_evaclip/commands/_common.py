@@ -144,7 +144,8 @@ class ModelSource:
 
 def resolve_model(spec: str, option: str = "--model") -> ModelSource:
     """Turn `--model` into a config without loading weights; every user mistake becomes one CLIError line."""
-    from ..presets import list_presets, preset_config
+    from ..configuration_evaclip import preset_config
+    from ..presets import list_presets
 
     presets = ", ".join(list_presets())
     if os.path.isdir(spec):

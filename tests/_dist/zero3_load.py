@@ -57,7 +57,7 @@ def main() -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel, zero
-        from llava_evaclip.presets import resolve_arch
+        from llava_evaclip.configuration_evaclip import resolve_arch
         from llava_evaclip.tower import EvaCLIPVisionTower
 
         rank = results.rank
