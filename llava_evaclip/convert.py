@@ -553,14 +553,15 @@ class _Target:
 
 
 class _Mapper:
-    """Collects the targets with the source key each comes from, the source keys it could not place and the rotary
-    tables to compare with the architecture's."""
+    """Collects the targets with the source key each comes from, the source keys it could not place, and the rotary
+    tables and zero k-bias buffers whose values are checked once the shapes are known to fit."""
 
     def __init__(self, source: SourceCheckpoint) -> None:
         self.source = source
         self.targets: dict[str, _Target] = {}
         self.unexpected: list[str] = []
         self.rope_tables: list[str] = []
+        self.zero_buffers: list[str] = []
 
     def put(self, source_key: str, target_key: str, meta: torch.Tensor,
             view: Callable[[torch.Tensor], torch.Tensor] = _identity) -> None:
@@ -617,8 +618,7 @@ class _Mapper:
         elif rest in ("attn.rope.freqs_cos", "attn.rope.freqs_sin"):
             self.rope_tables.append(source_key)
         elif rest == "attn.k_bias":  # timm keeps a zero k bias buffer next to q_bias / v_bias
-            if self.source.load(source_key).count_nonzero().item():
-                raise ConversionError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
+            self.zero_buffers.append(source_key)
         elif module in _VISION_BLOCK_MODULES and leaf in ("weight", "bias"):
             self.put(source_key, prefix + f"{_VISION_BLOCK_MODULES[module]}.{leaf}", meta)
         else:
@@ -714,9 +714,13 @@ def _raise_unexpected(mapper: _Mapper, kind: str) -> None:
         )
 
 
-def _check_rope_tables(source: SourceCheckpoint, mapper: _Mapper, vision_config: EvaCLIPVisionConfig) -> None:
-    """BAAI stores its 2D RoPE tables as buffers (which its loader restores): they must equal ours, or the
-    --arch config (image_size, pt_hw_seq_len, intp_freq, head width) is not the checkpoint's."""
+def _check_buffers(source: SourceCheckpoint, mapper: _Mapper, vision_config: EvaCLIPVisionConfig) -> None:
+    """The buffers that are not converted must hold what our model computes: timm's k bias is zero, and BAAI's 2D
+    RoPE tables (which its loader restores) equal ours, or the --arch config (image_size, pt_hw_seq_len, intp_freq,
+    head width) is not the checkpoint's."""
+    for source_key in mapper.zero_buffers:
+        if source.load(source_key).count_nonzero().item():
+            raise ConversionError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
     if not mapper.rope_tables:
         return
     if not vision_config.use_rope:
@@ -757,7 +761,7 @@ def map_state_dict(
     rank-0 load), and for each new key the source key it came from."""
     mapper = plan_state_dict(source, vision_only)
     _raise_unexpected(mapper, source.kind)
-    _check_rope_tables(source, mapper, vision_config)
+    _check_buffers(source, mapper, vision_config)
     state_dict = {key: _materialize_target(source, target, None).clone() for key, target in mapper.targets.items()}
     return state_dict, {key: target.source_key for key, target in mapper.targets.items()}
 
@@ -924,16 +928,18 @@ class ConversionPlan:
     source: SourceCheckpoint
     model: EvaCLIPPreTrainedModel
     targets: dict[str, _Target]
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
         return sum(target.meta.numel() for target in self.targets.values())
 
 
-def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
-                    vision_only: bool = False) -> ConversionPlan:
-    """Resolve the architecture and check the checkpoint against it on shapes alone (no tensor data is read, except
-    the small rotary tables and timm's k bias buffers): every differing dimension, then every key and shape."""
+def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None, vision_only: bool = False,
+                    verify: bool = False) -> ConversionPlan:
+    """Resolve the architecture and check the checkpoint against it: every differing dimension, unplaceable keys
+    (shapes only), then with `verify` the files' CRCs (one streaming pass, which also gives their sha256), the
+    rotary tables and other buffers, and every key and shape."""
     config = _resolve_config(source, arch)
     if source.kind == "timm" or isinstance(config, EvaCLIPVisionConfig):
         vision_only = True  # a timm state dict or a vision config holds no text tower
@@ -955,10 +961,12 @@ def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
         raise ConversionError(
             f"{source.path} holds only a vision tower (no text weights); pass --vision-only to convert it."
         )
-    _check_rope_tables(source, mapper, vision_config)
+    digests = source.verify() if verify else {}
+    _check_buffers(source, mapper, vision_config)
     _check_keys(mapper, model_shapes, arch_name)
     model.eval()
-    return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes})
+    return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes},
+                          digests=digests)
 
 
 def build_converted_model(
@@ -1365,8 +1373,7 @@ def convert_checkpoint(
         remove_stale_staging(out_abs.parent)
     with _sigterm_raises():
         source = load_source(src_path)
-        plan = plan_conversion(source, arch=arch, vision_only=vision_only)
-        digests = source.verify()
+        plan = plan_conversion(source, arch=arch, vision_only=vision_only, verify=True)
         out_abs.parent.mkdir(parents=True, exist_ok=True)
         staging = out_abs.parent / f".{out_abs.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
         os.mkdir(staging)  # mode from the umask, like every file written below
@@ -1381,7 +1388,7 @@ def convert_checkpoint(
             config.save_pretrained(staging)
             write_processor(config, staging)
             (staging / "README.md").write_text(
-                _model_card(plan, src_path, digests, arch, dtype, out_abs, vision_only), encoding="utf-8")
+                _model_card(plan, src_path, plan.digests, arch, dtype, out_abs, vision_only), encoding="utf-8")
             files = sorted(path.name for path in staging.iterdir())
             with _signals_deferred():
                 _move_into_place(staging, out_path, src_path, overwrite)
