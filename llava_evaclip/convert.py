@@ -97,6 +97,10 @@ class ConversionError(ValueError):
     """A checkpoint that cannot be converted losslessly; the message says what is wrong and what is expected."""
 
 
+class _ValueError(ConversionError):
+    """A refusal based on tensor values (not names or shapes), which a corrupted file could also explain."""
+
+
 class ConversionTerminated(BaseException):
     """SIGTERM arrived while converting: raised so that the staging dir is removed and OUT restored (not an
     `Exception`, so no `except Exception` on the way swallows it)."""
@@ -312,9 +316,10 @@ def _member_ranges(archive: zipfile.ZipFile) -> Iterator[tuple[str, int, int, in
                info.compress_type)
 
 
-def _scan_file(path: str) -> tuple[str, list[str]]:
+def _scan_file(path: str, stop: Optional[threading.Event] = None) -> tuple[str, list[str]]:
     """One streaming pass over a file: its sha256 and, for a zip, the members whose data fails its CRC (plain reads
-    through the page cache, so nothing stays resident)."""
+    through the page cache, so nothing stays resident). hashlib and zlib release the GIL on large buffers, so the
+    pass runs beside the conversion."""
     digest = hashlib.sha256()
     members: list[tuple[str, int, int, int, int]] = []
     bad: list[str] = []
@@ -331,7 +336,7 @@ def _scan_file(path: str) -> tuple[str, list[str]]:
     view = memoryview(buffer)
     position = 0
     with open(path, "rb") as handle:
-        while True:
+        while stop is None or not stop.is_set():
             count = handle.readinto(buffer)
             if not count:
                 break
@@ -395,12 +400,12 @@ class SourceCheckpoint:
             return ""
         return None
 
-    def verify(self) -> dict[str, str]:
+    def verify(self, stop: Optional[threading.Event] = None) -> dict[str, str]:
         """sha256 of each weight file; a zip member whose CRC does not match its data is refused, naming the keys
         stored in it."""
         digests, problems = {}, []
         for reader in self.files:
-            digest, bad = _scan_file(reader.path)
+            digest, bad = _scan_file(reader.path, stop)
             digests[reader.path] = digest
             if bad:
                 by_member = reader.keys_by_member() if isinstance(reader, _TorchFile) else {}
@@ -413,6 +418,39 @@ class SourceCheckpoint:
                 + "; ".join(problems) + ". Download or copy it again; nothing was written."
             )
         return digests
+
+
+class _BackgroundVerification:
+    """`SourceCheckpoint.verify` in a thread, overlapping the conversion: its verdict is awaited before OUT appears,
+    and a corrupted file outranks a refusal based on tensor values (damaged bytes explain those)."""
+
+    def __init__(self, source: SourceCheckpoint) -> None:
+        self.stop = threading.Event()
+        self.digests: dict[str, str] = {}
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(source,), name="evaclip-verify", daemon=True)
+        self.thread.start()
+
+    def _run(self, source: SourceCheckpoint) -> None:
+        try:
+            self.digests = source.verify(self.stop)
+        except BaseException as error:  # handed to the main thread by `result`
+            self.error = error
+
+    def result(self) -> dict[str, str]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def corruption(self) -> Optional[ConversionError]:
+        """After another failure: the corruption found, if any (waits only when the scan can still finish)."""
+        self.thread.join()
+        return self.error if isinstance(self.error, ConversionError) and not self.stop.is_set() else None
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -720,7 +758,7 @@ def _check_buffers(source: SourceCheckpoint, mapper: _Mapper, vision_config: Eva
     head width) is not the checkpoint's."""
     for source_key in mapper.zero_buffers:
         if source.load(source_key).count_nonzero().item():
-            raise ConversionError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
+            raise _ValueError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
     if not mapper.rope_tables:
         return
     if not vision_config.use_rope:
@@ -740,7 +778,7 @@ def _check_buffers(source: SourceCheckpoint, mapper: _Mapper, vision_config: Eva
             )
         error = (tensor.float() - expected).abs().max().item()
         if error > _ROPE_TABLE_ATOL:
-            raise ConversionError(
+            raise _ValueError(
                 f"The rotary table {source_key!r} differs from the one the --arch config defines (max abs diff "
                 f"{error:.3g}); check vision_cfg.pt_hw_seq_len and intp_freq."
             )
@@ -928,18 +966,16 @@ class ConversionPlan:
     source: SourceCheckpoint
     model: EvaCLIPPreTrainedModel
     targets: dict[str, _Target]
-    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
         return sum(target.meta.numel() for target in self.targets.values())
 
 
-def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None, vision_only: bool = False,
-                    verify: bool = False) -> ConversionPlan:
-    """Resolve the architecture and check the checkpoint against it: every differing dimension, unplaceable keys
-    (shapes only), then with `verify` the files' CRCs (one streaming pass, which also gives their sha256), the
-    rotary tables and other buffers, and every key and shape."""
+def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
+                    vision_only: bool = False) -> ConversionPlan:
+    """Resolve the architecture and check the checkpoint against it: every differing dimension and unplaceable keys
+    (shapes only), then the rotary tables and other buffers (small reads), then every key and shape."""
     config = _resolve_config(source, arch)
     if source.kind == "timm" or isinstance(config, EvaCLIPVisionConfig):
         vision_only = True  # a timm state dict or a vision config holds no text tower
@@ -961,12 +997,10 @@ def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None, vision
         raise ConversionError(
             f"{source.path} holds only a vision tower (no text weights); pass --vision-only to convert it."
         )
-    digests = source.verify() if verify else {}
     _check_buffers(source, mapper, vision_config)
     _check_keys(mapper, model_shapes, arch_name)
     model.eval()
-    return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes},
-                          digests=digests)
+    return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes})
 
 
 def build_converted_model(
@@ -1203,6 +1237,15 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[i
             written(key)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without temporaries: a sum is finite unless some value is NaN or
+    inf, or the values are huge enough to overflow it; only then are the values checked one by one, in blocks."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start : start + (1 << 22)]).all()) for start in range(0, flat.numel(), 1 << 22))
+
+
 def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
                   max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """The weights as transformers writes them (`model.safetensors`, or `model-0000X-of-0000N.safetensors` plus
@@ -1223,7 +1266,7 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
     def produce(key: str) -> torch.Tensor:
         target = plan.targets[key]
         tensor = _materialize_target(source, target, dtype)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
         return tensor
 
@@ -1235,7 +1278,7 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
                                               for key in keys], produce, written)
     if not_finite:
         cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
-        raise ConversionError(
+        raise _ValueError(
             f"The checkpoint holds non-finite values (NaN or inf{cast}) in: {_list_keys(not_finite)}. A released "
             "checkpoint has none: the file is damaged (download it again) or the values overflow the chosen --dtype. "
             "Nothing was written."
@@ -1373,11 +1416,12 @@ def convert_checkpoint(
         remove_stale_staging(out_abs.parent)
     with _sigterm_raises():
         source = load_source(src_path)
-        plan = plan_conversion(source, arch=arch, vision_only=vision_only, verify=True)
-        out_abs.parent.mkdir(parents=True, exist_ok=True)
+        verification = _BackgroundVerification(source)  # CRCs and sha256, one pass beside the conversion
         staging = out_abs.parent / f".{out_abs.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
-        os.mkdir(staging)  # mode from the umask, like every file written below
         try:
+            plan = plan_conversion(source, arch=arch, vision_only=vision_only)
+            out_abs.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(staging)  # mode from the umask, like every file written below
             config = plan.model.config
             text_config = getattr(config, "text_config", None)
             if text_config is not None and text_config.vocab_size == VOCAB_SIZE:
@@ -1387,14 +1431,21 @@ def convert_checkpoint(
             write_weights(plan, staging, DTYPES[dtype], max_shard_size)
             config.save_pretrained(staging)
             write_processor(config, staging)
+            digests = verification.result()
             (staging / "README.md").write_text(
-                _model_card(plan, src_path, plan.digests, arch, dtype, out_abs, vision_only), encoding="utf-8")
+                _model_card(plan, src_path, digests, arch, dtype, out_abs, vision_only), encoding="utf-8")
             files = sorted(path.name for path in staging.iterdir())
             with _signals_deferred():
                 _move_into_place(staging, out_path, src_path, overwrite)
-        except BaseException:
+        except BaseException as error:
             with _signals_deferred():
                 shutil.rmtree(staging, ignore_errors=True)
+            if not isinstance(error, _ValueError):  # names and shapes: the data was not read
+                verification.cancel()
+                raise
+            corruption = verification.corruption()
+            if corruption is not None and corruption is not error:
+                raise corruption from None
             raise
     return ConversionResult(
         output_dir=str(out_abs),
