@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import inspect
 import json
@@ -228,22 +229,35 @@ class _TorchFile:
         if end > start:
             _MADVISE(start, end - start, _MADV_DONTNEED)
 
-    def keys_by_member(self) -> dict[str, list[str]]:
-        """Zip member name -> the keys whose data it holds: storages of a mapped file lie at their member's offset,
-        so sorting both by position pairs them (checked by size)."""
+    @functools.cached_property
+    def _members(self) -> dict[int, tuple[str, int]]:
+        """Storage data pointer -> (zip member, file offset of its data). The storages of a mapped file lie in file
+        order, so sorting both by position pairs them (checked by size); {} when they cannot be paired."""
+        if not self.is_zip:
+            return {}
         with zipfile.ZipFile(self.path) as archive:
-            members = sorted(_member_ranges(archive), key=lambda item: item[1])
-        members = [member for member in members if "/data/" in member[0]]
-        storages: dict[int, list[str]] = {}
-        sizes: dict[int, int] = {}
-        for key, tensor in self.tensors.items():
-            storage = tensor.untyped_storage()
-            storages.setdefault(storage.data_ptr(), []).append(key)
-            sizes[storage.data_ptr()] = storage.nbytes()
-        pointers = sorted(storages)
+            members = sorted((m for m in _member_ranges(archive) if "/data/" in m[0]), key=lambda item: item[1])
+        sizes = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                 for tensor in self.tensors.values()}
+        pointers = sorted(sizes)
         if len(pointers) != len(members) or any(sizes[p] != m[2] for p, m in zip(pointers, members)):
             return {}
-        return {member[0]: storages[pointer] for pointer, member in zip(pointers, members)}
+        return {pointer: (member[0], member[1]) for pointer, member in zip(pointers, members)}
+
+    def keys_by_member(self) -> dict[str, list[str]]:
+        """Zip member name -> the keys whose data it holds."""
+        keys: dict[str, list[str]] = {}
+        for key, tensor in self.tensors.items():
+            member = self._members.get(tensor.untyped_storage().data_ptr())
+            if member is not None:
+                keys.setdefault(member[0], []).append(key)
+        return keys
+
+    def file_offset(self, tensor: torch.Tensor) -> Optional[int]:
+        """Where a contiguous view of a loaded tensor starts in the file (None if unknown)."""
+        storage = tensor.untyped_storage()
+        member = self._members.get(storage.data_ptr())
+        return None if member is None else member[1] + tensor.data_ptr() - storage.data_ptr()
 
 
 class _SafetensorsFile:
@@ -290,6 +304,9 @@ class _SafetensorsFile:
 
     def release(self, tensor: torch.Tensor) -> None:
         pass
+
+    def file_offset(self, tensor: torch.Tensor) -> Optional[int]:
+        return None  # tensors are read into memory
 
 
 def _open_weights(path: Union[str, os.PathLike]) -> Union[_TorchFile, _SafetensorsFile]:
@@ -383,6 +400,11 @@ class SourceCheckpoint:
         """Hand back the pages of `key`'s tensor once it is written (a memory-mapped source; a no-op otherwise)."""
         if self._last is not None and self._last[0] == key:
             self.readers[key].release(self._last[1])
+
+    def file_range(self, key: str, view: torch.Tensor) -> Optional[tuple[str, int]]:
+        """(file, offset) of the bytes of `view`, a contiguous view of `key`'s loaded tensor, when known."""
+        offset = self.readers[key].file_offset(view)
+        return None if offset is None else (self.readers[key].path, offset)
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -1210,31 +1232,98 @@ def _shards(entries: list[tuple[str, int]], max_shard_size: int) -> list[list[st
     return shards
 
 
+@dataclass(frozen=True)
+class _FileSlice:
+    """Output tensor whose values are a contiguous byte range of the source file, in `source_dtype`: copied by the
+    kernel when the dtype stays, else read, cast and written block by block."""
+
+    path: str
+    offset: int
+    source_dtype: torch.dtype
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        data = data[os.write(fd, data):]
+
+
+def _read_blocks(source: Any, piece: _FileSlice, nbytes: int) -> Iterator[memoryview]:
+    """The range's bytes in blocks of whole elements, read into one reused buffer (plain reads: no mapping)."""
+    buffer = memoryview(bytearray(min(nbytes, _READ_CHUNK)))
+    done = 0
+    while done < nbytes:
+        count = os.preadv(source.fileno(), [buffer[: min(len(buffer), nbytes - done)]], piece.offset + done)
+        if count <= 0:
+            raise ConversionError(f"{piece.path}: the file ends inside a tensor (truncated?).")
+        yield buffer[:count]
+        done += count
+
+
+def _copy_slice(piece: _FileSlice, fd: int) -> bool:
+    """Write a source byte range into `fd`, checking that its values are finite (returned). Same dtype: read once
+    for the check and copied with copy_file_range (in the kernel, like `cp`); another dtype: cast block by block."""
+    element = torch.empty(0, dtype=piece.source_dtype).element_size()
+    nbytes = torch.Size(piece.shape).numel() * element
+    finite = True
+    with open(piece.path, "rb", buffering=0) as source:
+        if piece.source_dtype != piece.dtype:
+            for block in _read_blocks(source, piece, nbytes):
+                values = torch.frombuffer(block, dtype=piece.source_dtype).to(piece.dtype)
+                finite = finite and _all_finite(values)
+                _write_all(fd, memoryview(values.view(torch.uint8).numpy()))
+            return finite
+        if piece.dtype.is_floating_point:
+            for block in _read_blocks(source, piece, nbytes):
+                finite = finite and _all_finite(torch.frombuffer(block, dtype=piece.dtype))
+        done = 0
+        try:
+            while done < nbytes:
+                count = os.copy_file_range(source.fileno(), fd, nbytes - done, piece.offset + done)
+                if count <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += count
+        except (OSError, AttributeError):  # no copy_file_range here (other OS, old kernel, other file system)
+            for block in _read_blocks(source, _FileSlice(piece.path, piece.offset + done, piece.source_dtype,
+                                                         piece.dtype, (nbytes - done,)), nbytes - done):
+                _write_all(fd, block)
+    return finite
+
+
 def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                       produce: Callable[[str], torch.Tensor], written: Callable[[str], None]) -> None:
+                       produce: Callable[[str], Union[torch.Tensor, _FileSlice]],
+                       written: Callable[[str, bool], None]) -> None:
     """A safetensors file written one tensor at a time: the header comes from the shapes, then each tensor produced
-    is written and dropped. Larger elements first keeps every tensor aligned."""
+    is written and dropped (or, for a byte range of the source, copied by the kernel); `written(key, finite)` follows
+    each. Larger elements first keeps every tensor aligned."""
     tensors = sorted(tensors, key=lambda item: -torch.empty(0, dtype=item[1]).element_size())
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
+    sizes = {}
     for key, dtype, shape in tensors:
-        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-        header[key] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        sizes[key] = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
+    with open(path, "wb", buffering=0) as handle:
+        fd = handle.fileno()
+        _write_all(fd, memoryview(struct.pack("<Q", len(encoded)) + encoded))
         for key, dtype, shape in tensors:
-            tensor = produce(key)
-            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}"
+            piece = produce(key)
+            if piece.dtype != dtype or tuple(piece.shape) != tuple(shape):
+                raise RuntimeError(f"{key}: produced {piece.dtype} {list(piece.shape)}, planned {dtype} {list(shape)}"
                                    " (a converter bug).")
-            if tensor.numel():
-                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor
-            written(key)
+            if isinstance(piece, _FileSlice):
+                finite = _copy_slice(piece, fd)
+            else:
+                finite = not piece.is_floating_point() or _all_finite(piece)
+                if piece.numel():
+                    _write_all(fd, memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+            del piece
+            written(key, finite)
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -1249,8 +1338,9 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
                   max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """The weights as transformers writes them (`model.safetensors`, or `model-0000X-of-0000N.safetensors` plus
-    `model.safetensors.index.json`), streamed: each tensor is read, cast, checked to be finite, written and dropped.
-    Raises a `ConversionError` naming every non-finite tensor."""
+    `model.safetensors.index.json`), streamed: each tensor is read, cast, checked to be finite, written and dropped;
+    one whose bytes are unchanged is copied from the source file by the kernel. Raises a `ConversionError` naming
+    every non-finite tensor."""
     source = plan.source
 
     def out_dtype(target: _Target) -> torch.dtype:
@@ -1263,15 +1353,18 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
              [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))])
     not_finite: list[str] = []
 
-    def produce(key: str) -> torch.Tensor:
+    def produce(key: str) -> Union[torch.Tensor, _FileSlice]:
         target = plan.targets[key]
-        tensor = _materialize_target(source, target, dtype)
-        if tensor.is_floating_point() and not _all_finite(tensor):
-            not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
-        return tensor
+        view = target.view(source.load(target.source_key))
+        if view.is_contiguous() and (where := source.file_range(target.source_key, view)) is not None:
+            return _FileSlice(where[0], where[1], view.dtype, out_dtype(target), tuple(view.shape))
+        return _materialize_target(source, target, dtype)
 
-    def written(key: str) -> None:
-        source.release(plan.targets[key].source_key)
+    def written(key: str, finite: bool) -> None:
+        target = plan.targets[key]
+        if not finite:
+            not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
+        source.release(target.source_key)
 
     for name, keys in zip(names, shards):
         _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]), tuple(plan.targets[key].meta.shape))
