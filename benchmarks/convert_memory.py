@@ -160,8 +160,8 @@ def main() -> None:
     for record in records:
         print(f"{record['layout']}: {record['parameters'] / 1e9:.2f}B params, checkpoint "
               f"{record['checkpoint_bytes'] / gib:.2f} GiB -> {record['output_dtype']}: convert "
-              f"{record['convert_wall_s']:.1f} s = {record['time_over_cp']:.2f}x cp ({record['cp_wall_s']:.1f} s; goal <= "
-              f"{GOAL_TIME_RATIO}x), peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB = "
+              f"{record['convert_wall_s']:.1f} s = {record['time_over_cp']:.2f}x cp ({record['cp_wall_s']:.1f} s; "
+              f"goal <= {GOAL_TIME_RATIO}x), peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB = "
               f"{record['peak_rss_over_checkpoint']:.3f}x the checkpoint (goal <= {GOAL_RSS_RATIO}x; imports alone "
               f"{record['baseline_rss_bytes'] / gib:.2f} GiB)")
     if args.no_save:

@@ -282,7 +282,8 @@ class _SafetensorsFile:
         for key, entry in header.items():
             dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
-                raise ConversionError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which EVA-CLIP does not use.")
+                raise ConversionError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which EVA-CLIP does not "
+                                      "use.")
             self.entries[key] = (dtype, tuple(entry["shape"]), tuple(entry["data_offsets"]))
 
     def keys(self) -> list[str]:
@@ -312,12 +313,6 @@ class _SafetensorsFile:
 def _open_weights(path: Union[str, os.PathLike]) -> Union[_TorchFile, _SafetensorsFile]:
     path = str(path)
     return _SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path)
-
-
-def load_weights_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """A flat state dict from a .safetensors file or a (wrapped) torch checkpoint, read safely."""
-    reader = _open_weights(path)
-    return {key: reader.load(key) for key in reader.keys()}
 
 
 def _member_ranges(archive: zipfile.ZipFile) -> Iterator[tuple[str, int, int, int, int]]:
@@ -405,11 +400,6 @@ class SourceCheckpoint:
         """(file, offset) of the bytes of `view`, a contiguous view of `key`'s loaded tensor, when known."""
         offset = self.readers[key].file_offset(view)
         return None if offset is None else (self.readers[key].path, offset)
-
-    @property
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """All tensors (memory-mapped where the file allows)."""
-        return {key: self.readers[key].load(key) for key in self.readers}
 
     @property
     def text_prefix(self) -> Optional[str]:
@@ -1025,27 +1015,6 @@ def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
     return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes})
 
 
-def build_converted_model(
-    source: SourceCheckpoint,
-    arch: Optional[str] = None,
-    vision_only: bool = False,
-    dtype: Union[str, torch.dtype] = "float32",
-) -> EvaCLIPPreTrainedModel:
-    """Our model holding the source checkpoint's weights (in `dtype`), in memory: `EvaCLIPModel`, or for a vision
-    tower `EvaCLIPVisionModelWithProjection` when the source has an image projection and `EvaCLIPVisionModel`."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    plan = plan_conversion(source, arch=arch, vision_only=vision_only)
-    state_dict = {key: _materialize_target(source, target, torch_dtype).clone()
-                  for key, target in plan.targets.items()}
-    model = plan.model
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    for module in model.modules():
-        if isinstance(module, EvaCLIPRotaryEmbedding):
-            module.cos, module.sin = module.compute_table(module.grid_size, module.grid_size)
-            module.reset_cache()
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Output paths: what --overwrite may replace, staging dirs, signals
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1061,7 +1030,8 @@ def _previous_output_problem(directory: Path) -> Optional[str]:
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return "it has no readable config.json"
     if model_type not in CONVERTED_MODEL_TYPES:
-        return f"its config.json has model_type {model_type!r}, not one convert writes ({', '.join(CONVERTED_MODEL_TYPES)})"
+        return (f"its config.json has model_type {model_type!r}, not one convert writes "
+                f"({', '.join(CONVERTED_MODEL_TYPES)})")
     names = sorted(os.listdir(directory))
     if not any(name.startswith("model") and name.endswith(".safetensors") for name in names):
         return "it holds no model*.safetensors weights"
@@ -1560,12 +1530,10 @@ __all__ = [
     "DTYPES",
     "SOURCE_KINDS",
     "SourceCheckpoint",
-    "build_converted_model",
     "config_from_hf_dict",
     "convert_checkpoint",
     "detect_source_kind",
     "load_source",
-    "load_weights_file",
     "map_state_dict",
     "plan_conversion",
     "plan_state_dict",

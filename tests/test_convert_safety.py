@@ -291,6 +291,24 @@ def _dead_pid() -> int:
     return process.pid
 
 
+def test_sigterm_handler_is_restored(tmp_path, toy):
+    """SIGTERM raises only while converting: the caller's handler is back afterwards, after success or failure."""
+    checkpoint, arch, _ = toy
+
+    def handler(signum, frame):
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        convert_checkpoint(checkpoint, tmp_path / "out", arch=str(arch))
+        assert signal.getsignal(signal.SIGTERM) is handler
+        with pytest.raises(ConversionError):
+            convert_checkpoint(checkpoint, tmp_path / "other", arch="EVA01-CLIP-B-16")
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_killed_swap_restores_previous_output(tmp_path, toy):
     """A run killed between moving the old OUT aside and moving the new one in: the next run puts the old OUT back
     (or drops the swapped-out copy when OUT is already the new one); live processes' staging dirs are left alone."""
