@@ -364,6 +364,8 @@ def _scan_file(path: str, stop: Optional[threading.Event] = None) -> tuple[str, 
                     first += 1
                 index += 1
             position = chunk_end
+    if stop is not None and stop.is_set():
+        return digest.hexdigest(), []  # cancelled: no verdict
     bad += [member[0] for member, crc in zip(members, crcs) if crc != member[3]]
     return digest.hexdigest(), bad
 
@@ -444,6 +446,8 @@ class _BackgroundVerification:
         self.thread.start()
 
     def _run(self, source: SourceCheckpoint) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # signals go to the main thread, which may be deferring them
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             self.digests = source.verify(self.stop)
         except BaseException as error:  # handed to the main thread by `result`
