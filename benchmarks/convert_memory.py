@@ -1,15 +1,17 @@
-"""Peak memory and wall time of `convert` on a full-size EVA02-CLIP-L-14-336 checkpoint (~428M parameters).
+"""Peak memory and time of `convert` on a checkpoint larger than a quarter of memory: EVA-CLIP-8B's vision tower.
 
-The checkpoint is written first with BAAI's own code (consisid_eva_clip's CustomCLIP, random weights, release layout),
-then converted in a fresh child process whose peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes
-torch / transformers themselves) is compared with the checkpoint's size. Goal: peak RSS <= 2.2x the checkpoint bytes;
-the converter memory-maps the checkpoint, builds the model on the meta device and assigns the tensors, so the
-weights are held once.
+The checkpoint (random values, fp32 like BAAI's release) has exactly the keys and shapes of BAAI's EVA-CLIP-8B
+`visual` tower — taken from BAAI's own code (`eva_clip` of the 18B release, built with empty weights) — at width
+4096, head width 128, MLP 20480, RMSNorm, no q/k/v bias, with the depth cut so the file is >= 6 GB (7 of 32 layers:
+6.6 GB). It is written tensor by tensor from file-backed storages, so the generator does not hold it in memory either.
+Then, in fresh child processes:
 
-    python benchmarks/convert_memory.py                 # results -> benchmarks/results/convert_memory.json
-    python benchmarks/convert_memory.py --dtype float16 # also time a conversion to half precision
+- `cp` of the checkpoint (the same page-cache state as the conversion that follows it);
+- `convert --vision-only` to fp32 and to bf16, whose peak RSS (`ru_maxrss`, including torch / transformers themselves)
+  is compared with the checkpoint size. Goals: peak RSS <= 0.25x the checkpoint, wall time <= 3x the `cp`.
 
-Results are merged into the JSON per transformers version, so running it on both lines keeps both.
+    python -m benchmarks.convert_memory                    # results -> benchmarks/results/convert_memory.json
+    python -m benchmarks.convert_memory --layers 1 --no-save   # a quick check (1 layer, ~1 GB)
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCH = "EVA02-CLIP-L-14-336"
-GOAL_RATIO = 2.2
+REFERENCE = os.environ.get(
+    "EVACLIP_18B_REFERENCE", str(Path(__file__).resolve().parents[2] / "shared" / "reference" / "eva_clip_18b"))
+MODEL_CONFIG = "EVA-CLIP-8B"
+GOAL_RSS_RATIO = 0.25
+GOAL_TIME_RATIO = 3.0
 RESULTS = Path(__file__).resolve().parent / "results" / "convert_memory.json"
 
 
@@ -35,26 +40,43 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def child_write(checkpoint: str, checkpoint_dtype: str) -> dict:
-    """Write the release-layout checkpoint with BAAI's code (fast random init: values do not matter here)."""
-    import copy
+def baai_model_config(layers: int) -> dict:
+    with open(Path(REFERENCE) / "eva_clip" / "model_configs" / f"{MODEL_CONFIG}.json", encoding="utf-8") as handle:
+        model_cfg = json.load(handle)
+    model_cfg["vision_cfg"].update(layers=layers, xattn=False)
+    return model_cfg
 
+
+def child_write(checkpoint: str, layers: str) -> dict:
+    """BAAI's `visual` state-dict layout with random values, one file-backed storage per tensor (page cache, not
+    process memory), saved with torch.save as BAAI's release files are."""
     import torch
+    from accelerate import init_empty_weights
 
-    import consisid_eva_clip.eva_vit_model as eva_vit_model
-    from consisid_eva_clip.model import CustomCLIP
-    from llava_evaclip.presets import BAAI_MODEL_CONFIGS
+    sys.path.insert(0, REFERENCE)
+    import eva_clip.model as baai
 
-    eva_vit_model.trunc_normal_ = lambda tensor, std=1.0, **_: torch.nn.init.normal_(tensor, std=std)
-    model_cfg = copy.deepcopy(BAAI_MODEL_CONFIGS[ARCH])
-    model_cfg["vision_cfg"].update(eva_model_name="eva-clip-l-14-336", xattn=False, fusedLN=False, drop_path_rate=0.0)
-    model_cfg["text_cfg"].update(xattn=False, fusedLN=False)
-    model = CustomCLIP(**model_cfg).to(getattr(torch, checkpoint_dtype))
-    torch.save(model.state_dict(), checkpoint)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
+    model_cfg = baai_model_config(int(layers))
+    with init_empty_weights():
+        visual = baai._build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+    shapes = {f"visual.{key}": tuple(tensor.shape) for key, tensor in visual.state_dict().items()}
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=Path(checkpoint).parent))
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {}
+    try:
+        for index, (key, shape) in enumerate(shapes.items()):
+            numel = int(torch.Size(shape).numel())
+            flat = torch.from_file(str(scratch / str(index)), shared=True, size=numel, dtype=torch.float32)
+            for start in range(0, numel, 1 << 24):
+                flat[start : start + (1 << 24)].normal_(std=0.02, generator=generator)
+            state_dict[key] = flat.view(shape)
+        torch.save(state_dict, checkpoint)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"parameters": sum(tensor.numel() for tensor in state_dict.values()), "tensors": len(state_dict)}
 
 
-def child_convert(checkpoint: str, out: str, dtype: str) -> dict:
+def child_convert(checkpoint: str, out: str, arch: str, dtype: str) -> dict:
     import torch  # noqa: F401  (imported before the baseline so it counts as baseline, like the CLI)
     import transformers
 
@@ -62,29 +84,38 @@ def child_convert(checkpoint: str, out: str, dtype: str) -> dict:
 
     baseline = _peak_rss_bytes()
     start = time.perf_counter()
-    result = convert_checkpoint(checkpoint, out, arch=ARCH, dtype=dtype)
+    result = convert_checkpoint(checkpoint, out, arch=arch, vision_only=True, dtype=dtype)
     wall = time.perf_counter() - start
     return {"wall_s": round(wall, 2), "peak_rss_bytes": _peak_rss_bytes(), "baseline_rss_bytes": baseline,
             "parameters": result.num_parameters, "transformers": transformers.__version__,
-            "output_bytes": sum(os.path.getsize(path) for path in result.files)}
+            "output_bytes": sum(os.path.getsize(path) for path in result.files),
+            "files": [os.path.basename(path) for path in result.files]}
 
 
 def run_child(*args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.convert_memory", "--child", *args],
+                               capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if completed.returncode != 0:
         raise SystemExit(f"child {args[0]} failed:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def time_cp(checkpoint: Path, target: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", str(checkpoint), str(target)], check=True)
+    wall = time.perf_counter() - start
+    target.unlink()
+    return wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=None, help="where the checkpoint and output go (default: a temp dir)")
-    parser.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "float16"),
-                        help="dtype of the written BAAI checkpoint (default: float32)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="--dtype of the conversion (default: float32)")
-    parser.add_argument("--results", default=str(RESULTS), help="JSON file the results are merged into")
+    parser.add_argument("--layers", type=int, default=7, help="vision layers kept of 32 (default 7: a 6.6 GB file)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="output dtypes to convert to")
+    parser.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON file the results are written to")
+    parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -96,48 +127,58 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="evaclip-convert-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = workdir / f"EVA02_CLIP_L_336_psz14_{args.checkpoint_dtype}.pt"
-    out = workdir / "converted"
+    checkpoint = workdir / f"EVA-CLIP-8B-visual-{args.layers}-layers.pt"
+    arch = workdir / "arch.json"
+    arch.write_text(json.dumps(baai_model_config(args.layers)))
+    records = []
     try:
-        written = run_child("write", str(checkpoint), args.checkpoint_dtype)
-        shutil.rmtree(out, ignore_errors=True)
-        converted = run_child("convert", str(checkpoint), str(out), args.dtype)
+        written = run_child("write", str(checkpoint), str(args.layers))
         checkpoint_bytes = checkpoint.stat().st_size
+        for dtype in args.dtypes.split(","):
+            out = workdir / f"converted-{dtype}"
+            cp_s = time_cp(checkpoint, workdir / "copy.pt")
+            converted = run_child("convert", str(checkpoint), str(out), str(arch), dtype)
+            shutil.rmtree(out, ignore_errors=True)
+            rss_ratio = converted["peak_rss_bytes"] / checkpoint_bytes
+            time_ratio = converted["wall_s"] / cp_s
+            records.append({
+                "layout": f"{MODEL_CONFIG} visual, {args.layers} of 32 layers (BAAI key names and shapes)",
+                "parameters": written["parameters"], "tensors": written["tensors"], "checkpoint_dtype": "float32",
+                "output_dtype": dtype, "checkpoint_bytes": checkpoint_bytes, "output_bytes": converted["output_bytes"],
+                "output_files": converted["files"], "convert_wall_s": converted["wall_s"], "cp_wall_s": round(cp_s, 2),
+                "time_over_cp": round(time_ratio, 2), "goal_time_over_cp": GOAL_TIME_RATIO,
+                "peak_rss_bytes": converted["peak_rss_bytes"], "baseline_rss_bytes": converted["baseline_rss_bytes"],
+                "peak_rss_over_checkpoint": round(rss_ratio, 3), "goal_rss_over_checkpoint": GOAL_RSS_RATIO,
+                "meets_goals": rss_ratio <= GOAL_RSS_RATIO and time_ratio <= GOAL_TIME_RATIO,
+                "transformers": converted["transformers"],
+            })
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    ratio = converted["peak_rss_bytes"] / checkpoint_bytes
-    record = {
-        "arch": ARCH,
-        "parameters": written["parameters"],
-        "checkpoint_dtype": args.checkpoint_dtype,
-        "output_dtype": args.dtype,
-        "checkpoint_bytes": checkpoint_bytes,
-        "output_bytes": converted["output_bytes"],
-        "wall_s": converted["wall_s"],
-        "peak_rss_bytes": converted["peak_rss_bytes"],
-        "baseline_rss_bytes": converted["baseline_rss_bytes"],
-        "peak_rss_over_checkpoint": round(ratio, 3),
-        "goal_ratio": GOAL_RATIO,
-        "meets_goal": ratio <= GOAL_RATIO,
-        "transformers": converted["transformers"],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "command": " ".join([Path(sys.executable).name, "benchmarks/convert_memory.py", *sys.argv[1:]]),
+    gib = 1024**3
+    for record in records:
+        print(f"{record['layout']}: {record['parameters'] / 1e9:.2f}B params, checkpoint "
+              f"{record['checkpoint_bytes'] / gib:.2f} GiB -> {record['output_dtype']}: convert "
+              f"{record['convert_wall_s']:.1f} s = {record['time_over_cp']:.2f}x cp ({record['cp_wall_s']:.1f} s; "
+              f"goal <= {GOAL_TIME_RATIO}x), peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB = "
+              f"{record['peak_rss_over_checkpoint']:.3f}x the checkpoint (goal <= {GOAL_RSS_RATIO}x; imports alone "
+              f"{record['baseline_rss_bytes'] / gib:.2f} GiB)")
+    if args.no_save:
+        return
+    results = {
+        "records": records,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / gib, 1)},
+        "command": " ".join(["python -m benchmarks.convert_memory", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results[f"transformers-{record['transformers']}/{args.checkpoint_dtype}->{args.dtype}"] = record
     staging = results_path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(staging, results_path)
-    gib = 1024**3
-    print(f"{ARCH}: {written['parameters'] / 1e6:.1f}M params, checkpoint {checkpoint_bytes / gib:.2f} GiB "
-          f"({args.checkpoint_dtype}) -> {args.dtype}: {converted['wall_s']:.1f} s, peak RSS "
-          f"{converted['peak_rss_bytes'] / gib:.2f} GiB = {ratio:.2f}x the checkpoint (goal <= {GOAL_RATIO}x; "
-          f"imports alone {converted['baseline_rss_bytes'] / gib:.2f} GiB) -> {results_path}")
+    print(f"-> {results_path}")
 
 
 if __name__ == "__main__":

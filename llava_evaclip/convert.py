@@ -1,4 +1,4 @@
-"""Lossless conversion of released EVA-CLIP checkpoints into this package's Hugging Face format.
+"""Lossless, streaming conversion of released EVA-CLIP checkpoints into this package's Hugging Face format.
 
 Source kinds, detected from the state-dict keys:
 
@@ -14,26 +14,40 @@ Source kinds, detected from the state-dict keys:
 
 Every source weight must land on exactly one model weight and every model weight must come from the source: anything
 left over on either side, or any shape that differs, is a `ConversionError` that lists the keys — never a silent
-random init. ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)`` (memory-mapped when possible), so a
-checkpoint cannot run code. The model is built on the meta device and the checkpoint tensors are assigned to it
-(copied only to split a fused q/k/v or to change dtype), and the output is written to a temporary dir beside OUT that
-is renamed only when complete.
+random init. ``.pt``/``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)`` (a checkpoint cannot run
+code), every zip member's CRC is checked and every converted tensor must be finite.
+
+Conversion streams, so checkpoints larger than memory convert: the key mapping and all shape checks run on shapes
+only (meta tensors); then each output tensor is read from the memory-mapped source, cast to the output dtype and
+written into its safetensors shard, and the source pages are handed back to the OS, so the resident memory is a few
+tensors, not the checkpoint. Output goes to a staging dir beside OUT (named after the writing process, so a later run
+can remove it once that process is gone) that is renamed to OUT only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import hashlib
 import inspect
 import json
+import mmap
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
+import signal
+import struct
+import sys
+import threading
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from transformers.utils import logging
@@ -47,46 +61,53 @@ from .modeling_evaclip import (
     EvaCLIPVisionModelWithProjection,
 )
 from .processing import build_image_processor
-from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, write_tokenizer_files
+from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, build_tokenizer
 
 logger = logging.get_logger(__name__)
 
 SOURCE_KINDS = ("baai", "open_clip", "timm", "hf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Shards above this size are split (save_pretrained's max_shard_size): one file for B/L models, several for g/bigE.
+# Shards above this size are split (save_pretrained's max_shard_size): one file for B/L models, several for g/bigE/8B.
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# What a previous `convert` output holds: only such a dir may be replaced with --overwrite.
+CONVERTED_MODEL_TYPES = ("evaclip", "evaclip_vision_model")
+_CONVERTED_FILES = re.compile(
+    r"(config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors|preprocessor_config\.json"
+    r"|processor_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|vocab\.json"
+    r"|merges\.txt|added_tokens\.json|chat_template\.jinja|README\.md)"
+)
+# `.OUT.converting-<pid>-<tag>` (a staging dir) and `...-replaced` (the previous OUT while it is swapped out).
+_STAGING_NAME = re.compile(r"\.(?P<name>.+)\.converting-(?P<pid>\d+)-[0-9a-f]+(?P<replaced>-replaced)?")
 _STATE_DICT_WRAPPERS = ("state_dict", "module", "model")
 _MAX_LISTED_KEYS = 25
 # fp16 release files store the rotary tables in half precision; a wrong grid or frequency is off by far more.
 _ROPE_TABLE_ATOL = 2e-3
+_READ_CHUNK = 8 << 20
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted losslessly; the message says what is wrong and what is expected."""
 
 
-@dataclass
-class SourceCheckpoint:
-    """A loaded source: its kind, its flat state dict and, for Hugging Face dirs, the config.json it came with."""
+class _ValueError(ConversionError):
+    """A refusal based on tensor values (not names or shapes), which a corrupted file could also explain."""
 
-    path: str
-    kind: str
-    state_dict: dict[str, torch.Tensor]
-    hf_config: Optional[dict[str, Any]] = None
 
-    @property
-    def text_prefix(self) -> Optional[str]:
-        """Where the CLIP-layout text tower lives: "" (BAAI `CLIP`), "text." (`CustomCLIP`, open_clip) or None."""
-        if self.kind not in ("baai", "open_clip"):
-            return None
-        if any(key.startswith("text.") for key in self.state_dict):
-            return "text."
-        if any(key.startswith(("transformer.resblocks.", "token_embedding.")) for key in self.state_dict):
-            return ""
-        return None
+class ConversionTerminated(BaseException):
+    """SIGTERM arrived while converting: raised so that the staging dir is removed and OUT restored (not an
+    `Exception`, so no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 @dataclass
@@ -101,15 +122,15 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading sources
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _list_keys(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading sources: shapes first, each tensor's data only when it is written
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def _refusal_reason(message: str) -> str:
@@ -122,11 +143,10 @@ def _refusal_reason(message: str) -> str:
     return reason.replace("WeightsUnpickler error:", "").strip()
 
 
-def _torch_load(path: str) -> Any:
-    """torch.load that never unpickles code; memory-mapped for zip checkpoints so tensors are not read twice."""
-    use_mmap = zipfile.is_zipfile(path)
+def _torch_load(path: str, mmap_file: bool) -> Any:
+    """torch.load that never unpickles code; memory-mapped for zip checkpoints, so no tensor is read until used."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_file)
     except pickle.UnpicklingError as error:
         reason = _refusal_reason(str(error))
         raise ConversionError(
@@ -136,16 +156,6 @@ def _torch_load(path: str) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}).") from None
-
-
-def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as error:
-        raise ConversionError(f"{path}: not a readable safetensors file ({error}).") from None
 
 
 def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -173,25 +183,315 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in obj.items()}
 
 
-def load_weights_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """A flat state dict from a .safetensors file or a (wrapped) torch checkpoint, read safely."""
+def _madvise() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE = _madvise()
+_MADV_DONTNEED = 4
+
+
+class _TorchFile:
+    """A torch checkpoint, memory-mapped when it is a zip (every checkpoint torch.save wrote since 1.6)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.is_zip = zipfile.is_zipfile(path)
+        self.tensors = _unwrap_state_dict(_torch_load(path, mmap_file=self.is_zip), path)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def meta(self, key: str) -> torch.Tensor:
+        return torch.empty_like(self.tensors[key], device="meta")
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Hand the pages of a memory-mapped tensor back to the OS (they stay in the page cache; a later read maps
+        them again), so reading the whole checkpoint never makes it all resident. Only whole pages inside the
+        tensor's own storage, which lies in the read-only file mapping, are released."""
+        if not self.is_zip or _MADVISE is None:
+            return
+        storage = tensor.untyped_storage()
+        start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            _MADVISE(start, end - start, _MADV_DONTNEED)
+
+    @functools.cached_property
+    def _members(self) -> dict[int, tuple[str, int]]:
+        """Storage data pointer -> (zip member, file offset of its data). The storages of a mapped file lie in file
+        order, so sorting both by position pairs them (checked by size); {} when they cannot be paired."""
+        if not self.is_zip:
+            return {}
+        with zipfile.ZipFile(self.path) as archive:
+            members = sorted((m for m in _member_ranges(archive) if "/data/" in m[0]), key=lambda item: item[1])
+        sizes = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                 for tensor in self.tensors.values()}
+        pointers = sorted(sizes)
+        if len(pointers) != len(members) or any(sizes[p] != m[2] for p, m in zip(pointers, members)):
+            return {}
+        return {pointer: (member[0], member[1]) for pointer, member in zip(pointers, members)}
+
+    def keys_by_member(self) -> dict[str, list[str]]:
+        """Zip member name -> the keys whose data it holds."""
+        keys: dict[str, list[str]] = {}
+        for key, tensor in self.tensors.items():
+            member = self._members.get(tensor.untyped_storage().data_ptr())
+            if member is not None:
+                keys.setdefault(member[0], []).append(key)
+        return keys
+
+    def file_offset(self, tensor: torch.Tensor) -> Optional[int]:
+        """Where a contiguous view of a loaded tensor starts in the file (None if unknown)."""
+        storage = tensor.untyped_storage()
+        member = self._members.get(storage.data_ptr())
+        return None if member is None else member[1] + tensor.data_ptr() - storage.data_ptr()
+
+
+class _SafetensorsFile:
+    """A safetensors file: the header is validated by the safetensors library, tensors are read one at a time with
+    plain reads (no mapping of the whole file)."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        try:
+            with safe_open(path, framework="pt", device="cpu"):
+                pass
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (SafetensorError, OSError, ValueError, struct.error) as error:
+            raise ConversionError(f"{path}: not a readable safetensors file ({error}).") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.entries = {}
+        for key, entry in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ConversionError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which EVA-CLIP does not "
+                                      "use.")
+            self.entries[key] = (dtype, tuple(entry["shape"]), tuple(entry["data_offsets"]))
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def meta(self, key: str) -> torch.Tensor:
+        dtype, shape, _ = self.entries[key]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def load(self, key: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self.entries[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as handle:
+            handle.seek(self.data_start + begin)
+            handle.readinto(data)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def file_offset(self, tensor: torch.Tensor) -> Optional[int]:
+        return None  # tensors are read into memory
+
+
+def _open_weights(path: Union[str, os.PathLike]) -> Union[_TorchFile, _SafetensorsFile]:
     path = str(path)
-    if path.endswith(".safetensors"):
-        return _load_safetensors(path)
-    return _unwrap_state_dict(_torch_load(path), path)
+    return _SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path)
 
 
-def _load_index(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
-    with open(directory / index_name, encoding="utf-8") as handle:
-        weight_map = json.load(handle).get("weight_map", {})
-    state_dict: dict[str, torch.Tensor] = {}
+def _member_ranges(archive: zipfile.ZipFile) -> Iterator[tuple[str, int, int, int, int]]:
+    """(name, data offset, size, CRC, compression) of every member, from the local headers."""
+    handle = archive.fp
+    for info in archive.infolist():
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise ConversionError(f"{archive.filename}: damaged zip archive (member {info.filename!r} has no header).")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        yield (info.filename, info.header_offset + 30 + name_length + extra_length, info.compress_size, info.CRC,
+               info.compress_type)
+
+
+def _scan_file(path: str, stop: Optional[threading.Event] = None) -> tuple[str, list[str]]:
+    """One streaming pass over a file: its sha256 and, for a zip, the members whose data fails its CRC (plain reads
+    through the page cache, so nothing stays resident). hashlib and zlib release the GIL on large buffers, so the
+    pass runs beside the conversion."""
+    digest = hashlib.sha256()
+    members: list[tuple[str, int, int, int, int]] = []
+    bad: list[str] = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            members = sorted(_member_ranges(archive), key=lambda item: item[1])
+            compressed = [m for m in members if m[4] != zipfile.ZIP_STORED]
+            if compressed:  # not written by torch.save; let zipfile decompress and check those members
+                bad += [name for name in [archive.testzip()] if name]
+            members = [m for m in members if m[4] == zipfile.ZIP_STORED]
+    crcs = [0] * len(members)
+    first = 0  # members before this one are complete
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    position = 0
+    with open(path, "rb") as handle:
+        while stop is None or not stop.is_set():
+            count = handle.readinto(buffer)
+            if not count:
+                break
+            chunk_end = position + count
+            digest.update(view[:count])
+            index = first
+            while index < len(members) and members[index][1] < chunk_end:
+                _, begin, size, _, _ = members[index]
+                low, high = max(begin, position), min(begin + size, chunk_end)
+                if high > low:
+                    crcs[index] = zlib.crc32(view[low - position : high - position], crcs[index])
+                if begin + size <= chunk_end and index == first:
+                    first += 1
+                index += 1
+            position = chunk_end
+    if stop is not None and stop.is_set():
+        return digest.hexdigest(), []  # cancelled: no verdict
+    bad += [member[0] for member, crc in zip(members, crcs) if crc != member[3]]
+    return digest.hexdigest(), bad
+
+
+@dataclass
+class SourceCheckpoint:
+    """A source opened for streaming: its kind, the weight files and which file holds each key, and, for Hugging Face
+    dirs, the config.json it came with. Tensors are read with `load` only when needed."""
+
+    path: str
+    kind: str
+    readers: dict[str, Any]
+    hf_config: Optional[dict[str, Any]] = None
+    files: list[Any] = field(default_factory=list)
+    _last: Optional[tuple[str, torch.Tensor]] = field(default=None, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.readers)
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self.readers[key].meta(key)
+
+    def load(self, key: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != key:  # a fused q/k/v is read once for its three targets
+            self._last = (key, self.readers[key].load(key))
+        return self._last[1]
+
+    def release(self, key: str) -> None:
+        """Hand back the pages of `key`'s tensor once it is written (a memory-mapped source; a no-op otherwise)."""
+        if self._last is not None and self._last[0] == key:
+            self.readers[key].release(self._last[1])
+
+    def file_range(self, key: str, view: torch.Tensor) -> Optional[tuple[str, int]]:
+        """(file, offset) of the bytes of `view`, a contiguous view of `key`'s loaded tensor, when known."""
+        offset = self.readers[key].file_offset(view)
+        return None if offset is None else (self.readers[key].path, offset)
+
+    @property
+    def text_prefix(self) -> Optional[str]:
+        """Where the CLIP-layout text tower lives: "" (BAAI `CLIP`), "text." (`CustomCLIP`, open_clip) or None."""
+        if self.kind not in ("baai", "open_clip"):
+            return None
+        if any(key.startswith("text.") for key in self.readers):
+            return "text."
+        if any(key.startswith(("transformer.resblocks.", "token_embedding.")) for key in self.readers):
+            return ""
+        return None
+
+    def verify(self, stop: Optional[threading.Event] = None) -> dict[str, str]:
+        """sha256 of each weight file; a zip member whose CRC does not match its data is refused, naming the keys
+        stored in it."""
+        digests, problems = {}, []
+        for reader in self.files:
+            digest, bad = _scan_file(reader.path, stop)
+            digests[reader.path] = digest
+            if bad:
+                by_member = reader.keys_by_member() if isinstance(reader, _TorchFile) else {}
+                keys = [key for member in bad for key in by_member.get(member, [])]
+                problems.append(f"{reader.path}: " + (f"the data of {_list_keys(keys)}" if keys else
+                                                      f"archive members {_list_keys(bad)}"))
+        if problems:
+            raise ConversionError(
+                "The checkpoint is corrupted (zip CRC mismatch: the bytes differ from what was saved): "
+                + "; ".join(problems) + ". Download or copy it again; nothing was written."
+            )
+        return digests
+
+
+class _BackgroundVerification:
+    """`SourceCheckpoint.verify` in a thread, overlapping the conversion: its verdict is awaited before OUT appears,
+    and a corrupted file outranks a refusal based on tensor values (damaged bytes explain those)."""
+
+    def __init__(self, source: SourceCheckpoint) -> None:
+        self.stop = threading.Event()
+        self.digests: dict[str, str] = {}
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(source,), name="evaclip-verify", daemon=True)
+        self.thread.start()
+
+    def _run(self, source: SourceCheckpoint) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # signals go to the main thread, which may be deferring them
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self.digests = source.verify(self.stop)
+        except BaseException as error:  # handed to the main thread by `result`
+            self.error = error
+
+    def result(self) -> dict[str, str]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.digests
+
+    def corruption(self) -> Optional[ConversionError]:
+        """After another failure: the corruption found, if any (waits only when the scan can still finish)."""
+        self.thread.join()
+        return self.error if isinstance(self.error, ConversionError) and not self.stop.is_set() else None
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: cannot read {what} ({error}).") from None
+
+
+def _open_index(directory: Path, index_name: str) -> list[Any]:
+    index = _read_json(directory / index_name, "the shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ConversionError(f"{directory / index_name}: expected a JSON object whose 'weight_map' maps weight names "
+                              f"to shard file names, found {type(index).__name__}.")
+    readers = []
     for shard in sorted(set(weight_map.values())):
         if Path(shard).name != shard:  # an index must name files in its own dir, never elsewhere on disk
             raise ConversionError(f"{directory / index_name}: shard {shard!r} is not a file name in that directory.")
-        state_dict.update(load_weights_file(directory / shard))
-    if not state_dict:
+        if not (directory / shard).is_file():
+            raise ConversionError(f"{directory / index_name}: shard {shard!r} does not exist.")
+        readers.append(_open_weights(directory / shard))
+    if not readers:
         raise ConversionError(f"{directory / index_name} lists no weight files.")
-    return state_dict
+    return readers
 
 
 def detect_source_kind(keys: Iterable[str]) -> str:
@@ -213,7 +513,7 @@ def detect_source_kind(keys: Iterable[str]) -> str:
 
 
 def load_source(src: Union[str, os.PathLike]) -> SourceCheckpoint:
-    """Read SRC (a checkpoint file or a Hugging Face / open_clip dir) and detect its kind."""
+    """Open SRC (a checkpoint file or a Hugging Face / open_clip dir) and detect its kind; no tensor data is read."""
     path = Path(src)
     hf_config = None
     if path.is_dir():
@@ -221,31 +521,37 @@ def load_source(src: Union[str, os.PathLike]) -> SourceCheckpoint:
         hf_files = [name for name in HF_WEIGHT_FILES if (path / name).is_file()]
         open_clip_files = [name for name in OPEN_CLIP_WEIGHT_FILES if (path / name).is_file()]
         if config_file.is_file() and hf_files:
-            with open(config_file, encoding="utf-8") as handle:
-                hf_config = json.load(handle)
+            hf_config = _read_json(config_file, "config.json")
+            if not isinstance(hf_config, dict):
+                raise ConversionError(f"{config_file}: expected a JSON object, found {type(hf_config).__name__}.")
             name = hf_files[0]
-            state_dict = _load_index(path, name) if name.endswith(".index.json") else load_weights_file(path / name)
+            files = _open_index(path, name) if name.endswith(".index.json") else [_open_weights(path / name)]
         elif open_clip_files:
-            state_dict = load_weights_file(path / open_clip_files[0])
+            files = [_open_weights(path / open_clip_files[0])]
         else:
             raise ConversionError(
                 f"{path} is a directory without a checkpoint: expected a Hugging Face dir (config.json with "
                 f"{' or '.join(HF_WEIGHT_FILES)}) or an open_clip dir ({' or '.join(OPEN_CLIP_WEIGHT_FILES)})."
             )
     elif path.is_file():
-        state_dict = load_weights_file(path)
+        files = [_open_weights(path)]
     else:
         raise ConversionError(f"SRC {str(path)!r} does not exist; expected a checkpoint file (.pt, .bin, .pth, "
                               ".safetensors) or a Hugging Face checkpoint dir.")
-    kind = detect_source_kind(state_dict)
+    readers = {}
+    for reader in files:
+        readers.update(dict.fromkeys(reader.keys(), reader))
+    if not readers:
+        raise ConversionError(f"{path} holds no tensors.")
+    kind = detect_source_kind(readers)
     if hf_config is not None and kind != "hf":
         raise ConversionError(f"{path}: config.json is present but the weights are not in Hugging Face layout "
                               f"(they look like a {kind} state dict); pass the weights file itself as SRC.")
-    return SourceCheckpoint(path=str(path), kind=kind, state_dict=state_dict, hf_config=hf_config)
+    return SourceCheckpoint(path=str(path), kind=kind, readers=readers, hf_config=hf_config, files=files)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Key mapping
+# Key mapping (on shapes: each target is a source key plus a view to take of it)
 # ----------------------------------------------------------------------------------------------------------------------
 
 # Sub-modules of one vision block: BAAI names, timm names -> ours (under vision_model.encoder.layers.N.).
@@ -285,86 +591,72 @@ _TEXT_BLOCK_PARAMS = {"ls_1.gamma": "layer_scale1", "ls_2.gamma": "layer_scale2"
 _BLOCK_PATTERN = re.compile(r"(\d+)\.(.+)")
 
 
-def _split_qkv(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """q, k, v of a fused projection, as separate tensors: views of one storage would be dropped as "shared" by
-    save_pretrained, so each part gets its own memory."""
-    if tensor.shape[0] % 3:
-        raise ConversionError(f"A fused q/k/v tensor must have a first dim divisible by 3, got {tuple(tensor.shape)}.")
-    return [part.clone() for part in tensor.chunk(3, dim=0)]
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One output tensor: the source key it comes from, the view that turns the source tensor into it, and its
+    shape and dtype before casting (from the view applied to a meta tensor)."""
+
+    source_key: str
+    view: Callable[[torch.Tensor], torch.Tensor]
+    meta: torch.Tensor
 
 
 class _Mapper:
-    """Collects target tensors with the source key each came from, and the source keys it could not place."""
+    """Collects the targets with the source key each comes from, the source keys it could not place, and the rotary
+    tables and zero k-bias buffers whose values are checked once the shapes are known to fit."""
 
-    def __init__(self, vision_config: EvaCLIPVisionConfig) -> None:
-        self.vision_config = vision_config
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.origin: dict[str, str] = {}
+    def __init__(self, source: SourceCheckpoint) -> None:
+        self.source = source
+        self.targets: dict[str, _Target] = {}
         self.unexpected: list[str] = []
-        self._rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.rope_tables: list[str] = []
+        self.zero_buffers: list[str] = []
 
-    def put(self, source_key: str, target_key: str, tensor: torch.Tensor) -> None:
-        if target_key in self.tensors:
+    def put(self, source_key: str, target_key: str, meta: torch.Tensor,
+            view: Callable[[torch.Tensor], torch.Tensor] = _identity) -> None:
+        if target_key in self.targets:
             raise ConversionError(
-                f"Both {self.origin[target_key]!r} and {source_key!r} map to {target_key!r}; the checkpoint mixes "
-                "two layouts of the same weight."
+                f"Both {self.targets[target_key].source_key!r} and {source_key!r} map to {target_key!r}; the "
+                "checkpoint mixes two layouts of the same weight."
             )
-        self.tensors[target_key] = tensor
-        self.origin[target_key] = source_key
+        self.targets[target_key] = _Target(source_key, view, view(meta))
+
+    def put_fused(self, source_key: str, targets: list[str], meta: torch.Tensor) -> None:
+        """q, k, v of a fused projection (rows in that order)."""
+        if meta.ndim == 0 or meta.shape[0] % 3:
+            raise ConversionError(f"{source_key!r} is a fused q/k/v tensor, so its first dim must be divisible by 3; "
+                                  f"got {list(meta.shape)}.")
+        for index, target in enumerate(targets):
+            self.put(source_key, target, meta, lambda tensor, index=index: tensor.chunk(3, dim=0)[index])
 
     # -- vision --------------------------------------------------------------------------------------------------------
 
-    def _expected_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope_table is None:
-            rotary = EvaCLIPRotaryEmbedding(self.vision_config)
-            cos, sin = rotary.compute_table(rotary.grid_size, rotary.grid_size)
-            self._rope_table = (cos[1:], sin[1:])  # row 0 is our identity row for CLS; BAAI stores patches only
-        return self._rope_table
-
-    def check_rope_table(self, source_key: str, tensor: torch.Tensor) -> None:
-        """BAAI stores its 2D RoPE tables as buffers (which its loader restores): they must equal ours, or the
-        --arch config (image_size, pt_hw_seq_len, intp_freq, head width) is not the checkpoint's."""
-        if not self.vision_config.use_rope:
-            raise ConversionError(
-                f"{source_key!r} is a rotary position table, but the --arch config has no RoPE (vision_cfg.rope); "
-                "this checkpoint is an EVA-02 model, pick an EVA02 preset."
-            )
-        cos, sin = self._expected_rope()
-        expected = cos if source_key.endswith("cos") else sin
-        if tuple(tensor.shape) != tuple(expected.shape):
-            raise ConversionError(
-                f"Shape mismatch for {source_key!r}: checkpoint {list(tensor.shape)} vs --arch {list(expected.shape)} "
-                "(patch grid x head_dim); check image_size, patch_size and head_width."
-            )
-        error = (tensor.float() - expected).abs().max().item()
-        if error > _ROPE_TABLE_ATOL:
-            raise ConversionError(
-                f"The rotary table {source_key!r} differs from the one the --arch config defines (max abs diff "
-                f"{error:.3g}); check vision_cfg.pt_hw_seq_len and intp_freq."
-            )
-
-    def map_vision(self, source_key: str, name: str, tensor: torch.Tensor) -> None:
+    def map_vision(self, source_key: str, name: str, meta: torch.Tensor) -> None:
         """`name` is relative to the vision tower (timm / BAAI `visual` naming)."""
         prefix = "vision_model."
         if name == "cls_token":
-            self.put(source_key, prefix + "embeddings.class_embedding", tensor.reshape(-1))
+            self.put(source_key, prefix + "embeddings.class_embedding", meta, lambda tensor: tensor.reshape(-1))
         elif name == "pos_embed":
-            self.put(source_key, prefix + "embeddings.position_embedding.weight",
-                     tensor[0] if tensor.ndim == 3 else tensor)
+            self.put(source_key, prefix + "embeddings.position_embedding.weight", meta,
+                     lambda tensor: tensor[0] if tensor.ndim == 3 else tensor)
         elif name in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
-            self.put(source_key, prefix + "embeddings.patch_embedding." + name.rsplit(".", 1)[1], tensor)
+            self.put(source_key, prefix + "embeddings.patch_embedding." + name.rsplit(".", 1)[1], meta)
         elif name in ("norm.weight", "norm.bias"):
-            self.put(source_key, prefix + "post_layernorm." + name.rsplit(".", 1)[1], tensor)
+            self.put(source_key, prefix + "post_layernorm." + name.rsplit(".", 1)[1], meta)
         elif name in ("head.weight", "head.bias"):
-            self.put(source_key, "visual_projection." + name.rsplit(".", 1)[1], tensor)
+            self.put(source_key, "visual_projection." + name.rsplit(".", 1)[1], meta)
         elif name in ("rope.freqs_cos", "rope.freqs_sin"):
-            self.check_rope_table(source_key, tensor)
+            self.rope_tables.append(source_key)
         elif name.startswith("blocks."):
-            self._map_vision_block(source_key, name[len("blocks."):], tensor)
+            self._map_vision_block(source_key, name[len("blocks."):], meta)
         else:
             self.unexpected.append(source_key)
 
-    def _map_vision_block(self, source_key: str, name: str, tensor: torch.Tensor) -> None:
+    def _map_vision_block(self, source_key: str, name: str, meta: torch.Tensor) -> None:
         match = _BLOCK_PATTERN.fullmatch(name)
         if match is None:
             self.unexpected.append(source_key)
@@ -373,45 +665,43 @@ class _Mapper:
         prefix = f"vision_model.encoder.layers.{index}."
         module, _, leaf = rest.rpartition(".")
         if rest in _VISION_BLOCK_PARAMS:
-            self.put(source_key, prefix + _VISION_BLOCK_PARAMS[rest], tensor)
+            self.put(source_key, prefix + _VISION_BLOCK_PARAMS[rest], meta)
         elif rest == "attn.qkv.weight":
-            for part, tensor_part in zip("qkv", _split_qkv(tensor)):
-                self.put(source_key, prefix + f"self_attn.{part}_proj.weight", tensor_part)
+            self.put_fused(source_key, [prefix + f"self_attn.{part}_proj.weight" for part in "qkv"], meta)
         elif rest in ("attn.rope.freqs_cos", "attn.rope.freqs_sin"):
-            self.check_rope_table(source_key, tensor)
+            self.rope_tables.append(source_key)
         elif rest == "attn.k_bias":  # timm keeps a zero k bias buffer next to q_bias / v_bias
-            if tensor.count_nonzero().item():
-                raise ConversionError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
+            self.zero_buffers.append(source_key)
         elif module in _VISION_BLOCK_MODULES and leaf in ("weight", "bias"):
-            self.put(source_key, prefix + f"{_VISION_BLOCK_MODULES[module]}.{leaf}", tensor)
+            self.put(source_key, prefix + f"{_VISION_BLOCK_MODULES[module]}.{leaf}", meta)
         else:
             self.unexpected.append(source_key)
 
     # -- text ----------------------------------------------------------------------------------------------------------
 
-    def map_text(self, source_key: str, name: str, tensor: torch.Tensor) -> None:
+    def map_text(self, source_key: str, name: str, meta: torch.Tensor) -> None:
         """`name` is relative to the CLIP-layout text tower."""
         prefix = "text_model."
         if name == "token_embedding.weight":
-            self.put(source_key, prefix + "embeddings.token_embedding.weight", tensor)
+            self.put(source_key, prefix + "embeddings.token_embedding.weight", meta)
         elif name == "positional_embedding":
-            self.put(source_key, prefix + "embeddings.position_embedding.weight", tensor)
+            self.put(source_key, prefix + "embeddings.position_embedding.weight", meta)
         elif name in ("ln_final.weight", "ln_final.bias"):
-            self.put(source_key, prefix + "final_layer_norm." + name.rsplit(".", 1)[1], tensor)
+            self.put(source_key, prefix + "final_layer_norm." + name.rsplit(".", 1)[1], meta)
         elif name == "text_projection":  # a [width, embed_dim] matrix used as `x @ proj`
-            self.put(source_key, "text_projection.weight", tensor.t().contiguous())
+            self.put(source_key, "text_projection.weight", meta, lambda tensor: tensor.t())
         elif name == "text_projection.weight":  # open_clip's nn.Linear variant
-            self.put(source_key, "text_projection.weight", tensor)
+            self.put(source_key, "text_projection.weight", meta)
         elif name == "logit_scale":
-            self.put(source_key, "logit_scale", tensor)
+            self.put(source_key, "logit_scale", meta)
         elif name == "attn_mask":  # the causal mask buffer; ours is built on the fly
             return
         elif name.startswith("transformer.resblocks."):
-            self._map_text_block(source_key, name[len("transformer.resblocks."):], tensor)
+            self._map_text_block(source_key, name[len("transformer.resblocks."):], meta)
         else:
             self.unexpected.append(source_key)
 
-    def _map_text_block(self, source_key: str, name: str, tensor: torch.Tensor) -> None:
+    def _map_text_block(self, source_key: str, name: str, meta: torch.Tensor) -> None:
         match = _BLOCK_PATTERN.fullmatch(name)
         if match is None:
             self.unexpected.append(source_key)
@@ -420,13 +710,12 @@ class _Mapper:
         prefix = f"text_model.encoder.layers.{index}."
         module, _, leaf = rest.rpartition(".")
         if rest in _TEXT_BLOCK_PARAMS:
-            self.put(source_key, prefix + _TEXT_BLOCK_PARAMS[rest], tensor)
+            self.put(source_key, prefix + _TEXT_BLOCK_PARAMS[rest], meta)
         elif rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
             leaf = "weight" if rest.endswith("weight") else "bias"
-            for part, tensor_part in zip("qkv", _split_qkv(tensor)):
-                self.put(source_key, prefix + f"self_attn.{part}_proj.{leaf}", tensor_part)
+            self.put_fused(source_key, [prefix + f"self_attn.{part}_proj.{leaf}" for part in "qkv"], meta)
         elif module in _TEXT_BLOCK_MODULES and leaf in ("weight", "bias"):
-            self.put(source_key, prefix + f"{_TEXT_BLOCK_MODULES[module]}.{leaf}", tensor)
+            self.put(source_key, prefix + f"{_TEXT_BLOCK_MODULES[module]}.{leaf}", meta)
         else:
             self.unexpected.append(source_key)
 
@@ -441,49 +730,97 @@ def _is_text_key(key: str, text_prefix: Optional[str]) -> bool:
     return not key.startswith("visual.")
 
 
-def map_state_dict(
-    source: SourceCheckpoint, vision_config: EvaCLIPVisionConfig, vision_only: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename (and split / transpose where the layouts differ) every source tensor into our key names.
-
-    Returns the new state dict and, for each new key, the source key it came from. Text weights are skipped when
-    `vision_only`; any source key that has no place raises a `ConversionError` listing them.
-    """
-    mapper = _Mapper(vision_config)
-    state_dict = source.state_dict
+def plan_state_dict(source: SourceCheckpoint, vision_only: bool) -> _Mapper:
+    """Where every source tensor goes in our key names (views only: fused q/k/v split, text projection
+    transposed), from shapes alone. Text weights are skipped when `vision_only`."""
+    mapper = _Mapper(source)
     kind = source.kind
     if kind == "hf":
-        for key, tensor in state_dict.items():
+        for key in source.keys():
             if key.endswith("position_ids"):  # an index buffer older transformers versions saved
                 continue
             if vision_only and key.startswith(("text_model.", "text_projection.", "logit_scale")):
                 continue
-            mapper.put(key, key, tensor)
-        return mapper.tensors, mapper.origin
-
+            mapper.put(key, key, source.meta(key))
+        return mapper
     text_prefix = source.text_prefix
     vision_prefix = {"baai": "visual.", "open_clip": "visual.trunk.", "timm": ""}[kind]
-    for key, tensor in state_dict.items():
+    for key in source.keys():
         if kind != "timm" and _is_text_key(key, text_prefix):
             if vision_only:
                 continue
             name = "logit_scale" if key in ("logit_scale", "text.logit_scale") else key[len(text_prefix or ""):]
-            mapper.map_text(key, name, tensor)
+            mapper.map_text(key, name, source.meta(key))
         elif key.startswith(vision_prefix):
-            mapper.map_vision(key, key[len(vision_prefix):], tensor)
+            mapper.map_vision(key, key[len(vision_prefix):], source.meta(key))
         else:
             mapper.unexpected.append(key)
+    return mapper
+
+
+def _raise_unexpected(mapper: _Mapper, kind: str) -> None:
     if mapper.unexpected:
         raise ConversionError(
             f"The {kind} checkpoint has weights this converter does not know where to put (unexpected keys): "
             f"{_list_keys(mapper.unexpected)}. They belong to an architecture EVA-CLIP does not use (e.g. mean pooling "
             "'fc_norm', relative position bias, an MLP text projection); nothing was written."
         )
-    return mapper.tensors, mapper.origin
+
+
+def _check_buffers(source: SourceCheckpoint, mapper: _Mapper, vision_config: EvaCLIPVisionConfig) -> None:
+    """The buffers that are not converted must hold what our model computes: timm's k bias is zero, and BAAI's 2D
+    RoPE tables (which its loader restores) equal ours, or the --arch config (image_size, pt_hw_seq_len, intp_freq,
+    head width) is not the checkpoint's."""
+    for source_key in mapper.zero_buffers:
+        if source.load(source_key).count_nonzero().item():
+            raise _ValueError(f"{source_key!r} is a non-zero k bias; EVA-CLIP attention has no k bias.")
+    if not mapper.rope_tables:
+        return
+    if not vision_config.use_rope:
+        raise ConversionError(
+            f"{mapper.rope_tables[0]!r} is a rotary position table, but the --arch config has no RoPE "
+            "(vision_cfg.rope); this checkpoint is an EVA-02 model, pick an EVA02 preset."
+        )
+    rotary = EvaCLIPRotaryEmbedding(vision_config)
+    cos, sin = rotary.compute_table(rotary.grid_size, rotary.grid_size)
+    for source_key in mapper.rope_tables:
+        expected = (cos if source_key.endswith("cos") else sin)[1:]  # row 0 is our identity row for CLS
+        tensor = source.load(source_key)
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise ConversionError(
+                f"Shape mismatch for {source_key!r}: checkpoint {list(tensor.shape)} vs --arch {list(expected.shape)} "
+                "(patch grid x head_dim); check image_size, patch_size and head_width."
+            )
+        error = (tensor.float() - expected).abs().max().item()
+        if error > _ROPE_TABLE_ATOL:
+            raise _ValueError(
+                f"The rotary table {source_key!r} differs from the one the --arch config defines (max abs diff "
+                f"{error:.3g}); check vision_cfg.pt_hw_seq_len and intp_freq."
+            )
+
+
+def _materialize_target(source: SourceCheckpoint, target: _Target, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A target's own contiguous tensor (a copy of the source bytes where the dtype or layout changes)."""
+    tensor = target.view(source.load(target.source_key))
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
+def map_state_dict(
+    source: SourceCheckpoint, vision_config: EvaCLIPVisionConfig, vision_only: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every source tensor in our key names, in memory (for loaders that need the whole state dict, e.g. ZeRO-3's
+    rank-0 load), and for each new key the source key it came from."""
+    mapper = plan_state_dict(source, vision_only)
+    _raise_unexpected(mapper, source.kind)
+    _check_buffers(source, mapper, vision_config)
+    state_dict = {key: _materialize_target(source, target, None).clone() for key, target in mapper.targets.items()}
+    return state_dict, {key: target.source_key for key, target in mapper.targets.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Configs and model
+# Configs and architecture checks
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -501,75 +838,134 @@ def config_from_hf_dict(config_dict: Mapping[str, Any]) -> Union[EvaCLIPConfig, 
     """Our config from a config.json of the InternVL port (model_type "clip" / "clip_vision_model") or of this
     package, keeping only the fields our configs define (the port's generic transformers fields are dropped)."""
     model_type = config_dict.get("model_type")
-    if model_type in _VISION_MODEL_TYPES:
-        return EvaCLIPVisionConfig(**_config_fields(EvaCLIPVisionConfig, config_dict))
-    if model_type in _TEXT_MODEL_TYPES:
-        raise ConversionError(f"config.json describes a text tower only (model_type {model_type!r}); the converter "
-                              "writes full models or vision towers.")
-    if model_type not in ("evaclip", "clip") or "vision_config" not in config_dict:
-        raise ConversionError(f"config.json has model_type {model_type!r}; expected an EVA-CLIP config ('evaclip', or "
-                              "'clip' from the InternVL port) with vision_config and text_config.")
-    projection_dim = config_dict.get("projection_dim", 512)
-    towers = {}
-    for key, config_class in (("vision_config", EvaCLIPVisionConfig), ("text_config", EvaCLIPTextConfig)):
-        fields = _config_fields(config_class, config_dict.get(key) or {})
-        fields.setdefault("projection_dim", projection_dim)
-        towers[key] = config_class(**fields).to_dict()
-    top = _config_fields(EvaCLIPConfig, config_dict)
-    top.pop("text_config", None)
-    top.pop("vision_config", None)
-    return EvaCLIPConfig(**towers, **top)
+    try:
+        if model_type in _VISION_MODEL_TYPES:
+            return EvaCLIPVisionConfig(**_config_fields(EvaCLIPVisionConfig, config_dict))
+        if model_type in _TEXT_MODEL_TYPES:
+            raise ConversionError(f"config.json describes a text tower only (model_type {model_type!r}); the "
+                                  "converter writes full models or vision towers.")
+        if model_type not in ("evaclip", "clip") or not isinstance(config_dict.get("vision_config"), Mapping):
+            raise ConversionError(f"config.json has model_type {model_type!r}; expected an EVA-CLIP config "
+                                  "('evaclip', or 'clip' from the InternVL port) with vision_config and text_config.")
+        projection_dim = config_dict.get("projection_dim", 512)
+        towers = {}
+        for key, config_class in (("vision_config", EvaCLIPVisionConfig), ("text_config", EvaCLIPTextConfig)):
+            values = config_dict.get(key) or {}
+            if not isinstance(values, Mapping):
+                raise ConversionError(f"config.json: {key} must be a JSON object, found {type(values).__name__}.")
+            fields = _config_fields(config_class, values)
+            fields.setdefault("projection_dim", projection_dim)
+            towers[key] = config_class(**fields).to_dict()
+        top = _config_fields(EvaCLIPConfig, config_dict)
+        top.pop("text_config", None)
+        top.pop("vision_config", None)
+        return EvaCLIPConfig(**towers, **top)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError) as error:  # e.g. a string where a number belongs
+        raise ConversionError(f"config.json is not a valid EVA-CLIP config: {' '.join(str(error).split())}") from None
 
 
 def _resolve_config(source: SourceCheckpoint, arch: Optional[str]) -> Union[EvaCLIPConfig, EvaCLIPVisionConfig]:
     if arch:
         return resolve_arch(arch)
     if source.hf_config is not None:
-        return config_from_hf_dict(source.hf_config)
+        try:
+            return config_from_hf_dict(source.hf_config)
+        except ConversionError as error:
+            raise ConversionError(f"{Path(source.path) / 'config.json'}: {error}") from None
     raise ConversionError(
         f"--arch is required for a {source.kind} checkpoint (its file does not record the architecture): pass a preset "
         "name (see `llava-evaclip presets`) or the path of a BAAI model-config JSON (embed_dim, vision_cfg, text_cfg)."
     )
 
 
-def _empty_model(model_class: type, config: Any) -> EvaCLIPPreTrainedModel:
-    """The model with its parameters on the meta device: no memory and no random init for weights we overwrite."""
-    with torch.device("meta"):
-        return model_class(config)
+_LAYER = re.compile(r"(vision|text)_model\.encoder\.layers\.(\d+)\.")
 
 
-def _materialize(model: EvaCLIPPreTrainedModel, state_dict: dict[str, torch.Tensor]) -> None:
-    """Assign the converted tensors as the model's parameters (no copy), then compute the non-persistent buffers."""
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    for module in model.modules():
-        if isinstance(module, EvaCLIPRotaryEmbedding):
-            cos, sin = module.compute_table(module.grid_size, module.grid_size)
-            module.cos, module.sin = cos, sin
-            module.reset_cache()
-    left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
-    if left_on_meta:
-        raise RuntimeError(f"Tensors left uninitialised after conversion (a converter bug): {left_on_meta}.")
+def _dimensions(shapes: Mapping[str, tuple[int, ...]], head_dim: Optional[int]) -> dict[str, tuple[Any, str]]:
+    """The architecture a set of weight shapes (our key names) implies: name -> (value, the key it was read from)."""
+    dims: dict[str, tuple[Any, str]] = {}
+
+    def take(name: str, key: str, read: Callable[[tuple[int, ...]], Any]) -> None:
+        if key in shapes and len(shapes[key]) > 0:
+            dims[name] = (read(shapes[key]), key)
+
+    patch = "vision_model.embeddings.patch_embedding.weight"
+    take("vision width", patch, lambda shape: shape[0])
+    take("patch size", patch, lambda shape: shape[-1])
+    positions = "vision_model.embeddings.position_embedding.weight"
+    if positions in shapes and "patch size" in dims:
+        grid = round((shapes[positions][0] - 1) ** 0.5)
+        if grid * grid == shapes[positions][0] - 1:
+            dims["image size"] = (grid * dims["patch size"][0], positions)
+    take("vision MLP width", "vision_model.encoder.layers.0.mlp.fc1.weight", lambda shape: shape[0])
+    take("image projection dim", "visual_projection.weight", lambda shape: shape[0])
+    take("text width", "text_model.embeddings.token_embedding.weight", lambda shape: shape[-1])
+    take("text vocabulary", "text_model.embeddings.token_embedding.weight", lambda shape: shape[0])
+    take("text context length", "text_model.embeddings.position_embedding.weight", lambda shape: shape[0])
+    take("text MLP width", "text_model.encoder.layers.0.mlp.fc1.weight", lambda shape: shape[0])
+    take("text projection dim", "text_projection.weight", lambda shape: shape[0])
+    if head_dim and "vision width" in dims:
+        dims["vision heads"] = (dims["vision width"][0] // head_dim, f"head width {head_dim}")
+    for tower in ("vision", "text"):
+        layers = [int(match.group(2)) for key in shapes for match in [_LAYER.match(key)]
+                  if match and match.group(1) == tower]
+        if layers:
+            dims[f"{tower} depth"] = (max(layers) + 1, f"{tower}_model.encoder.layers.{max(layers)}")
+    for feature, suffix in (("SwiGLU MLP", "mlp.fc1_up.weight"), ("sub-LayerNorm", "mlp.ffn_ln.weight"),
+                            ("layer scale", "layer_scale1")):
+        found = any(key.startswith("vision_model.") and key.endswith(suffix) for key in shapes)
+        dims[feature] = ("yes" if found else "no", suffix)
+    return dims
 
 
-def _validate(
-    model: EvaCLIPPreTrainedModel, state_dict: dict[str, torch.Tensor], origin: dict[str, str], arch_name: str
-) -> None:
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+def _check_dimensions(mapper: _Mapper, model_shapes: Mapping[str, tuple[int, ...]],
+                      vision_config: EvaCLIPVisionConfig, arch_name: str) -> None:
+    """Every architectural dimension the checkpoint's shapes imply against `arch`'s, all in one message, before any
+    per-key comparison (a wrong --arch otherwise surfaces as one puzzling key)."""
+    source_shapes = {key: tuple(target.meta.shape) for key, target in mapper.targets.items()}
+    rope_head_dim = None
+    if mapper.rope_tables:
+        table = mapper.source.meta(mapper.rope_tables[0])
+        rope_head_dim = table.shape[-1] if table.ndim else None
+    found = _dimensions(source_shapes, rope_head_dim)
+    expected = _dimensions(model_shapes, vision_config.head_dim if rope_head_dim else None)
+    differences = []
+    for name, (value, key) in found.items():
+        if name in expected and expected[name][0] != value:
+            where = mapper.targets[key].source_key if key in mapper.targets else key
+            shape = f" {list(source_shapes[key])}" if key in source_shapes else ""
+            differences.append(f"{name} {value} (from {where}{shape}) vs {expected[name][0]}")
+    if mapper.rope_tables and not vision_config.use_rope:
+        differences.append(f"rotary position tables (EVA-02) present ({mapper.rope_tables[0]}) vs none")
+    if "text width" in expected and "text width" not in found:
+        differences.append("no text tower vs a text tower (pass --vision-only for a vision-only checkpoint)")
+    if differences:
+        raise ConversionError(
+            f"The checkpoint's architecture differs from {arch_name} (checkpoint vs architecture): "
+            + "; ".join(differences) + ". Nothing was written; pick the --arch that matches (see `llava-evaclip "
+            "presets -v`) or pass a BAAI model-config JSON."
+        )
+
+
+def _check_keys(mapper: _Mapper, model_shapes: Mapping[str, tuple[int, ...]], arch_name: str) -> None:
+    targets = mapper.targets
+    missing = sorted(set(model_shapes) - set(targets))
+    unexpected = sorted(set(targets) - set(model_shapes))
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint (the model needs them): {_list_keys(missing)}")
     if unexpected:
         problems.append("in the checkpoint but not in the model: "
-                        + _list_keys(f"{origin[key]} -> {key}" for key in unexpected))
+                        + _list_keys(f"{targets[key].source_key} -> {key}" for key in unexpected))
     if problems:
         raise ConversionError(f"The checkpoint does not match {arch_name}: " + "; ".join(problems) + ". Nothing was "
                               "written; check --arch (and --vision-only for vision-only checkpoints).")
     mismatched = [
-        f"{origin[key]} -> {key}: checkpoint {list(state_dict[key].shape)} vs {arch_name} {list(shape)}"
-        for key, shape in expected.items()
-        if tuple(state_dict[key].shape) != shape
+        f"{targets[key].source_key} -> {key}: checkpoint {list(targets[key].meta.shape)} vs {arch_name} {list(shape)}"
+        for key, shape in model_shapes.items()
+        if tuple(targets[key].meta.shape) != shape
     ]
     if mismatched:
         raise ConversionError(f"Shape mismatch between the checkpoint and {arch_name}: " + "; ".join(mismatched[:10])
@@ -577,112 +973,491 @@ def _validate(
                               + ". Check --arch.")
 
 
-def build_converted_model(
-    source: SourceCheckpoint,
-    arch: Optional[str] = None,
-    vision_only: bool = False,
-    dtype: Union[str, torch.dtype] = "float32",
-) -> EvaCLIPPreTrainedModel:
-    """Our model holding the source checkpoint's weights (in `dtype`): `EvaCLIPModel`, or for a vision tower
-    `EvaCLIPVisionModelWithProjection` when the source has an image projection and `EvaCLIPVisionModel` otherwise."""
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+@dataclass
+class ConversionPlan:
+    """A checked conversion: the model (on the meta device: config and expected weights) and where each of its
+    weights comes from."""
+
+    source: SourceCheckpoint
+    model: EvaCLIPPreTrainedModel
+    targets: dict[str, _Target]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(target.meta.numel() for target in self.targets.values())
+
+
+def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
+                    vision_only: bool = False) -> ConversionPlan:
+    """Resolve the architecture and check the checkpoint against it: every differing dimension and unplaceable keys
+    (shapes only), then the rotary tables and other buffers (small reads), then every key and shape."""
     config = _resolve_config(source, arch)
     if source.kind == "timm" or isinstance(config, EvaCLIPVisionConfig):
         vision_only = True  # a timm state dict or a vision config holds no text tower
-    if source.kind in ("baai", "open_clip") and source.text_prefix is None and not vision_only:
-        raise ConversionError(
-            f"{source.path} holds only a vision tower (no text weights); pass --vision-only to convert it."
-        )
     vision_config = config if isinstance(config, EvaCLIPVisionConfig) else config.vision_config
-    state_dict, origin = map_state_dict(source, vision_config, vision_only)
+    mapper = plan_state_dict(source, vision_only)
     if vision_only:
         if isinstance(config, EvaCLIPConfig):  # the image projection in the weights is the two-tower model's
             vision_config.projection_dim = config.projection_dim
         config = vision_config
-        model_class = (EvaCLIPVisionModelWithProjection if "visual_projection.weight" in state_dict
+        model_class = (EvaCLIPVisionModelWithProjection if "visual_projection.weight" in mapper.targets
                        else EvaCLIPVisionModel)
     else:
         model_class = EvaCLIPModel
+    with torch.device("meta"):  # no memory and no random init
+        model = model_class(config)
+    model_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
     arch_name = f"--arch {arch!r}" if arch else "the source config.json"
-    model = _empty_model(model_class, config)
-    _validate(model, state_dict, origin, arch_name)
-    converted = {}
-    for key in list(state_dict):
-        tensor = state_dict.pop(key)  # drop the source reference as we go: at most one copy of each weight is alive
-        converted[key] = tensor.to(torch_dtype).contiguous() if tensor.is_floating_point() else tensor
-    _materialize(model, converted)
+    _check_dimensions(mapper, model_shapes, vision_config, arch_name)
+    _raise_unexpected(mapper, source.kind)
+    if source.kind in ("baai", "open_clip") and source.text_prefix is None and not vision_only:
+        raise ConversionError(
+            f"{source.path} holds only a vision tower (no text weights); pass --vision-only to convert it."
+        )
+    _check_buffers(source, mapper, vision_config)
+    _check_keys(mapper, model_shapes, arch_name)
     model.eval()
-    return model
+    return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Writing
+# Output paths: what --overwrite may replace, staging dirs, signals
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _check_output(out: Path, src: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
+def _previous_output_problem(directory: Path) -> Optional[str]:
+    """Why `directory` is not a previous `convert` output (None when it is one)."""
+    if not directory.is_dir():
+        return "it is not a directory"
+    try:
+        with open(directory / "config.json", encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return "it has no readable config.json"
+    if model_type not in CONVERTED_MODEL_TYPES:
+        return (f"its config.json has model_type {model_type!r}, not one convert writes "
+                f"({', '.join(CONVERTED_MODEL_TYPES)})")
+    names = sorted(os.listdir(directory))
+    if not any(name.startswith("model") and name.endswith(".safetensors") for name in names):
+        return "it holds no model*.safetensors weights"
+    foreign = [name for name in names if not _CONVERTED_FILES.fullmatch(name) or (directory / name).is_dir()]
+    if foreign:
+        return f"it holds entries convert does not write ({_list_keys(foreign)})"
+    return None
+
+
+def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is read, an OUT that cannot be written or whose replacement could lose user data:
+    --overwrite replaces only a previous convert output, never SRC or a folder holding it, the current directory or
+    an ancestor of it, or the home directory. Symlinks and `.` are resolved first."""
+    out_abs = Path(os.path.abspath(out))
+    ancestor = out_abs.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConversionError(f"OUT {str(out)!r} cannot be created: {str(ancestor)!r} is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConversionError(f"OUT {str(out)!r} cannot be created: {str(ancestor)!r} is not writable.")
+    src_real, out_real = Path(os.path.realpath(src)), Path(os.path.realpath(out))
+    if out_real == src_real:
         raise ConversionError(f"OUT {str(out)!r} is SRC; write the converted model to a new directory.")
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
         raise ConversionError(f"OUT {str(out)!r} already exists; choose a new directory or pass --overwrite to "
-                              "replace it.")
+                              "replace a previous convert output.")
+    refuse = f"--overwrite refused: OUT {str(out)!r}"
+    if out_real in src_real.parents:
+        raise ConversionError(f"{refuse} contains SRC {str(src)!r}; nothing was removed.")
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if out_real == cwd or out_real in cwd.parents:
+        raise ConversionError(f"{refuse} is the current directory or one of its ancestors; nothing was removed.")
+    if out_real == Path(os.path.realpath(os.path.expanduser("~"))):
+        raise ConversionError(f"{refuse} is the home directory; nothing was removed.")
+    problem = _previous_output_problem(out_real)
+    if problem is not None:
+        raise ConversionError(f"{refuse} is not a previous convert output ({problem}); only such a directory is "
+                              "replaced. Choose a new OUT; nothing was removed.")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
+    """Remove the staging dirs (`.OUT.converting-<pid>-*`) that conversions killed in `parent` left behind, once
+    their process no longer exists; a swapped-out previous OUT (`...-replaced`) goes back to OUT if OUT is missing,
+    else it is removed. Returns what was removed or restored."""
+    parent = Path(parent)
+    cleaned = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return cleaned
+    for name in sorted(names):
+        match = _STAGING_NAME.fullmatch(name)
+        path = parent / name
+        if match is None or path.is_symlink() or not path.is_dir() or _process_exists(int(match.group("pid"))):
+            continue
+        out = parent / match.group("name")
+        try:
+            if match.group("replaced") and not (out.exists() or out.is_symlink()):
+                os.rename(path, out)
+                logger.warning(f"Restored {out} from {name}, left by a conversion that was killed while replacing it.")
+            else:
+                shutil.rmtree(path)
+                logger.info(f"Removed {path}, left by a conversion that was killed.")
+            cleaned.append(str(path))
+        except OSError as error:
+            logger.warning(f"Could not remove the stale staging dir {path}: {error}")
+    return cleaned
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While converting, SIGTERM raises `ConversionTerminated` (as SIGINT raises KeyboardInterrupt), so the staging
+    dir is removed and OUT restored; the previous handler is put back afterwards. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise ConversionTerminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT / SIGTERM wait until the block ends (renames and cleanup are not cut in half)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    else:
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging dir to OUT; an existing OUT (with `overwrite`) is swapped out, then removed."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise ConversionError(f"OUT {str(out)!r} appeared while converting; nothing was replaced.")
-        backup = staging.with_name(staging.name + "-replaced")
-        os.rename(out, backup)
-        try:
-            os.rename(staging, out)
-        except BaseException:
-            os.rename(backup, out)
-            raise
-        _remove(backup)
-    else:
+def _move_into_place(staging: Path, out: Path, src: Path, overwrite: bool) -> None:
+    """Rename the finished staging dir to OUT; an existing OUT (with `overwrite`, checked again now) is swapped out,
+    then removed."""
+    _check_paths(src, out, overwrite)
+    if not (out.exists() or out.is_symlink()):
         os.rename(staging, out)
+        return
+    backup = staging.with_name(staging.name + "-replaced")
+    os.rename(out, backup)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(backup, out)
+        raise
+    _remove(backup)
 
 
-def save_converted(
-    model: EvaCLIPPreTrainedModel,
-    out: Union[str, os.PathLike],
-    overwrite: bool = False,
-    max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
-) -> list[str]:
-    """Write a complete Hugging Face dir atomically: weights (safetensors, sharded above `max_shard_size`),
-    config.json, preprocessor_config.json and, for a full model, the CLIP tokenizer files."""
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    text_config = model.config.text_config if isinstance(model.config, EvaCLIPConfig) else None
-    with_tokenizer = text_config is not None and text_config.vocab_size == VOCAB_SIZE
-    if with_tokenizer:
-        text_config.pad_token_id = PAD_TOKEN_ID  # what the written tokenizer pads with
-    elif text_config is not None:
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: safetensors shards streamed tensor by tensor
+# ----------------------------------------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    """`max_shard_size` as transformers reads it: an int or "5GB" (10^9) / "5GiB" (2^30)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    if match is None or match.group(2).upper() not in _SIZE_UNITS:
+        raise ConversionError(f"max_shard_size {size!r} is not a size such as 5GB or 500MB.")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _shards(entries: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Keys grouped into shards in order, a new shard whenever the next tensor would exceed the limit (as
+    transformers shards; a tensor larger than the limit gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, nbytes in entries:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+@dataclass(frozen=True)
+class _FileSlice:
+    """Output tensor whose values are a contiguous byte range of the source file, in `source_dtype`: copied by the
+    kernel when the dtype stays, else read, cast and written block by block."""
+
+    path: str
+    offset: int
+    source_dtype: torch.dtype
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        data = data[os.write(fd, data):]
+
+
+def _read_blocks(source: Any, piece: _FileSlice, nbytes: int) -> Iterator[memoryview]:
+    """The range's bytes in blocks of whole elements, read into one reused buffer (plain reads: no mapping)."""
+    buffer = memoryview(bytearray(min(nbytes, _READ_CHUNK)))
+    done = 0
+    while done < nbytes:
+        count = os.preadv(source.fileno(), [buffer[: min(len(buffer), nbytes - done)]], piece.offset + done)
+        if count <= 0:
+            raise ConversionError(f"{piece.path}: the file ends inside a tensor (truncated?).")
+        yield buffer[:count]
+        done += count
+
+
+def _copy_slice(piece: _FileSlice, fd: int) -> bool:
+    """Write a source byte range into `fd`, checking that its values are finite (returned). Same dtype: read once
+    for the check and copied with copy_file_range (in the kernel, like `cp`); another dtype: cast block by block."""
+    element = torch.empty(0, dtype=piece.source_dtype).element_size()
+    nbytes = torch.Size(piece.shape).numel() * element
+    finite = True
+    with open(piece.path, "rb", buffering=0) as source:
+        if piece.source_dtype != piece.dtype:
+            for block in _read_blocks(source, piece, nbytes):
+                values = torch.frombuffer(block, dtype=piece.source_dtype).to(piece.dtype)
+                finite = finite and _all_finite(values)
+                _write_all(fd, memoryview(values.view(torch.uint8).numpy()))
+            return finite
+        if piece.dtype.is_floating_point:
+            for block in _read_blocks(source, piece, nbytes):
+                finite = finite and _all_finite(torch.frombuffer(block, dtype=piece.dtype))
+        done = 0
+        try:
+            while done < nbytes:
+                count = os.copy_file_range(source.fileno(), fd, nbytes - done, piece.offset + done)
+                if count <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += count
+        except (OSError, AttributeError):  # no copy_file_range here (other OS, old kernel, other file system)
+            for block in _read_blocks(source, _FileSlice(piece.path, piece.offset + done, piece.source_dtype,
+                                                         piece.dtype, (nbytes - done,)), nbytes - done):
+                _write_all(fd, block)
+    return finite
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                       produce: Callable[[str], Union[torch.Tensor, _FileSlice]],
+                       written: Callable[[str, bool], None]) -> None:
+    """A safetensors file written one tensor at a time: the header comes from the shapes, then each tensor produced
+    is written and dropped (or, for a byte range of the source, copied by the kernel); `written(key, finite)` follows
+    each. Larger elements first keeps every tensor aligned."""
+    tensors = sorted(tensors, key=lambda item: -torch.empty(0, dtype=item[1]).element_size())
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    sizes = {}
+    for key, dtype, shape in tensors:
+        sizes[key] = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape),
+                       "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb", buffering=0) as handle:
+        fd = handle.fileno()
+        _write_all(fd, memoryview(struct.pack("<Q", len(encoded)) + encoded))
+        for key, dtype, shape in tensors:
+            piece = produce(key)
+            if piece.dtype != dtype or tuple(piece.shape) != tuple(shape):
+                raise RuntimeError(f"{key}: produced {piece.dtype} {list(piece.shape)}, planned {dtype} {list(shape)}"
+                                   " (a converter bug).")
+            if isinstance(piece, _FileSlice):
+                finite = _copy_slice(piece, fd)
+            else:
+                finite = not piece.is_floating_point() or _all_finite(piece)
+                if piece.numel():
+                    _write_all(fd, memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+            del piece
+            written(key, finite)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without temporaries: a sum is finite unless some value is NaN or
+    inf, or the values are huge enough to overflow it; only then are the values checked one by one, in blocks."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start : start + (1 << 22)]).all()) for start in range(0, flat.numel(), 1 << 22))
+
+
+def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
+                  max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    """The weights as transformers writes them (`model.safetensors`, or `model-0000X-of-0000N.safetensors` plus
+    `model.safetensors.index.json`), streamed: each tensor is read, cast, checked to be finite, written and dropped;
+    one whose bytes are unchanged is copied from the source file by the kernel. Raises a `ConversionError` naming
+    every non-finite tensor."""
+    source = plan.source
+
+    def out_dtype(target: _Target) -> torch.dtype:
+        return dtype if target.meta.is_floating_point() else target.meta.dtype
+
+    entries = [(key, target.meta.numel() * torch.empty(0, dtype=out_dtype(target)).element_size())
+               for key, target in plan.targets.items()]
+    shards = _shards(entries, _parse_size(max_shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors" for index in range(len(shards))])
+    not_finite: list[str] = []
+
+    def produce(key: str) -> Union[torch.Tensor, _FileSlice]:
+        target = plan.targets[key]
+        view = target.view(source.load(target.source_key))
+        if view.is_contiguous() and (where := source.file_range(target.source_key, view)) is not None:
+            return _FileSlice(where[0], where[1], view.dtype, out_dtype(target), tuple(view.shape))
+        return _materialize_target(source, target, dtype)
+
+    def written(key: str, finite: bool) -> None:
+        target = plan.targets[key]
+        if not finite:
+            not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
+        source.release(target.source_key)
+
+    for name, keys in zip(names, shards):
+        _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]), tuple(plan.targets[key].meta.shape))
+                                              for key in keys], produce, written)
+    if not_finite:
+        cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
+        raise _ValueError(
+            f"The checkpoint holds non-finite values (NaN or inf{cast}) in: {_list_keys(not_finite)}. A released "
+            "checkpoint has none: the file is damaged (download it again) or the values overflow the chosen --dtype. "
+            "Nothing was written."
+        )
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes for _, nbytes in entries)},
+                 "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
+        with open(directory / "model.safetensors.index.json", "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _set_dtype(config: Any, dtype: torch.dtype) -> None:
+    name = str(dtype).split(".")[-1]
+    if isinstance(getattr(type(config), "torch_dtype", None), property):  # transformers 5: `dtype` is the field
+        config.dtype = name
+    else:
+        config.torch_dtype = name
+
+
+def write_processor(config: Union[EvaCLIPConfig, EvaCLIPVisionConfig], directory: Path) -> None:
+    """For a full model, what `CLIPProcessor.save_pretrained` writes (image processor and fast tokenizer, so
+    `AutoProcessor` gives a CLIPProcessor), in the layout every transformers line reads; for a vision tower, the image
+    processor alone (what `AutoProcessor` then gives)."""
+    from transformers import CLIPProcessor
+
+    image_processor = build_image_processor(config)
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config.vocab_size != VOCAB_SIZE:
         logger.warning(
             f"The text tower has {text_config.vocab_size} tokens, not CLIP's {VOCAB_SIZE}: no tokenizer files are "
             "written (the CLIP BPE vocabulary would not match its embeddings)."
         )
-    try:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        build_image_processor(model.config).save_pretrained(staging)
-        if with_tokenizer:
-            write_tokenizer_files(staging, model_max_length=text_config.max_position_embeddings)
-        files = sorted(path.name for path in staging.iterdir())
-        _move_into_place(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return [str(out / name) for name in files]
+        text_config = None
+    if text_config is not None:
+        tokenizer = build_tokenizer(use_fast=True, model_max_length=text_config.max_position_embeddings)
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+        # transformers 5 nests the image processor in processor_config.json, whose fields 4.x (LLaVA's pin) passes to
+        # CLIPProcessor as duplicate arguments; the flat layout (preprocessor_config.json below, processor_class in
+        # tokenizer_config.json) loads as a CLIPProcessor on both lines.
+        (directory / "processor_config.json").unlink(missing_ok=True)
+        _legacy_merges(directory / "tokenizer.json")
+    image_processor.save_pretrained(directory)
+
+
+def _legacy_merges(path: Path) -> None:
+    """tokenizers >= 0.20 writes BPE merges as pairs, which the tokenizers of transformers 4.37 cannot parse; CLIP's
+    byte-level symbols hold no space, so the "a b" strings both read are the same merges."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    merges = data.get("model", {}).get("merges")
+    if merges and isinstance(merges[0], list):
+        data["model"]["merges"] = [" ".join(pair) for pair in merges]
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=2)
+
+
+def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arch: Optional[str], dtype: str,
+                out: Path, vision_only: bool) -> str:
+    """README.md for the converted dir: what it is, where it came from, how to check and load it."""
+    from . import __version__
+
+    config = plan.model.config
+    vision = config if isinstance(config, EvaCLIPVisionConfig) else config.vision_config
+    text = getattr(config, "text_config", None)
+    model_class = type(plan.model).__name__
+    flags = [name for name, on in (("RoPE", vision.use_rope), ("SwiGLU", vision.use_swiglu),
+                                   ("sub-LN", vision.use_sub_layernorm), ("post-norm", vision.post_layernorm),
+                                   ("layer scale", vision.layer_scale_init_value is not None)) if on]
+    arch_label = Path(arch).name if arch and os.path.isfile(arch) else (arch or "from the source config.json")
+    command = ["llava-evaclip", "convert", src.name, out.name]
+    if arch:
+        command += ["--arch", arch_label]
+    if vision_only:
+        command.append("--vision-only")
+    if dtype != "float32":
+        command += ["--dtype", dtype]
+    sources = "\n".join(f"- `{Path(path).name}`: sha256 `{digest}`" for path, digest in digests.items())
+    lines = [
+        "---", "library_name: transformers", "tags:", "- eva-clip", "- clip", "- llava-evaclip", "---", "",
+        f"# {out.name}", "",
+        f"EVA-CLIP ({arch_label}) converted to Hugging Face format by llava-evaclip {__version__}: `{model_class}`, "
+        f"{plan.num_parameters / 1e6:.1f}M parameters, {dtype}.", "",
+        "## Architecture", "",
+        f"- Vision: width {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} heads, "
+        f"patch {vision.patch_size}, image {vision.image_size} px, MLP {vision.intermediate_size}"
+        + (f", {', '.join(flags)}" if flags else "") + ".",
+    ]
+    if text is not None:
+        lines.append(f"- Text: width {text.hidden_size}, {text.num_hidden_layers} layers, {text.num_attention_heads} "
+                     f"heads, vocabulary {text.vocab_size}, context {text.max_position_embeddings}.")
+    lines += [
+        "", "## Source", "", f"Converted from a {plan.source.kind} checkpoint:", "", sources, "",
+        "Reproduce: `" + " ".join(command) + "`. Every weight was checked against the architecture (names, shapes, "
+        "rotary tables), the archive CRCs and finiteness. The conversion's parity with BAAI's original code (every "
+        "hidden state within 2e-5) is tested by `python -m pytest tests/test_convert.py` in llava-evaclip's "
+        "repository.", "",
+        "## Load", "", "With llava-evaclip installed (`pip install llava-evaclip`), which registers the EVA-CLIP "
+        "model types with transformers' Auto classes:", "", "```python", "import llava_evaclip  # noqa: F401",
+        "from transformers import AutoModel, AutoProcessor", "",
+        f'model = AutoModel.from_pretrained("{out.name}")',
+        f'processor = AutoProcessor.from_pretrained("{out.name}")', "```", "",
+        "With transformers alone, `AutoProcessor` / `AutoImageProcessor`"
+        + (" / `AutoTokenizer`" if text is not None else "") + " load from this folder unchanged, and the weights are "
+        "plain safetensors. The model class needs one line first: `pip install llava-evaclip`, then "
+        "`import llava_evaclip` before `from_pretrained`. The folder ships no modeling code (no `auto_map`), so "
+        "nothing here ever needs `trust_remote_code=True`.", "",
+    ]
+    return "\n".join(lines)
 
 
 def convert_checkpoint(
@@ -697,38 +1472,77 @@ def convert_checkpoint(
     """Convert SRC (BAAI .pt/.bin, timm or open_clip state dict, InternVL-port dir) into a Hugging Face dir OUT.
 
     `arch` is a preset name or a BAAI model-config JSON path (optional only for Hugging Face dirs, whose config.json
-    is used). Raises `ConversionError` (a ValueError) for anything that would not be a lossless conversion.
+    is used). Raises `ConversionError` (a ValueError) for anything that would not be a lossless conversion, and
+    `ConversionTerminated` on SIGTERM (main thread), after removing what it had written.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     src_path, out_path = Path(src), Path(out)
-    _check_output(out_path, src_path, overwrite)  # fail before the (slow) load, and again before the rename
-    source = load_source(src_path)
-    model = build_converted_model(source, arch=arch, vision_only=vision_only, dtype=dtype)
-    files = save_converted(model, out_path, overwrite=overwrite, max_shard_size=max_shard_size)
+    _check_paths(src_path, out_path, overwrite)  # before anything is read, and again before the rename
+    out_abs = Path(os.path.abspath(out_path))
+    if out_abs.parent.is_dir():
+        remove_stale_staging(out_abs.parent)
+    with _sigterm_raises():
+        source = load_source(src_path)
+        verification = _BackgroundVerification(source)  # CRCs and sha256, one pass beside the conversion
+        staging = out_abs.parent / f".{out_abs.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            plan = plan_conversion(source, arch=arch, vision_only=vision_only)
+            out_abs.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(staging)  # mode from the umask, like every file written below
+            config = plan.model.config
+            text_config = getattr(config, "text_config", None)
+            if text_config is not None and text_config.vocab_size == VOCAB_SIZE:
+                text_config.pad_token_id = PAD_TOKEN_ID  # what the written tokenizer pads with
+            config.architectures = [type(plan.model).__name__]
+            _set_dtype(config, DTYPES[dtype])
+            write_weights(plan, staging, DTYPES[dtype], max_shard_size)
+            config.save_pretrained(staging)
+            write_processor(config, staging)
+            digests = verification.result()
+            (staging / "README.md").write_text(
+                _model_card(plan, src_path, digests, arch, dtype, out_abs, vision_only), encoding="utf-8")
+            files = sorted(path.name for path in staging.iterdir())
+            with _signals_deferred():
+                _move_into_place(staging, out_path, src_path, overwrite)
+        except BaseException as error:
+            with _signals_deferred():
+                shutil.rmtree(staging, ignore_errors=True)
+            if not isinstance(error, _ValueError):  # names and shapes: the data was not read
+                verification.cancel()
+                raise
+            corruption = verification.corruption()
+            if corruption is not None and corruption is not error:
+                raise corruption from None
+            raise
     return ConversionResult(
-        output_dir=str(out_path.absolute()),
+        output_dir=str(out_abs),
         source_kind=source.kind,
-        model_class=type(model).__name__,
-        num_parameters=sum(parameter.numel() for parameter in model.parameters()),
+        model_class=type(plan.model).__name__,
+        num_parameters=plan.num_parameters,
         dtype=dtype,
-        files=files,
+        files=[str(out_abs / name) for name in files],
     )
 
 
 __all__ = [
+    "CONVERTED_MODEL_TYPES",
     "ConversionError",
+    "ConversionPlan",
     "ConversionResult",
+    "ConversionTerminated",
     "DEFAULT_MAX_SHARD_SIZE",
     "DTYPES",
     "SOURCE_KINDS",
     "SourceCheckpoint",
-    "build_converted_model",
     "config_from_hf_dict",
     "convert_checkpoint",
     "detect_source_kind",
     "load_source",
-    "load_weights_file",
     "map_state_dict",
-    "save_converted",
+    "plan_conversion",
+    "plan_state_dict",
+    "remove_stale_staging",
+    "write_processor",
+    "write_weights",
 ]

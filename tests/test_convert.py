@@ -244,8 +244,8 @@ def test_cli_subprocess_and_written_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "converted baai checkpoint" in result.stdout
     names = {path.name for path in out.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt",
-            "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= names
     assert not [name for name in os.listdir(tmp_path) if "converting" in name]
     model = check_against_baai(family, reference, out)
 
@@ -328,7 +328,7 @@ def test_vision_only(tmp_path):
     out = tmp_path / "vision"
     convert_cli(checkpoint, out, "--arch", arch, "--vision-only")
     assert json.loads((out / "config.json").read_text())["model_type"] == "evaclip_vision_model"
-    assert not (out / "vocab.json").exists()
+    assert not (out / "tokenizer.json").exists()
     images, _ = sample_inputs(FAMILIES[family]["vision"]["image_size"])
     capture = Capture(reference.visual.blocks, final_norm=reference.visual.norm)
     with torch.no_grad():
@@ -579,10 +579,12 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, eva02_checkpoint):
     with pytest.raises(ConversionError) as error:
         convert_checkpoint(_save(tmp_path, edited), tmp_path / "out", arch=str(arch))
     message = str(error.value)
-    assert "visual.head.weight" in message and "[17, 48]" in message and "[16, 48]" in message
+    assert "image projection dim 17 (from visual.head.weight [17, 48]) vs 16" in message
+    assert "text projection dim" not in message
     # The wrong architecture: an EVA01 preset for this EVA02 checkpoint.
-    with pytest.raises(ConversionError, match="RoPE|rotary"):
+    with pytest.raises(ConversionError, match="rotary position tables") as error:
         convert_checkpoint(_save(tmp_path, state_dict), tmp_path / "out", arch="EVA01-CLIP-B-16")
+    assert "SwiGLU MLP yes" in str(error.value)
 
 
 def test_rope_table_must_match_arch(tmp_path, eva02_checkpoint):
@@ -618,9 +620,14 @@ def test_existing_output_needs_overwrite(tmp_path, eva02_checkpoint):
     (out / "keep.txt").write_text("user data")
     with pytest.raises(ConversionError, match="--overwrite"):
         convert_checkpoint(checkpoint, out, arch=str(arch))
-    assert (out / "keep.txt").read_text() == "user data"
-    convert_checkpoint(checkpoint, out, arch=str(arch), overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(ConversionError, match="not a previous convert output"):
+        convert_checkpoint(checkpoint, out, arch=str(arch), overwrite=True)
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    convert_checkpoint(checkpoint, out, arch=str(arch))
+    convert_checkpoint(checkpoint, out, arch=str(arch), overwrite=True)  # a previous output is replaced
+    assert (out / "model.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["edited.pt", "out"]
 
 
@@ -633,19 +640,20 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch, eva02_checkpoint
     checkpoint = _save(tmp_path, state_dict)
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("previous conversion")
+        convert_checkpoint(checkpoint, out, arch=str(arch))
+        (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # marks the previous one
+    before = {path.name: path.read_bytes() for path in out.iterdir()} if existing else None
 
-    def fail_midway(directory, **kwargs):
+    def fail_midway(config, directory):
         assert (Path(directory) / "model.safetensors").exists()  # the weights are already there
-        (Path(directory) / "vocab.json").write_text("{")
+        (Path(directory) / "tokenizer.json").write_text("{")
         raise KeyboardInterrupt("interrupted while writing the tokenizer")
 
-    monkeypatch.setattr(convert_module, "write_tokenizer_files", fail_midway)
+    monkeypatch.setattr(convert_module, "write_processor", fail_midway)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(checkpoint, out, arch=str(arch), overwrite=existing)
     if existing:
-        assert os.listdir(out) == ["old.txt"]
+        assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     else:
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["edited.pt"] + (["out"] if existing else []))

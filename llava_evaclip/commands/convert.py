@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import time
 from typing import Any
 
@@ -32,12 +34,14 @@ def add_parser(subparsers: Any) -> None:
                              "timm state dicts always give a vision tower")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                         help="dtype of the written weights (default: float32)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is a previous convert output (never SRC or a folder holding it, the "
+                             "current directory or its ancestors, the home directory, or any other folder)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import ConversionError, convert_checkpoint
+    from ..convert import ConversionError, ConversionTerminated, convert_checkpoint
 
     start = time.perf_counter()
     try:
@@ -47,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ConversionError, ValueError, FileNotFoundError) as error:
         raise CLIError(" ".join(str(error).split())) from None  # one line, whatever the message holds
+    except (ConversionTerminated, KeyboardInterrupt) as error:
+        # The converter has removed its staging dir and left OUT as it was; say so on one line, no traceback.
+        terminated = isinstance(error, ConversionTerminated)
+        print(f"llava-evaclip convert: {'terminated (SIGTERM)' if terminated else 'interrupted'}; temporary files "
+              f"removed, {args.out} left as it was.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     print(
         f"converted {result.source_kind} checkpoint {args.src} -> {result.output_dir}: {result.model_class}, "
         f"{result.num_parameters / 1e6:.1f}M parameters, {result.dtype}, {len(result.files)} files "
