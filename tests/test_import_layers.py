@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
 
 # The modeling -> zero -> convert -> modeling cycle (modeling imports zero, one layer up).
-FIXED_ON_H13MODEL = {"modeling_evaclip", "zero", "convert"}  # fixed on h13model
+FIXED_ON_H13MODEL = {"modeling_evaclip", "zero", "convert", ""}  # fixed on h13model
 
 
 def _module_name(path: Path) -> str:
