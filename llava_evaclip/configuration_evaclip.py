@@ -87,6 +87,9 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         use_sub_layernorm: LayerNorm on the attention output before `out_proj` and on the MLP hidden before `fc2`.
         layer_scale_init_value: per-channel residual scales, created only when set.
         post_layernorm: post-norm blocks (`x + norm(f(x))`) instead of pre-norm (`x + f(norm(x))`).
+        use_rms_norm: RMSNorm (weight only, eps `layer_norm_eps`, statistics in fp32) instead of LayerNorm for every
+            norm of the tower, as EVA-CLIP-8B / 18B.
+        projection_bias: whether `visual_projection` has a bias (BAAI ties it to `qkv_bias`: none on 8B / 18B).
     """
 
     model_type = "evaclip_vision_model"
@@ -118,6 +121,8 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         rope_theta: float = 10000.0,
         use_swiglu: bool = False,
         use_sub_layernorm: bool = False,
+        use_rms_norm: bool = False,
+        projection_bias: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -145,6 +150,8 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         self.rope_theta = rope_theta
         self.use_swiglu = bool(use_swiglu)
         self.use_sub_layernorm = bool(use_sub_layernorm)
+        self.use_rms_norm = bool(use_rms_norm)
+        self.projection_bias = bool(projection_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -205,6 +212,9 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
     r"""
     Configuration of an EVA-CLIP text tower: OpenAI-CLIP's causal text transformer (GELU, LayerNorm eps 1e-5, EOS
     pooling at `input_ids.argmax(-1)`), with the same block flags as the vision tower where they apply.
+
+    Args:
+        use_rms_norm: RMSNorm instead of LayerNorm for every norm of the tower (no BAAI release uses it in text).
     """
 
     model_type = "evaclip_text_model"
@@ -229,6 +239,7 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         v_bias: bool = True,
         post_layernorm: bool = False,
         layer_scale_init_value: float | None = None,
+        use_rms_norm: bool = False,
         pad_token_id: int = 0,
         bos_token_id: int = 49406,
         eos_token_id: int = 49407,
@@ -252,6 +263,7 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         self.v_bias = bool(v_bias)
         self.post_layernorm = bool(post_layernorm) if post_layernorm is not None else False
         self.layer_scale_init_value = layer_scale_init_value
+        self.use_rms_norm = bool(use_rms_norm)
         self._validate()
 
     def _validate(self) -> None:

@@ -347,6 +347,33 @@ def resolve_attn_implementation(config: Any) -> str:
     return requested
 
 
+class EvaCLIPRMSNorm(nn.Module):
+    """EVA-CLIP-8B / 18B's RMSNorm, as BAAI computes it: `weight * x * rsqrt(mean(x^2) + eps)` with the statistics
+    in fp32, the product cast to the weight's dtype when that is half precision; weight only, no bias."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(config: EvaCLIPVisionConfig | EvaCLIPTextConfig, size: int) -> nn.Module:
+    """The tower's norm layer: LayerNorm, or RMSNorm when `config.use_rms_norm` (EVA-CLIP-8B / 18B)."""
+    if getattr(config, "use_rms_norm", False):
+        return EvaCLIPRMSNorm(size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(size, eps=config.layer_norm_eps)
+
+
 class EvaCLIPAttention(nn.Module):
     """Multi-head self-attention of both towers: independent q/k/v bias flags (no k bias parameter is created when
     the checkpoint has none), optional 2D RoPE, an optional sub-LayerNorm before the output projection, and the kernel
@@ -364,7 +391,7 @@ class EvaCLIPAttention(nn.Module):
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.k_bias)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=config.v_bias)
         if getattr(config, "use_sub_layernorm", False):
-            self.inner_attn_ln = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+            self.inner_attn_ln = build_norm(config, self.embed_dim)
         else:
             self.inner_attn_ln = None
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
@@ -442,7 +469,7 @@ class EvaCLIPMLP(nn.Module):
             nn.Linear(config.hidden_size, config.intermediate_size) if getattr(config, "use_swiglu", False) else None
         )
         self.ffn_ln = (
-            nn.LayerNorm(config.intermediate_size, eps=config.layer_norm_eps)
+            build_norm(config, config.intermediate_size)
             if getattr(config, "use_sub_layernorm", False)
             else None
         )
@@ -512,9 +539,9 @@ class EvaCLIPEncoderLayer(nn.Module):
         self.post_layernorm = bool(config.post_layernorm)
         attention_class = EvaCLIPTextAttention if isinstance(config, EvaCLIPTextConfig) else EvaCLIPAttention
         self.self_attn = attention_class(config)
-        self.layer_norm1 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.layer_norm1 = build_norm(config, self.embed_dim)
         self.mlp = EvaCLIPMLP(config)
-        self.layer_norm2 = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_eps)
+        self.layer_norm2 = build_norm(config, self.embed_dim)
         if config.layer_scale_init_value is not None:
             self.layer_scale1 = nn.Parameter(torch.full((self.embed_dim,), float(config.layer_scale_init_value)))
             self.layer_scale2 = nn.Parameter(torch.full((self.embed_dim,), float(config.layer_scale_init_value)))
@@ -523,7 +550,7 @@ class EvaCLIPEncoderLayer(nn.Module):
             self.layer_scale2 = None
 
     def _residual_branch(
-        self, hidden_states: torch.Tensor, norm: nn.LayerNorm, fn: Callable[[torch.Tensor], torch.Tensor],
+        self, hidden_states: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
         scale: Optional[torch.Tensor],
     ) -> torch.Tensor:
         branch = norm(fn(hidden_states)) if self.post_layernorm else fn(norm(hidden_states))
@@ -641,7 +668,7 @@ class EvaCLIPVisionTransformer(nn.Module):
         self.embeddings = EvaCLIPVisionEmbeddings(config)
         self.rotary_embedding = EvaCLIPRotaryEmbedding(config) if config.use_rope else None
         self.encoder = EvaCLIPEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = build_norm(config, config.hidden_size)
 
     def check_pixel_values(self, pixel_values: Optional[torch.Tensor], interpolate_pos_encoding: bool) -> None:
         """Clear errors for inputs that would otherwise fail deep inside with a shape error."""
@@ -745,7 +772,7 @@ class EvaCLIPTextTransformer(nn.Module):
         self.config = config
         self.embeddings = EvaCLIPTextEmbeddings(config)
         self.encoder = EvaCLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = build_norm(config, config.hidden_size)
 
     def _check_inputs(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]) -> None:
         limit = self.config.max_position_embeddings
@@ -889,6 +916,8 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.LayerNorm):
             init.zeros_(module.bias)
             init.ones_(module.weight)
+        if isinstance(module, EvaCLIPRMSNorm):
+            init.ones_(module.weight)
         if isinstance(module, nn.Linear) and module.bias is not None:
             init.zeros_(module.bias)
 
@@ -978,7 +1007,8 @@ class EvaCLIPTextModel(EvaCLIPPreTrainedModel):
 
 
 class EvaCLIPModel(EvaCLIPPreTrainedModel):
-    """Both towers, their projections (visual with bias, text without), a learnable temperature and the loss."""
+    """Both towers, their projections (visual with a bias unless `projection_bias=False`, text without), a learnable
+    temperature and the loss."""
 
     config_class = EvaCLIPConfig
 
@@ -1000,7 +1030,9 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         self.vision_embed_dim = vision_config.hidden_size
         self.text_model = EvaCLIPTextTransformer(text_config)
         self.vision_model = EvaCLIPVisionTransformer(vision_config)
-        self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=True)
+        self.visual_projection = nn.Linear(
+            self.vision_embed_dim, self.projection_dim, bias=vision_config.projection_bias
+        )
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.post_init()
@@ -1098,7 +1130,7 @@ class EvaCLIPVisionModelWithProjection(EvaCLIPVisionModel):
     _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
 
     def _build_head(self, config: EvaCLIPVisionConfig) -> None:
-        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=True)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=config.projection_bias)
 
     def forward(
         self,

@@ -23,6 +23,9 @@ _EVA01_G_VISION = {"image_size": 224, "layers": 40, "width": 1408, "head_width":
                    "patch_size": 14}
 _BIGE_VISION = {"image_size": 224, "layers": 64, "width": 1792, "head_width": 112,
                 "mlp_ratio": 8.571428571428571, "patch_size": 14, "postnorm": True}
+# EVA-CLIP-8B / 18B (BAAI's EVA-CLIP-18B release): RMSNorm, no q/k/v (nor head) bias, head width 128, MLP ratio 5.
+_8B_VISION = {"image_size": 224, "layers": 32, "width": 4096, "head_width": 128, "mlp_ratio": 5, "patch_size": 14,
+              "qkv_bias": False, "postnorm": False, "use_rms_norm": True}
 
 BAAI_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "EVA01-CLIP-B-16": {
@@ -49,6 +52,13 @@ BAAI_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "EVA02-CLIP-bigE-14": {"embed_dim": 1024, "vision_cfg": _BIGE_VISION, "text_cfg": _TEXT_H},
     "EVA02-CLIP-bigE-14-plus": {"embed_dim": 1024, "vision_cfg": _BIGE_VISION, "text_cfg": _TEXT_BIGG},
+    "EVA-CLIP-8B": {"embed_dim": 1280, "vision_cfg": _8B_VISION, "text_cfg": _TEXT_BIGG},
+    "EVA-CLIP-8B-448": {"embed_dim": 1280, "vision_cfg": {**_8B_VISION, "image_size": 448}, "text_cfg": _TEXT_BIGG},
+    "EVA-CLIP-18B": {
+        "embed_dim": 1536,
+        "vision_cfg": {**_8B_VISION, "layers": 48, "width": 5120, "postnorm": True},
+        "text_cfg": _TEXT_BIGG,
+    },
 }
 
 # BAAI's vision_cfg keys that change the computation and that we model; anything else that changes it is refused.
@@ -79,7 +89,7 @@ def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
     text = dict(model_cfg["text_cfg"])
     vision_known = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                     "qkv_bias", "postnorm", "rope", "pt_hw_seq_len", "intp_freq", "naiveswiglu", "subln",
-                    "global_average_pool"} | _IGNORED_VISION_KEYS
+                    "global_average_pool", "use_rms_norm"} | _IGNORED_VISION_KEYS
     _check_keys("vision_cfg", vision, vision_known)
     _check_keys("text_cfg", text, {"context_length", "vocab_size", "width", "heads", "layers", "ls_init_value",
                                    "mlp_ratio"} | _IGNORED_TEXT_KEYS)
@@ -111,6 +121,8 @@ def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
         rope_interpolate_freq=bool(vision.get("intp_freq", False)),
         use_swiglu=bool(vision.get("naiveswiglu", False)),
         use_sub_layernorm=bool(vision.get("subln", False)),
+        use_rms_norm=bool(vision.get("use_rms_norm", False)),
+        projection_bias=qkv_bias,  # BAAI's head: nn.Linear(width, embed_dim, bias=qkv_bias)
     )
     text_width = int(text.get("width", 512))
     text_config = EvaCLIPTextConfig(

@@ -13,6 +13,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from llava_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig  # noqa: E402
 
+# BAAI's code released with EVA-CLIP-8B / 18B (package `eva_clip`, in no registry): `.ci/run` sets the variable.
+EVACLIP_18B_REFERENCE = os.environ.get(
+    "EVACLIP_18B_REFERENCE",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
+                 "eva_clip_18b"),
+)
+# Our preset name -> BAAI's model-config file name where they differ.
+BAAI_CONFIG_FILES = {"EVA-CLIP-8B-448": "EVA-CLIP-8B-plus"}
+
+
+def eva_clip_18b_dir() -> str:
+    """The folder holding BAAI's `eva_clip` package of the 8B / 18B release; skips the test when it is absent."""
+    if not os.path.isfile(os.path.join(EVACLIP_18B_REFERENCE, "eva_clip", "model.py")):
+        pytest.skip(f"BAAI's EVA-CLIP-18B reference code not found at {EVACLIP_18B_REFERENCE} "
+                    "(set EVACLIP_18B_REFERENCE)")
+    return EVACLIP_18B_REFERENCE
+
 # Vision-tower flags of each released family, at toy width.
 FAMILY_FLAGS = {
     "eva01": {"hidden_act": "gelu"},

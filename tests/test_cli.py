@@ -23,7 +23,7 @@ from llava_evaclip.cli import main
 from llava_evaclip.presets import list_presets
 from llava_evaclip.processing import build_image_processor
 
-from conftest import tiny_text_config, tiny_vision_config
+from conftest import BAAI_CONFIG_FILES, eva_clip_18b_dir, tiny_text_config, tiny_vision_config
 
 IMAGE_SIZE = 56  # 8 x 8 patches of 7 pixels
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -299,7 +299,12 @@ def test_presets_lists_baai_names():
     configs = pytest.importorskip("consisid_eva_clip")
     config_dir = os.path.join(os.path.dirname(configs.__file__), "model_configs")
     for name in names:
-        assert os.path.isfile(os.path.join(config_dir, f"{name}.json")), name
+        if name.startswith("EVA-CLIP-"):  # the 8B / 18B release: BAAI's EVA-CLIP-18B code
+            path = os.path.join(eva_clip_18b_dir(), "eva_clip", "model_configs",
+                                f"{BAAI_CONFIG_FILES.get(name, name)}.json")
+        else:
+            path = os.path.join(config_dir, f"{name}.json")
+        assert os.path.isfile(path), name
 
 
 # --------------------------------------------------------------------------------------------------------------------
