@@ -350,3 +350,88 @@ def test_full_size_on_the_meta_device(eva_clip, name):
     device_map = infer_auto_device_map(model, max_memory={"cpu": 8 * 2**30}, dtype=torch.bfloat16,
                                        no_split_module_classes=model._no_split_modules)
     assert set(device_map.values()) == {"cpu", "disk"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LLaVA: a converted EVA-CLIP-18B-like toy, like any other EVA-CLIP dir
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_18b_dir(toys, tmp_path_factory) -> tuple[str, torch.nn.Module]:
+    checkpoint, arch, reference = toys("18B")
+    out = tmp_path_factory.mktemp("toy18b_hf") / "EVA-CLIP-18B-toy"
+    convert_checkpoint(checkpoint, out, arch=str(arch))
+    return str(out), reference
+
+
+def baai_hidden_states(reference, images: torch.Tensor) -> list[torch.Tensor]:
+    capture = Capture(reference.visual.blocks)
+    with torch.no_grad():
+        reference.encode_image(images)
+    capture.remove()
+    return capture.states
+
+
+@pytest.mark.parametrize("select_layer, select_feature, s2", [("-2", "patch", False), ("-1,-3", "cls_patch", False),
+                                                             ("0", "cls", False), ("-2", "patch", True)])
+def test_llava_builds_the_tower_for_a_converted_18b_dir(toy_18b_dir, select_layer, select_feature, s2):
+    """Through the real LLaVA package's `build_vision_tower` (hooked), with delay_load: the selected BAAI hidden
+    states (and, with S2, LLaVA's multi-scale features of them)."""
+    builder = pytest.importorskip("llava.model.multimodal_encoder.builder",
+                                  reason="LLaVA's code (pip install --no-deps llava-torch)")
+    from llava_evaclip import register_with_llava, unregister_from_llava
+
+    path, reference = toy_18b_dir
+    args = SimpleNamespace(mm_vision_tower=path, mm_vision_select_layer=select_layer,
+                           mm_vision_select_feature=select_feature, s2=s2, s2_scales="28,56")
+    register_with_llava()
+    try:
+        tower = builder.build_vision_tower(args, delay_load=True)
+    finally:
+        unregister_from_llava()
+    assert isinstance(tower, EvaCLIPVisionTower) and not tower.is_loaded
+    tower.load_model()
+    images = sample_inputs(56 if s2 else 28)[0]
+    with torch.no_grad():
+        features = tower(images)
+    layers = [int(index) for index in select_layer.split(",")]
+    if s2:  # the 56 px scale is 4 tiles of 28 px, whose patch grids are stitched and area-pooled back to 2 x 2
+        tiles = torch.cat([images[..., i : i + 28, j : j + 28] for i in (0, 28) for j in (0, 28)])
+        small = baai_hidden_states(reference, torch.nn.functional.interpolate(images, size=28, mode="bicubic"))
+        states = baai_hidden_states(reference, tiles)
+        grid = states[layers[0]][:, 1:].reshape(4, len(images), 2, 2, -1)
+        stitched = torch.cat([torch.cat([grid[0], grid[1]], dim=2), torch.cat([grid[2], grid[3]], dim=2)], dim=1)
+        pooled = torch.nn.functional.avg_pool2d(stitched.permute(0, 3, 1, 2), 2).flatten(2).transpose(1, 2)
+        expected = torch.cat([small[layers[0]][:, 1:], pooled], dim=-1)
+    else:
+        states = baai_hidden_states(reference, images)
+        selected = torch.cat([states[index] for index in layers], dim=-1)
+        expected = {"patch": selected[:, 1:], "cls_patch": selected, "cls": selected[:, :1]}[select_feature]
+    assert_close(features, expected, f"tower {select_layer} {select_feature} s2={s2}")
+
+
+def test_transformers_llava_uses_a_converted_18b_dir(toy_18b_dir):
+    """transformers' LlavaForConditionalGeneration built on the dir: the projector's input is BAAI's layer -2."""
+    from transformers import LlamaConfig
+
+    from llava_evaclip.hf import build_llava
+
+    path, reference = toy_18b_dir
+    language = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = build_llava(path, language, image_token_index=63, vision_feature_layer=-2,
+                        vision_feature_select_strategy="default").eval()
+    tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
+    assert isinstance(tower, EvaCLIPVisionModel) and tower.config.use_rms_norm
+    images = sample_inputs(28)[0]
+    projector = model.multi_modal_projector if hasattr(model, "multi_modal_projector") else \
+        model.model.multi_modal_projector
+    captured = []
+    handle = projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    ids = torch.tensor([[1] + [63] * 4 + [5, 6]] * 2)
+    with torch.no_grad():
+        output = model(input_ids=ids, pixel_values=images, attention_mask=torch.ones_like(ids))
+    handle.remove()
+    assert torch.isfinite(output.logits).all()
+    assert_close(captured[0].reshape(2, 4, -1), baai_hidden_states(reference, images)[-2][:, 1:], "LLaVA projector input")
