@@ -413,25 +413,17 @@ def test_llava_builds_the_tower_for_a_converted_18b_dir(toy_18b_dir, select_laye
 
 def test_transformers_llava_uses_a_converted_18b_dir(toy_18b_dir):
     """transformers' LlavaForConditionalGeneration built on the dir: the projector's input is BAAI's layer -2."""
-    from transformers import LlamaConfig
+    from test_hf_llava import IMAGE_TOKEN_ID, ProjectorInput, get_vision_tower, image_prompt, tiny_llama_config
 
     from llava_evaclip.hf import build_llava
 
     path, reference = toy_18b_dir
-    language = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    model = build_llava(path, language, image_token_index=63, vision_feature_layer=-2,
+    model = build_llava(path, tiny_llama_config(), image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2,
                         vision_feature_select_strategy="default").eval()
-    tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_tower
-    assert isinstance(tower, EvaCLIPVisionModel) and tower.config.use_rms_norm
+    assert get_vision_tower(model).config.use_rms_norm
     images = sample_inputs(28)[0]
-    projector = model.multi_modal_projector if hasattr(model, "multi_modal_projector") else \
-        model.model.multi_modal_projector
-    captured = []
-    handle = projector.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    ids = torch.tensor([[1] + [63] * 4 + [5, 6]] * 2)
-    with torch.no_grad():
-        output = model(input_ids=ids, pixel_values=images, attention_mask=torch.ones_like(ids))
-    handle.remove()
-    assert torch.isfinite(output.logits).all()
-    assert_close(captured[0].reshape(2, 4, -1), baai_hidden_states(reference, images)[-2][:, 1:], "LLaVA projector input")
+    with ProjectorInput(model) as projector_input, torch.no_grad():
+        output = model(**image_prompt(2, 4), pixel_values=images)
+    assert torch.isfinite(output.loss)
+    (captured,) = projector_input.captured
+    assert_close(captured, baai_hidden_states(reference, images)[-2][:, 1:], "LLaVA projector input")
