@@ -2,6 +2,8 @@
 
     DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory                  # EVA02-CLIP-B-16 tower, 1/2/4 CPU ranks
     DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --ranks 1 2 --preset EVA02-CLIP-L-14
+    DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --ranks 1 2 4 --preset EVA-CLIP-8B --layers 4 \
+        --dtype bfloat16 --shard-mb 500 --output benchmarks/results/zero3_memory_8b.json  # 8B width, 4 layers
 
 For each world size N the script starts `torchrun --nproc_per_node N` on itself (gloo, CPU). Every rank keeps a stage-3
 `HfDeepSpeedConfig` alive and calls `EvaCLIPVisionModel.from_pretrained` on one checkpoint (random weights of the
@@ -10,7 +12,9 @@ its `ds_tensor` slices (ZeRO-3 pads each parameter to a multiple of N) and the b
 tables). Goal per rank: slices <= 1.1 / N of the full tower's parameter bytes, plus the buffers. For context it also
 reports its RSS after the imports, after loading (and again once glibc's malloc_trim has returned freed pages: the
 full-size tensors that construction and per-module gathering create are transient, but the allocator keeps their
-pages), and its peak (rank 0 also holds the checkpoint while loading). Results: benchmarks/results/zero3_memory.json.
+pages), and its peak (rank 0 also holds the checkpoint while loading), with the peak's growth over the imports set
+against the same goal. `--layers` cuts the depth (EVA-CLIP-8B's layers are 470 M parameters each) and `--dtype
+bfloat16` writes and loads bf16 (with DeepSpeed's bf16 mode on). Results: benchmarks/results/zero3_memory.json.
 """
 
 from __future__ import annotations
@@ -48,6 +52,36 @@ def _current_rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _AnonymousPeak:
+    """Peak anonymous RSS (RssAnon: the process's own memory, not the checkpoint's file pages that safetensors maps
+    and the kernel may drop), sampled every few milliseconds; the kernel keeps no peak of it."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.peak = self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    @staticmethod
+    def read() -> int:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("RssAnon:"))
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self.read())
+
+    def __enter__(self) -> "_AnonymousPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
 def _rss_after_malloc_trim() -> int | None:
     """RSS once glibc has handed freed heap memory back to the OS: what the process really keeps (the transient
     full-size tensors of construction and gathering are freed, but the allocator may hold on to their pages)."""
@@ -63,10 +97,11 @@ def _rss_after_malloc_trim() -> int | None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def worker(checkpoint: Path, part: Path) -> None:
+def worker(checkpoint: Path, part: Path, dtype_name: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch
+    import transformers
     from transformers.integrations import HfDeepSpeedConfig
 
     from llava_evaclip import EvaCLIPVisionModel, zero
@@ -79,10 +114,15 @@ def worker(checkpoint: Path, part: Path) -> None:
             "gradient_accumulation_steps": 1,
             "train_batch_size": world,
             "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": dtype_name == "bfloat16"},
         })
+        dtype = getattr(torch, dtype_name)
+        dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         rss_before = _current_rss_bytes()
+        anon_before = _AnonymousPeak.read()
         start = time.perf_counter()
-        model = EvaCLIPVisionModel.from_pretrained(checkpoint)
+        with _AnonymousPeak() as anonymous:
+            model = EvaCLIPVisionModel.from_pretrained(checkpoint, **{dtype_kwarg: dtype})
         load_seconds = time.perf_counter() - start
         stats = zero.partition_stats(model).as_dict()
         stats["load_seconds"] = round(load_seconds, 2)
@@ -91,6 +131,7 @@ def worker(checkpoint: Path, part: Path) -> None:
         stats["rss_after_load_bytes"] = _current_rss_bytes()
         stats["rss_after_malloc_trim_bytes"] = _rss_after_malloc_trim()
         stats["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats["anonymous_peak_growth_bytes"] = anonymous.peak - anon_before
         gathered = zero.all_gather_object(stats)
         if stats["rank"] == 0:
             tmp = part.with_suffix(".tmp")
@@ -106,32 +147,64 @@ def worker(checkpoint: Path, part: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def write_checkpoint(preset: str, directory: Path) -> dict[str, Any]:
+def write_checkpoint(preset: str, directory: Path, layers: int | None, dtype_name: str,
+                     shard_bytes: int | None = None) -> dict[str, Any]:
+    """Random weights of the preset (depth cut to `layers`), written tensor by tensor from a meta-device build: an
+    EVA-CLIP-8B layer is 1.9 GB in fp32, so the tower is never materialised whole here either. With `shard_bytes`,
+    in shards of about that size with an index, as `save_pretrained(max_shard_size=...)` writes them: rank 0 reads
+    the checkpoint one shard at a time, so its peak holds one shard, not the whole tower."""
     import torch
+    from safetensors.torch import save_file
 
     from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
 
-    torch.manual_seed(0)
-    config = EvaCLIPVisionConfig.from_preset(preset)
-    model = EvaCLIPVisionModel(config)
-    model.save_pretrained(directory)
+    config = EvaCLIPVisionConfig.from_preset(preset, **({"num_hidden_layers": layers} if layers else {}))
+    dtype = getattr(torch, dtype_name)
+    with torch.device("meta"):
+        model = EvaCLIPVisionModel(config)
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(param.shape, generator=generator).mul_(0.02).to(dtype)
+             for name, param in model.named_parameters()}
+    directory.mkdir(parents=True)
+    shards: list[dict[str, Any]] = [{}]
+    for name, tensor in state.items():
+        if shard_bytes and shards[-1] and sum(t.nbytes for t in shards[-1].values()) + tensor.nbytes > shard_bytes:
+            shards.append({})
+        shards[-1][name] = tensor
+    if len(shards) == 1:
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for index, shard in enumerate(shards, 1):
+            file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file_name))
+        index_data = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2))
+    config.torch_dtype = dtype_name
+    config.save_pretrained(directory)
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "param_bytes": sum(p.numel() * dtype.itemsize for p in model.parameters()),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "dtype": dtype_name,
         "hidden_size": config.hidden_size,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
         "image_size": config.image_size,
         "patch_size": config.patch_size,
+        "checkpoint_shards": len(shards),
     }
 
 
-def run_world(world: int, checkpoint: Path, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+def run_world(world: int, checkpoint: Path, workdir: Path, timeout: float, dtype_name: str) -> list[dict[str, Any]]:
     part = workdir / f"ranks{world}.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--max-restarts", "0",
         str(Path(__file__).resolve()), "--worker", "--checkpoint", str(checkpoint), "--part", str(part),
+        "--dtype", dtype_name,
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
@@ -152,6 +225,8 @@ def summarize(world: int, ranks: list[dict[str, Any]], full_bytes: int) -> dict[
     worst = max(rank["resident_bytes"] for rank in ranks)
     buffers = max(rank["buffer_bytes"] for rank in ranks)
     goal = GOAL_FACTOR * full_bytes / world + buffers
+    peak_growth = max(rank["max_rss_bytes"] - rank["rss_before_load_bytes"] for rank in ranks)
+    anonymous_growth = max(rank["anonymous_peak_growth_bytes"] for rank in ranks)
     return {
         "world_size": world,
         "ranks": ranks,
@@ -160,6 +235,9 @@ def summarize(world: int, ranks: list[dict[str, Any]], full_bytes: int) -> dict[
         "ideal_fraction": 1 / world,
         "goal_bytes": int(goal),
         "meets_goal": worst <= goal,
+        "max_peak_rss_growth_bytes": peak_growth,
+        "peak_rss_growth_meets_goal": peak_growth <= goal,
+        "max_anonymous_peak_growth_bytes": anonymous_growth,
     }
 
 
@@ -174,15 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default: 1 2 4)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per world size")
+    parser.add_argument("--layers", type=int, help="cut the tower to this many layers (default: the preset's)")
+    parser.add_argument("--shard-mb", type=int, help="write the checkpoint in shards of about this many MiB")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights written and loaded in this dtype (default: %(default)s)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.checkpoint, args.part)
+        worker(args.checkpoint, args.part, args.dtype)
         return 0
     if any(world < 1 for world in args.ranks):
         parser.error("--ranks must be positive integers")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be a positive integer")
     from llava_evaclip import list_presets
 
     if args.preset not in list_presets():
@@ -194,28 +278,34 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="zero3_memory_") as workdir:
         checkpoint = Path(workdir) / "tower"
-        tower = write_checkpoint(args.preset, checkpoint)
-        print(f"{args.preset} vision tower: {tower['params'] / 1e6:.1f} M parameters, {_mib(tower['param_bytes'])} "
-              f"fp32, buffers {_mib(tower['buffer_bytes'])}")
+        tower = write_checkpoint(args.preset, checkpoint, args.layers, args.dtype,
+                                 args.shard_mb * 2**20 if args.shard_mb else None)
+        print(f"{args.preset} vision tower ({tower['num_hidden_layers']} layers): {tower['params'] / 1e6:.1f} M "
+              f"parameters, {_mib(tower['param_bytes'])} {args.dtype}, buffers {_mib(tower['buffer_bytes'])}")
         runs = []
         for world in args.ranks:
-            ranks = run_world(world, checkpoint, Path(workdir), args.timeout)
+            ranks = run_world(world, checkpoint, Path(workdir), args.timeout, args.dtype)
             summary = summarize(world, ranks, tower["param_bytes"])
             runs.append(summary)
             print(f"N={world}: max per-rank resident {_mib(summary['max_resident_bytes'])} "
                   f"({summary['max_local_param_fraction']:.4f} of the parameters, ideal {1 / world:.4f}); goal "
-                  f"<= {_mib(summary['goal_bytes'])}: {'met' if summary['meets_goal'] else 'NOT met'}")
+                  f"<= {_mib(summary['goal_bytes'])}: {'met' if summary['meets_goal'] else 'NOT met'}; peak RSS growth "
+                  f"{_mib(summary['max_peak_rss_growth_bytes'])}: "
+                  f"{'met' if summary['peak_rss_growth_meets_goal'] else 'NOT met'}, of which anonymous (not the "
+                  f"mapped checkpoint) at most {_mib(summary['max_anonymous_peak_growth_bytes'])}")
             for rank in ranks:
                 trimmed = rank["rss_after_malloc_trim_bytes"]
                 print(f"    rank {rank['rank']}: RSS after imports {_mib(rank['rss_before_load_bytes'])}, after load "
                       f"{_mib(rank['rss_after_load_bytes'])}"
                       + (f" ({_mib(trimmed)} once malloc_trim returned freed pages)" if trimmed else "")
-                      + f", peak {_mib(rank['max_rss_bytes'])}")
+                      + f", peak {_mib(rank['max_rss_bytes'])} (anonymous growth "
+                      + f"{_mib(rank['anonymous_peak_growth_bytes'])})")
 
     result = {
         "preset": args.preset,
         "tower": tower,
-        "goal": f"per-rank ds_tensor bytes + buffers <= {GOAL_FACTOR} / N * full parameter bytes + buffers",
+        "goal": f"per-rank ds_tensor bytes + buffers <= {GOAL_FACTOR} / N * full parameter bytes + buffers (also "
+                "reported: per-rank peak RSS growth over the imports against the same bound)",
         "runs": runs,
         "command": shlex.join(["DS_ACCELERATOR=cpu", "python", "-m", "benchmarks.zero3_memory", *sys.argv[1:]]),
         "environment": {

@@ -478,13 +478,15 @@ class EvaCLIPMLP(nn.Module):
     def _use_inference_path(self, hidden_states: torch.Tensor) -> bool:
         """Whether `_inference_forward` may replace the module calls: inference only (it writes with `out=`, which
         autograd does not record), plain `nn.Linear`s in the input's dtype (no hooks, adapters, quantized layers or
-        autocast), and never under ZeRO-3, where only a called module's weights are gathered."""
+        autocast), and never under ZeRO-3 or accelerate's offload hooks (`_hf_hook`), where only a called module's
+        weights are gathered or loaded."""
         layers = [layer for layer in (self.fc1, self.fc1_up, self.fc2) if layer is not None]
         return (
             not torch.is_grad_enabled()
             and not _autocast_enabled(hidden_states.device.type)
             and all(type(layer) is nn.Linear and layer.weight.dtype == hidden_states.dtype for layer in layers)
-            and all(not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
+            and all(not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+                    for layer in layers)
             and not any(is_partitioned(layer.weight) for layer in layers)
         )
 

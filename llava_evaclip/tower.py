@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import CLIPImageProcessor
 from transformers.utils import logging
@@ -31,6 +32,8 @@ NEXT_SELECT_FEATURES = tuple(
 )
 DEFAULT_SELECT_LAYER = -1  # LLaVA's ModelArguments default; LLaVA-1.5 scripts pass -2
 DEFAULT_S2_SCALES = "336,672,1008"  # LLaVA's default for CLIPVisionTowerS2
+# Load in the checkpoint's own dtype (transformers 5's default): 4.x would upcast a bf16 EVA-CLIP-8B dir to 30 GB fp32.
+CHECKPOINT_DTYPE = {} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
 
 
 def parse_select_layer(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
@@ -253,7 +256,8 @@ class EvaCLIPVisionTower(nn.Module):
         if _building_on_meta_device():
             self.vision_tower = EvaCLIPVisionModel(copy.deepcopy(self.cfg_only))
         else:
-            self.vision_tower = zero.from_pretrained(EvaCLIPVisionModel, self.vision_tower_name, device_map=device_map)
+            self.vision_tower = zero.from_pretrained(EvaCLIPVisionModel, self.vision_tower_name, device_map=device_map,
+                                                     **CHECKPOINT_DTYPE)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 

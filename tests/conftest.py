@@ -36,6 +36,10 @@ FAMILY_FLAGS = {
     "eva01_layer_scale": {"hidden_act": "gelu", "layer_scale_init_value": 0.1},
     "eva02": {"hidden_act": "silu", "use_rope": True, "use_swiglu": True, "use_sub_layernorm": True},
     "bige": {"hidden_act": "gelu", "post_layernorm": True},
+    # EVA-CLIP-8B / 18B: RMSNorm, no q/k/v or projection bias (18B: post-norm blocks)
+    "eva8b": {"hidden_act": "gelu", "use_rms_norm": True, "q_bias": False, "v_bias": False, "projection_bias": False},
+    "eva18b": {"hidden_act": "gelu", "use_rms_norm": True, "q_bias": False, "v_bias": False, "projection_bias": False,
+               "post_layernorm": True},
 }
 
 

@@ -252,6 +252,7 @@ def test_inspect_dir_counts_match_loaded_model(full_dir):
         "vision_embeddings": count(model.vision_model.embeddings),
         "vision_encoder": count(model.vision_model.encoder),
         "vision_heads": count(model.vision_model.post_layernorm, model.visual_projection),
+        "vision_tower": count(model.vision_model, model.visual_projection),
         "text_tower": count(model.text_model, model.text_projection),
         "logit_scale": 1,
         "total": count(model),

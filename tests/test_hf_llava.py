@@ -210,6 +210,8 @@ FEATURE_CASES = [
     pytest.param("bige", -2, "default", id="bige-layer-2-default"),
     pytest.param("eva02", [-3, -1], "default", id="eva02-layers-3-1-default", marks=needs_layer_lists),
     pytest.param("eva01", [0, 2], "full", id="eva01-layers0-2-full", marks=needs_layer_lists),
+    pytest.param("eva8b", -2, "default", id="eva8b-layer-2-default"),  # RMSNorm, no q/k/v bias
+    pytest.param("eva18b", [-2, -1], "full", id="eva18b-layers-2-1-full", marks=needs_layer_lists),  # + post-norm
 ]
 
 

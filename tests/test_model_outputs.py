@@ -15,6 +15,7 @@ from llava_evaclip import (
     EvaCLIPVisionModel,
     EvaCLIPVisionModelWithProjection,
 )
+from llava_evaclip.modeling_evaclip import EvaCLIPRMSNorm
 
 from conftest import FAMILY_FLAGS, tiny_config, tiny_text_config, tiny_vision_config
 
@@ -26,12 +27,16 @@ def _randomize_norms(model: nn.Module) -> None:
     """LayerNorms start as the identity affine map; make them non-trivial so a skipped or misplaced norm shows."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, (nn.LayerNorm, EvaCLIPRMSNorm)):
                 module.weight.normal_(1.0, 0.3)
+            if isinstance(module, nn.LayerNorm):
                 module.bias.normal_(0.0, 0.3)
 
 
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """The tower's final norm: LayerNorm, or RMSNorm (EVA-CLIP-8B / 18B) with torch's own kernel."""
+    if isinstance(norm, EvaCLIPRMSNorm):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 

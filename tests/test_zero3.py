@@ -30,6 +30,7 @@ CHECKPOINTS = {  # name -> (builder, family): each EVA family's flags, and a ful
     "eva02": (EvaCLIPVisionModel, "eva02"),
     "eva01_layer_scale": (EvaCLIPVisionModel, "eva01_layer_scale"),
     "bige": (EvaCLIPVisionModel, "bige"),
+    "eva18b": (EvaCLIPVisionModel, "eva18b"),  # RMSNorm, post-norm, no biases: EVA-CLIP-18B's flags
     "eva02_full_clip": (EvaCLIPModel, "eva02"),
 }
 MISSING_KEYS = ["vision_model.post_layernorm.weight", "vision_model.encoder.layers.1.mlp.fc2.bias"]

@@ -56,13 +56,16 @@ def count_parameters(source: ModelSource) -> dict[str, int]:
     other = _numel(model) - sum(counts.values())
     if other:  # parameters outside the named parts (none in today's model): still counted, never hidden
         counts["other"] = other
+    counts["vision_tower"] = counts["vision_embeddings"] + counts["vision_encoder"] + counts["vision_heads"]
     counts["total"] = _numel(model)
     return counts
 
 
 def block_description(config: Any) -> str:
     """EVA family of a vision config, from its flags."""
-    if config.use_rope and config.use_swiglu and config.use_sub_layernorm:
+    if getattr(config, "use_rms_norm", False):
+        family = "EVA-CLIP-8B/18B (RMSNorm" + (", post-norm blocks)" if config.post_layernorm else ")")
+    elif config.use_rope and config.use_swiglu and config.use_sub_layernorm:
         family = "EVA02 (2D RoPE on patch tokens, SwiGLU MLP, sub-LayerNorm)"
     elif config.post_layernorm:
         family = "EVA02-bigE style (post-norm blocks)"
@@ -72,7 +75,8 @@ def block_description(config: Any) -> str:
         family = "EVA01 (pre-norm ViT)"
     extras = [name for flag, name in ((config.use_rope, "rope"), (config.use_swiglu, "swiglu"),
                                        (config.use_sub_layernorm, "sub-ln"), (config.post_layernorm, "post-norm"),
-                                       (config.layer_scale_init_value is not None, "layer-scale")) if flag]
+                                       (config.layer_scale_init_value is not None, "layer-scale"),
+                                       (getattr(config, "use_rms_norm", False), "rms-norm")) if flag]
     biases = "".join(name for flag, name in ((config.q_bias, "q"), (config.k_bias, "k"), (config.v_bias, "v"))
                      if flag)
     return f"{family}; flags: {', '.join(extras) or 'none'}; qkv bias: {biases or 'none'}"
@@ -178,6 +182,7 @@ def render(info: dict[str, Any]) -> str:
     labels = (("vision_embeddings", "vision embeddings (patch conv, CLS, positions)"),
               ("vision_encoder", "vision encoder"),
               ("vision_heads", "vision heads (post-LayerNorm, projection)"),
+              ("vision_tower", "vision tower (with projection)"),
               ("text_tower", "text tower (with projection)"),
               ("logit_scale", "logit scale"),
               ("other", "other"),
