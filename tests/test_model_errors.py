@@ -311,3 +311,40 @@ def test_attention_mask_shape_mismatch(text_model: EvaCLIPTextModel) -> None:
     ids = torch.randint(1, 90, (2, 6))
     with pytest.raises(ValueError, match=r"attention_mask shape \(2, 5\) must equal input_ids shape \(2, 6\)"):
         text_model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_pixels_are_refused(vision_model: EvaCLIPVisionModel, dtype) -> None:
+    """uint8 pixels would be cast, not normalised: refused rather than silently wrong features."""
+    pixels = torch.randint(0, 2 if dtype == torch.bool else 256, (1, 3, 28, 28)).to(dtype)
+    with pytest.raises(ValueError, match=rf"pixel_values must be floating point .*got dtype {dtype}.*image_processor"):
+        vision_model(pixels)
+    model = EvaCLIPModel(tiny_config("eva01")).eval()
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        model(input_ids=torch.randint(1, 90, (1, 5)), pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        model.get_image_features(pixels)
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        EvaCLIPVisionModelWithProjection(tiny_vision_config("eva01"))(pixels)
+
+
+@pytest.mark.parametrize("ids, pattern", [
+    (torch.rand(2, 5) * 90, r"input_ids must be an integer tensor of token ids .*got dtype torch\.float32"),
+    (torch.ones(2, 5, dtype=torch.bool), r"input_ids must be an integer tensor .*got dtype torch\.bool"),
+    ([[1, 2, 3]], r"input_ids must be an integer tensor .*got list"),
+    (torch.tensor([[1, 99, 3]]), r"input_ids holds ids in \[1, 99\]; this text tower's vocabulary is \[0, 98\]"),
+    (torch.tensor([[1, -1, 3]]), r"input_ids holds ids in \[-1, 3\]; .*vocab_size 99"),
+])
+def test_bad_input_ids(text_model: EvaCLIPTextModel, ids, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        text_model(ids)
+    text_model(torch.tensor([[0, 98]]))  # both ends of the vocabulary are fine
+
+
+def test_return_loss_needs_as_many_texts_as_images() -> None:
+    model = EvaCLIPModel(tiny_config("eva01")).eval()
+    ids, pixels = torch.randint(1, 90, (3, 5)), torch.randn(2, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"return_loss=True needs matching image-text pairs: got 2 images and 3 texts"):
+        model(input_ids=ids, pixel_values=pixels, return_loss=True)
+    assert model(input_ids=ids, pixel_values=pixels).logits_per_image.shape == (2, 3)  # scoring needs no pairs
+    assert model(input_ids=ids[:2], pixel_values=pixels, return_loss=True).loss.isfinite()
