@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+if TYPE_CHECKING:  # the data and `list_presets` stay importable without torch / transformers (`llava-evaclip presets`)
+    from .configuration_evaclip import EvaCLIPConfig
 
 _TEXT_B = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 _TEXT_L = {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}
@@ -63,6 +64,14 @@ def list_presets() -> list[str]:
     return list(BAAI_MODEL_CONFIGS)
 
 
+def vision_shape(name: str) -> dict[str, int]:
+    """A preset vision tower's image size, patch size, layers and width, read from the data alone (what
+    `llava-evaclip presets -v` prints without importing torch); the defaults are `config_from_baai`'s."""
+    vision = BAAI_MODEL_CONFIGS[name]["vision_cfg"]
+    return {"image_size": int(vision.get("image_size", 224)), "patch_size": int(vision.get("patch_size", 16)),
+            "layers": int(vision.get("layers", 12)), "width": int(vision.get("width", 768))}
+
+
 def _check_keys(section: str, cfg: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(cfg) - known)
     if unknown:
@@ -71,6 +80,8 @@ def _check_keys(section: str, cfg: dict[str, Any], known: set[str]) -> None:
 
 def config_from_baai(model_cfg: dict[str, Any], **extra: Any) -> EvaCLIPConfig:
     """Translate a BAAI model config (embed_dim, vision_cfg, text_cfg) into an `EvaCLIPConfig`."""
+    from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_cfg]
     if missing:
         raise ValueError(f"A BAAI model config needs the keys embed_dim, vision_cfg and text_cfg; missing {missing}.")

@@ -16,17 +16,17 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also print image size, patch size, layers and width of each vision tower")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, needs_model=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..presets import list_presets, preset_config
+    from ..presets import list_presets, vision_shape
 
     for name in list_presets():
         if args.verbose:
-            vision = preset_config(name).vision_config
-            print(f"{name:<26} image {vision.image_size}, patch {vision.patch_size}, "
-                  f"{vision.num_hidden_layers} layers, width {vision.hidden_size}")
+            shape = vision_shape(name)
+            print(f"{name:<26} image {shape['image_size']}, patch {shape['patch_size']}, "
+                  f"{shape['layers']} layers, width {shape['width']}")
         else:
             print(name)
     return 0
