@@ -84,8 +84,8 @@ _TOWER_FIELDS: dict[str, _Field] = {
     "hidden_act": ACTIVATION,
     "layer_norm_eps": _positive(1.0, high_open=True),
     "attention_dropout": DROPOUT,
-    "initializer_range": _positive(),
-    "initializer_factor": _positive(),
+    "initializer_range": _positive(10.0),  # std of the initial weights (CLIP: 0.02); larger would overflow
+    "initializer_factor": _positive(1000.0),
     "q_bias": BOOL,
     "k_bias": BOOL,
     "v_bias": BOOL,
@@ -117,7 +117,7 @@ _MODEL_FIELDS: dict[str, _Field] = {
     "projection_dim": _integer(1, MAX_WIDTH),
     # log of the initial logit scale (CLIP: ln(1 / 0.07) = 2.6592); exp() of it must stay finite in float16/32
     "logit_scale_init_value": _Field("a number in [-10, 10]", lambda v: _is_number(v) and -10 <= v <= 10),
-    "initializer_factor": _positive(),
+    "initializer_factor": _positive(1000.0),
 }
 
 

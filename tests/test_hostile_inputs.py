@@ -226,6 +226,8 @@ def test_visualize_on_a_folder_asks_for_an_image_file(tmp_path, capsys):
     assert main(["visualize", str(folder), "--model", "EVA02-CLIP-B-16", "--out", str(tmp_path / "v.png")]) == 2
     line = one_line(capsys.readouterr().err)
     assert "is a folder; visualize takes one image file" in line and "features" in line
+    assert main(["visualize", os.devnull, "--model", "EVA02-CLIP-B-16", "--out", str(tmp_path / "v.png")]) == 2
+    assert "not a regular file (expected one image file)" in one_line(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------------------------------------------------

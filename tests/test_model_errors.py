@@ -94,9 +94,10 @@ HOSTILE_VISION = [
     ("attention_dropout", float("nan"), r"attention_dropout must be a probability in \[0, 1\), got nan"),
     ("layer_norm_eps", 0, r"layer_norm_eps must be a number in \(0, 1\.0\), got 0"),
     ("layer_norm_eps", "1e-6", r"layer_norm_eps must be a number in \(0, 1\.0\), got '1e-6' \(str\)"),
-    ("initializer_range", 0.0, r"initializer_range must be a finite number > 0, got 0\.0"),
-    ("initializer_range", -0.02, r"initializer_range must be a finite number > 0, got -0\.02"),
-    ("initializer_factor", 0, r"initializer_factor must be a finite number > 0, got 0"),
+    ("initializer_range", 0.0, r"initializer_range must be a number in \(0, 10\.0\], got 0\.0"),
+    ("initializer_range", 1e300, r"initializer_range must be a number in \(0, 10\.0\], got 1e\+300"),
+    ("initializer_range", -0.02, r"initializer_range must be a number in \(0, 10\.0\], got -0\.02"),
+    ("initializer_factor", 0, r"initializer_factor must be a number in \(0, 1000\.0\], got 0"),
     ("layer_scale_init_value", "0.1", r"layer_scale_init_value must be None or a finite number > 0, got '0\.1'"),
     ("q_bias", "false", r"q_bias must be a boolean \(true / false\), got 'false' \(str\)"),
     ("k_bias", 1, r"k_bias must be a boolean \(true / false\), got 1"),
@@ -144,7 +145,7 @@ def test_hostile_text_config_values(field: str, value, pattern: str) -> None:
     ("projection_dim", "16", r"EvaCLIPConfig\.projection_dim must be an integer in \[1, 65536\], got '16' \(str\)"),
     ("logit_scale_init_value", float("nan"), r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"),
     ("logit_scale_init_value", 1000.0, r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"),
-    ("initializer_factor", -1.0, r"EvaCLIPConfig\.initializer_factor must be a finite number > 0, got -1\.0"),
+    ("initializer_factor", -1.0, r"EvaCLIPConfig\.initializer_factor must be a number in \(0, 1000\.0\], got -1\.0"),
 ])
 def test_hostile_model_config_values(field: str, value, pattern: str) -> None:
     fields = {"text_config": tiny_text_config().to_dict(), "vision_config": tiny_vision_config().to_dict(),

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.image} is a folder; visualize takes one image file (for a folder of images use "
                        "`llava-evaclip features`).")
     if not os.path.isfile(args.image):
-        raise CLIError(f"{args.image}: no such file (expected one image file).")
+        problem = "not a regular file" if os.path.exists(args.image) else "no such file"
+        raise CLIError(f"{args.image}: {problem} (expected one image file).")
     if not args.out.lower().endswith(".png"):
         raise CLIError(f"--out {args.out} must be a .png file name.")
     _common.check_output_file(args.out, args.overwrite)
