@@ -157,6 +157,16 @@ class _EvaCLIPTowerConfig(PretrainedConfig):
             config_dict = config_dict[cls.base_config_key]
         return cls.from_dict(config_dict, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._validate()
+        return result
+
+    def _validate(self) -> None:
+        raise NotImplementedError
+
 
 class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
     r"""
@@ -437,6 +447,13 @@ class EvaCLIPConfig(PretrainedConfig):
         from .presets import list_presets
 
         return list_presets()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
+        result = super().from_dict(config_dict, **kwargs)
+        _check_fields(result[0] if isinstance(result, tuple) else result, _MODEL_FIELDS)
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -119,6 +119,21 @@ def test_hostile_vision_config_values(field: str, value, pattern: str) -> None:
         EvaCLIPVisionConfig.from_dict({**tiny_vision_config("eva02").to_dict(), field: value})
 
 
+def test_from_pretrained_overrides_are_checked(tmp_path) -> None:
+    """transformers sets `from_pretrained(dir, field=value)` overrides after construction; they are checked too."""
+    tiny_vision_config("eva02").save_pretrained(tmp_path / "vision")
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\.rope_theta must be a finite number > 0, got -1"):
+        EvaCLIPVisionConfig.from_pretrained(tmp_path / "vision", rope_theta=-1)
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\.use_rope must be a boolean"):
+        EvaCLIPVisionModel.from_pretrained(tmp_path / "vision", use_rope="no")
+    tiny_config("eva01").save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"):
+        EvaCLIPConfig.from_pretrained(tmp_path / "full", logit_scale_init_value=float("inf"))
+    config, unused = EvaCLIPVisionConfig.from_pretrained(tmp_path / "vision", rope_theta=500.0, foo=1,
+                                                         return_unused_kwargs=True)
+    assert config.rope_theta == 500.0 and unused == {"foo": 1}
+
+
 def test_patch_grid_bound() -> None:
     with pytest.raises(ValueError, match=r"image_size / patch_size \(2048 patches per side\) must be at most 1024"):
         tiny_vision_config("eva01", image_size=2048, patch_size=1)
