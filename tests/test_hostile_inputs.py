@@ -230,6 +230,21 @@ def test_visualize_on_a_folder_asks_for_an_image_file(tmp_path, capsys):
     assert "not a regular file (expected one image file)" in one_line(capsys.readouterr().err)
 
 
+def test_visualize_output_that_cannot_be_written_is_found_first(tmp_path, capsys, monkeypatch):
+    image = write_image(str(tmp_path / "x.png"))
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(common, "load_tower", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    for out, fragment in [(tmp_path / "file" / "sub" / "v.png", "is a file, not a folder"),
+                          (os.path.join(os.devnull, "v.png"), "is a file, not a folder")]:
+        assert main(["visualize", image, "--model", "EVA02-CLIP-B-16", "--out", str(out)]) == 2
+        assert fragment in one_line(capsys.readouterr().err)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["visualize", image, "--model", "EVA02-CLIP-B-16", "--out", str(locked / "v.png")]) == 2
+        assert "cannot write into" in one_line(capsys.readouterr().err)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Written files follow the umask
 # --------------------------------------------------------------------------------------------------------------------

@@ -369,10 +369,19 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None:
+    """Everything that would stop the final write, found before any work: a folder in the way, an existing file
+    without --overwrite, a parent that is a file or a folder we cannot write to."""
     if os.path.isdir(path):
         raise CLIError(f"{option} {path} is a directory; give a file name.")
     if os.path.exists(path) and not overwrite:
         raise CLIError(f"{option} {path} already exists; pass --overwrite to replace it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created on write: what matters is the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot write into {parent} (permission denied).")
 
 
 __all__ = [
