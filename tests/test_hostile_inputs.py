@@ -16,7 +16,8 @@ from PIL import Image
 
 import llava_evaclip.commands._common as common
 from llava_evaclip.cli import EXIT_SIGINT, EXIT_SIGTERM, main
-from llava_evaclip.presets import list_presets, preset_config
+from llava_evaclip import EvaCLIPConfig
+from llava_evaclip.presets import list_presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -82,7 +83,7 @@ def test_presets_verbose_shapes_are_the_configs():
     lines = run_script("presets", "-v").stdout.splitlines()
     assert len(lines) == len(list_presets())
     for line, name in zip(lines, list_presets()):
-        vision = preset_config(name).vision_config
+        vision = EvaCLIPConfig.from_preset(name).vision_config
         assert line.split() == [name, "image", f"{vision.image_size},", "patch", f"{vision.patch_size},",
                                 str(vision.num_hidden_layers), "layers,", "width", str(vision.hidden_size)]
 
