@@ -76,6 +76,7 @@ HOSTILE_VISION = [
     ("rope_theta", "10000", r"rope_theta must be a finite number > 0, got '10000' \(str\)"),
     ("rope_theta", float("nan"), r"rope_theta must be a finite number > 0, got nan"),
     ("rope_theta", float("inf"), r"rope_theta must be a finite number > 0, got inf"),
+    ("rope_theta", 10**400, r"rope_theta must be a finite number > 0, got 1000"),
     ("num_hidden_layers", 1e9, r"num_hidden_layers must be an integer in \[1, 1024\], got 1000000000\.0 \(float\)"),
     ("num_hidden_layers", 10**9, r"num_hidden_layers must be an integer in \[1, 1024\], got 1000000000"),
     ("num_hidden_layers", True, r"num_hidden_layers must be an integer in \[1, 1024\], got True \(bool\)"),
