@@ -81,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             status = 2
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
         return int(status or 0)
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print(f"llava-evaclip {command}: interrupted (SIGINT)", file=sys.stderr)
         return EXIT_SIGINT
@@ -92,8 +94,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     except BaseException as error:  # SIGTERM, as raised here or by a command's own handler (e.g. convert's)
         if getattr(error, "signum", None) != signal.SIGTERM:
-            if isinstance(error, BrokenPipeError):
-                return _stdout_closed()
             raise
         print(f"llava-evaclip {command}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_SIGTERM
