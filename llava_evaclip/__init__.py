@@ -1,31 +1,44 @@
 """EVA-CLIP as a Hugging Face transformers model family and a plug-in vision tower for LLaVA."""
 
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
-from .modeling_evaclip import (
-    EvaCLIPAttention,
-    EvaCLIPEncoder,
-    EvaCLIPEncoderLayer,
-    EvaCLIPForImageClassification,
-    EvaCLIPMLP,
-    EvaCLIPModel,
-    EvaCLIPOutput,
-    EvaCLIPPreTrainedModel,
-    EvaCLIPRotaryEmbedding,
-    EvaCLIPTextAttention,
-    EvaCLIPTextEmbeddings,
-    EvaCLIPTextModel,
-    EvaCLIPTextModelOutput,
-    EvaCLIPTextModelWithProjection,
-    EvaCLIPTextTransformer,
-    EvaCLIPVisionEmbeddings,
-    EvaCLIPVisionModel,
-    EvaCLIPVisionModelOutput,
-    EvaCLIPVisionModelWithProjection,
-    EvaCLIPVisionTransformer,
-)
-from .presets import list_presets
+import importlib
+import os
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public names by the submodule that defines them, imported on first use (PEP 562): the `llava-evaclip` console
+# script parses its arguments without importing torch or transformers.
+_EXPORTS = {
+    **dict.fromkeys(("EvaCLIPConfig", "EvaCLIPTextConfig", "EvaCLIPVisionConfig"), "configuration_evaclip"),
+    **dict.fromkeys((
+        "EvaCLIPAttention", "EvaCLIPEncoder", "EvaCLIPEncoderLayer", "EvaCLIPForImageClassification", "EvaCLIPMLP", "EvaCLIPModel", "EvaCLIPOutput",
+        "EvaCLIPPreTrainedModel", "EvaCLIPRotaryEmbedding", "EvaCLIPTextAttention", "EvaCLIPTextEmbeddings",
+        "EvaCLIPTextModel", "EvaCLIPTextModelOutput", "EvaCLIPTextModelWithProjection", "EvaCLIPTextTransformer",
+        "EvaCLIPVisionEmbeddings", "EvaCLIPVisionModel", "EvaCLIPVisionModelOutput",
+        "EvaCLIPVisionModelWithProjection", "EvaCLIPVisionTransformer",
+    ), "modeling_evaclip"),
+    "list_presets": "presets",
+    "EvaCLIPVisionTower": "tower",
+    **dict.fromkeys(("register_vision_tower", "register_with_llava", "unregister_from_llava"), "llava_registry"),
+}
+# Set by the console script (`llava_evaclip_cli`) while it imports the package; its commands register on demand.
+DEFER_REGISTRATION_ENV = "LLAVA_EVACLIP_DEFER_AUTO_REGISTRATION"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
+    from .modeling_evaclip import EvaCLIPModel, EvaCLIPTextModel, EvaCLIPVisionModel
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
 
 
 def _register_auto_classes() -> None:
@@ -60,24 +73,8 @@ def _register_auto_classes() -> None:
             mapping.register(EvaCLIPConfig, mapping[CLIPConfig], exist_ok=True)
 
 
-_register_auto_classes()
-
-# The LLaVA integration is imported on first use, so `import llava_evaclip` stays light.
-_LAZY_EXPORTS = {
-    "EvaCLIPVisionTower": "tower",
-    "register_vision_tower": "llava_registry",
-    "register_with_llava": "llava_registry",
-    "unregister_from_llava": "llava_registry",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+if not os.environ.get(DEFER_REGISTRATION_ENV):
+    _register_auto_classes()
 
 __all__ = [
     "EvaCLIPVisionTower",

@@ -1,17 +1,34 @@
-"""`llava-evaclip` command line: each sub-command lives in `llava_evaclip.commands.<name>`."""
+"""`llava-evaclip` command line: each sub-command lives in `llava_evaclip.commands.<name>`.
+
+Parsing imports only the command modules, which keep torch and transformers inside their `run`; signals and a closed
+stdout end a command here, at the top, with one line (the commands' own cleanup runs first, as the exception passes).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 COMMANDS = ("convert", "features", "inspect", "similarity", "visualize", "presets", "bench")
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a command ended by Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2, no traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that `finally` blocks and cleanup run; not an
+    `Exception`, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,15 +46,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`llava-evaclip presets -v | head -1`): stop quietly, as CPython's docs
+    advise, pointing stdout at devnull so the interpreter's final flush does not fail again."""
     try:
-        status = args.func(args)
-    except CLIError as error:
-        print(f"llava-evaclip {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return int(status or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+        pass
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    command = "command"
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous_sigterm = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        if getattr(args, "needs_model", True):  # deferred by the console script until a command needs a model
+            from . import _register_auto_classes
+
+            _register_auto_classes()
+        try:
+            status = args.func(args)
+        except CLIError as error:
+            print(f"llava-evaclip {command}: error: {error}", file=sys.stderr)
+            status = 2
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return int(status or 0)
+    except BrokenPipeError:
+        return _stdout_closed()
+    except KeyboardInterrupt:
+        print(f"llava-evaclip {command}: interrupted (SIGINT)", file=sys.stderr)
+        return EXIT_SIGINT
+    except SystemExit:  # argparse's --help / usage error: its output may meet a closed pipe too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
+        raise
+    except BaseException as error:  # SIGTERM, as raised here or by a command's own handler (e.g. convert's)
+        if getattr(error, "signum", None) != signal.SIGTERM:
+            raise
+        print(f"llava-evaclip {command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

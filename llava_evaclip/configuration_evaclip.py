@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from transformers.activations import ACT2FN
 from transformers.utils import logging
@@ -24,15 +26,122 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _validate_tower(config: "_EvaCLIPTowerConfig") -> None:
+# Size bounds far above the largest released EVA-CLIP (EVA-CLIP-18B: width 5120, 48 layers, MLP 13824, text width 1280;
+# images up to 448 px): a value past one is a typo or a hostile config.json, refused before any weight is allocated.
+MAX_WIDTH = 65536
+MAX_LAYERS = 1024
+MAX_MLP_WIDTH = 4 * MAX_WIDTH
+MAX_IMAGE_SIZE = 16384
+MAX_PATCH_GRID = 1024  # patches per side
+MAX_CHANNELS = 64
+MAX_VOCAB = 1 << 24
+MAX_POSITIONS = 1 << 16
+
+
+class _Field(NamedTuple):
+    """What one config field accepts: `accepts(value)` and the words for it in the error message."""
+
+    expected: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range (JSON allows any number of digits)
+        return False
+
+
+def _integer(low: int = 1, high: int | None = None) -> _Field:
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    return _Field(expected, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
+
+
+def _positive(high: float | None = None, high_open: bool = False) -> _Field:
+    """A finite number > 0 (and below `high`)."""
+    if high is None:
+        return _Field("a finite number > 0", lambda v: _is_number(v) and v > 0)
+    bracket = ")" if high_open else "]"
+    return _Field(f"a number in (0, {high}{bracket}",
+                  lambda v: _is_number(v) and 0 < v and (v < high if high_open else v <= high))
+
+
+def _optional(field: _Field) -> _Field:
+    return _Field(f"None or {field.expected}", lambda v: v is None or field.accepts(v))
+
+
+BOOL = _Field("a boolean (true / false)", lambda v: isinstance(v, bool))
+ACTIVATION = _Field("the name of an activation", lambda v: isinstance(v, str))
+DROPOUT = _Field("a probability in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+
+# Fields both towers share; each tower adds its own below (one line per field).
+_TOWER_FIELDS: dict[str, _Field] = {
+    "hidden_size": _integer(1, MAX_WIDTH),
+    "intermediate_size": _integer(1, MAX_MLP_WIDTH),
+    "projection_dim": _integer(1, MAX_WIDTH),
+    "num_hidden_layers": _integer(1, MAX_LAYERS),
+    "num_attention_heads": _integer(1, MAX_WIDTH),
+    "hidden_act": ACTIVATION,
+    "layer_norm_eps": _positive(1.0, high_open=True),
+    "attention_dropout": DROPOUT,
+    "initializer_range": _positive(10.0),  # std of the initial weights (CLIP: 0.02); larger would overflow
+    "initializer_factor": _positive(1000.0),
+    "q_bias": BOOL,
+    "k_bias": BOOL,
+    "v_bias": BOOL,
+    "post_layernorm": BOOL,
+    "use_rms_norm": BOOL,
+    "layer_scale_init_value": _optional(_positive()),
+}
+_VISION_FIELDS: dict[str, _Field] = {
+    **_TOWER_FIELDS,
+    "num_channels": _integer(1, MAX_CHANNELS),
+    "image_size": _integer(1, MAX_IMAGE_SIZE),
+    "patch_size": _integer(1, MAX_IMAGE_SIZE),
+    "use_rope": BOOL,
+    "rope_pt_grid_size": _integer(1, MAX_PATCH_GRID),
+    "rope_interpolate_freq": BOOL,
+    "rope_theta": _positive(),
+    "use_swiglu": BOOL,
+    "use_sub_layernorm": BOOL,
+    "projection_bias": BOOL,
+}
+_TOKEN_ID = _optional(_integer(0, MAX_VOCAB))
+_TEXT_FIELDS: dict[str, _Field] = {
+    **_TOWER_FIELDS,
+    "vocab_size": _integer(1, MAX_VOCAB),
+    "max_position_embeddings": _integer(1, MAX_POSITIONS),
+    "pad_token_id": _TOKEN_ID,
+    "bos_token_id": _TOKEN_ID,
+    "eos_token_id": _TOKEN_ID,
+}
+_MODEL_FIELDS: dict[str, _Field] = {
+    "projection_dim": _integer(1, MAX_WIDTH),
+    # log of the initial logit scale (CLIP: ln(1 / 0.07) = 2.6592); exp() of it must stay finite in float16/32
+    "logit_scale_init_value": _Field("a number in [-10, 10]", lambda v: _is_number(v) and -10 <= v <= 10),
+    "initializer_factor": _positive(1000.0),
+}
+
+
+def _check_fields(config: PretrainedConfig, fields: dict[str, _Field]) -> None:
+    """Type and range of every field, first of all (so later checks may do arithmetic on them)."""
+    for name, field in fields.items():
+        value = getattr(config, name)
+        if not field.accepts(value):
+            shown = f"{value!r} ({type(value).__name__})" if isinstance(value, (str, bool, float)) else repr(value)
+            raise ValueError(f"{type(config).__name__}.{name} must be {field.expected}, got {shown}.")
+
+
+def _validate_tower(config: "_EvaCLIPTowerConfig", fields: dict[str, _Field]) -> None:
     """Checks shared by both towers; each message says what is wrong and what would be right."""
     name = type(config).__name__
-    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        value = getattr(config, field)
-        _require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name}.{field} must be a positive integer, got {value!r}.",
-        )
+    _check_fields(config, fields)
     _require(
         config.hidden_size % config.num_attention_heads == 0,
         f"{name}.hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
@@ -41,19 +150,6 @@ def _validate_tower(config: "_EvaCLIPTowerConfig") -> None:
     _require(
         config.hidden_act in ACT2FN,
         f"{name}.hidden_act {config.hidden_act!r} is unknown; expected one of {sorted(ACT2FN)}.",
-    )
-    _require(
-        isinstance(config.layer_norm_eps, (int, float)) and config.layer_norm_eps > 0,
-        f"{name}.layer_norm_eps must be a positive number, got {config.layer_norm_eps!r}.",
-    )
-    _require(
-        0.0 <= config.attention_dropout < 1.0,
-        f"{name}.attention_dropout must be in [0, 1), got {config.attention_dropout!r}.",
-    )
-    _require(
-        config.layer_scale_init_value is None or config.layer_scale_init_value > 0,
-        f"{name}.layer_scale_init_value must be None (no layer scale) or positive, "
-        f"got {config.layer_scale_init_value!r}.",
     )
 
 
@@ -68,6 +164,16 @@ class _EvaCLIPTowerConfig(PretrainedConfig):
         if cls.base_config_key in config_dict:
             config_dict = config_dict[cls.base_config_key]
         return cls.from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._validate()
+        return result
+
+    def _validate(self) -> None:
+        raise NotImplementedError
 
 
 class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
@@ -140,29 +246,23 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
-        self.q_bias = bool(q_bias)
-        self.k_bias = bool(k_bias)
-        self.v_bias = bool(v_bias)
-        self.post_layernorm = bool(post_layernorm) if post_layernorm is not None else False
+        self.q_bias = q_bias
+        self.k_bias = k_bias
+        self.v_bias = v_bias
+        self.post_layernorm = False if post_layernorm is None else post_layernorm  # the port may write null
         self.layer_scale_init_value = layer_scale_init_value
-        self.use_rope = bool(use_rope)
+        self.use_rope = use_rope
         self.rope_pt_grid_size = rope_pt_grid_size
-        self.rope_interpolate_freq = bool(rope_interpolate_freq)
+        self.rope_interpolate_freq = rope_interpolate_freq
         self.rope_theta = rope_theta
-        self.use_swiglu = bool(use_swiglu)
-        self.use_sub_layernorm = bool(use_sub_layernorm)
-        self.use_rms_norm = bool(use_rms_norm)
-        self.projection_bias = bool(projection_bias)
+        self.use_swiglu = use_swiglu
+        self.use_sub_layernorm = use_sub_layernorm
+        self.use_rms_norm = use_rms_norm
+        self.projection_bias = projection_bias
         self._validate()
 
     def _validate(self) -> None:
-        _validate_tower(self)
-        for field in ("image_size", "patch_size", "num_channels"):
-            value = getattr(self, field)
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"EvaCLIPVisionConfig.{field} must be a positive integer, got {value!r}.",
-            )
+        _validate_tower(self, _VISION_FIELDS)
         _require(
             self.patch_size <= self.image_size,
             f"EvaCLIPVisionConfig.patch_size ({self.patch_size}) must not exceed image_size ({self.image_size}).",
@@ -172,15 +272,16 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
             f"EvaCLIPVisionConfig.image_size ({self.image_size}) must be a multiple of patch_size "
             f"({self.patch_size}), e.g. {self.image_size // self.patch_size * self.patch_size}.",
         )
+        _require(
+            self.image_size // self.patch_size <= MAX_PATCH_GRID,
+            f"EvaCLIPVisionConfig.image_size / patch_size ({self.image_size // self.patch_size} patches per side) "
+            f"must be at most {MAX_PATCH_GRID}.",
+        )
         if self.use_rope:
             _require(
                 self.head_dim % 4 == 0,
                 f"2D rotary embedding needs a head dim divisible by 4 (hidden_size / num_attention_heads = "
                 f"{self.head_dim}); change num_attention_heads or set use_rope=False.",
-            )
-            _require(
-                isinstance(self.rope_pt_grid_size, int) and self.rope_pt_grid_size > 0,
-                f"EvaCLIPVisionConfig.rope_pt_grid_size must be a positive integer, got {self.rope_pt_grid_size!r}.",
             )
 
     @property
@@ -257,21 +358,16 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
-        self.q_bias = bool(q_bias)
-        self.k_bias = bool(k_bias)
-        self.v_bias = bool(v_bias)
-        self.post_layernorm = bool(post_layernorm) if post_layernorm is not None else False
+        self.q_bias = q_bias
+        self.k_bias = k_bias
+        self.v_bias = v_bias
+        self.post_layernorm = False if post_layernorm is None else post_layernorm  # the port may write null
         self.layer_scale_init_value = layer_scale_init_value
-        self.use_rms_norm = bool(use_rms_norm)
+        self.use_rms_norm = use_rms_norm
         self._validate()
 
     def _validate(self) -> None:
-        _validate_tower(self)
-        for field in ("vocab_size", "max_position_embeddings"):
-            value = getattr(self, field)
-            _require(
-                isinstance(value, int) and value > 0, f"EvaCLIPTextConfig.{field} must be a positive integer."
-            )
+        _validate_tower(self, _TEXT_FIELDS)
 
     @property
     def head_dim(self) -> int:
@@ -350,6 +446,7 @@ class EvaCLIPConfig(PretrainedConfig):
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
         self.initializer_factor = kwargs.pop("initializer_factor", 1.0)
+        _check_fields(self, _MODEL_FIELDS)
 
     @classmethod
     def from_text_vision_configs(
@@ -365,6 +462,13 @@ class EvaCLIPConfig(PretrainedConfig):
     @staticmethod
     def list_presets() -> list[str]:
         return presets.list_presets()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
+        result = super().from_dict(config_dict, **kwargs)
+        _check_fields(result[0] if isinstance(result, tuple) else result, _MODEL_FIELDS)
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -679,6 +679,9 @@ class EvaCLIPVisionTransformer(nn.Module):
             raise ValueError("pixel_values is required: a float tensor [batch, channels, height, width].")
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point (the image processor's normalised output), got "
+                             f"dtype {pixel_values.dtype}; pass image_processor(images, return_tensors='pt').")
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must have 4 dimensions [batch, {config.num_channels}, {config.image_size}, "
@@ -780,6 +783,10 @@ class EvaCLIPTextTransformer(nn.Module):
         limit = self.config.max_position_embeddings
         if input_ids is None:
             raise ValueError("input_ids is required: a LongTensor [batch, seq_len] of token ids.")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
+                or input_ids.dtype == torch.bool:
+            kind = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor of token ids (the tokenizer's output), got {kind}.")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
         if input_ids.shape[-1] > limit:
@@ -792,6 +799,13 @@ class EvaCLIPTextTransformer(nn.Module):
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)}."
             )
+        # A value check syncs with the device and cannot be traced: eager only, so torch.compile(fullgraph=True) and
+        # torch.export still see a graph without data-dependent branches (an id out of range fails in the embedding).
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids holds ids in [{low}, {high}]; this text tower's vocabulary is "
+                                 f"[0, {self.config.vocab_size - 1}] (vocab_size {self.config.vocab_size}).")
 
     def forward(
         self,
@@ -1092,6 +1106,10 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         output_attentions, output_hidden_states, return_dict = _resolve_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
+        if return_loss and all(isinstance(x, torch.Tensor) and x.ndim for x in (input_ids, pixel_values)) \
+                and input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"return_loss=True needs matching image-text pairs: got {pixel_values.shape[0]} images and "
+                             f"{input_ids.shape[0]} texts; the contrastive loss pairs image i with text i.")
         vision_outputs = self.vision_model(
             pixel_values=pixel_values,
             output_attentions=output_attentions,

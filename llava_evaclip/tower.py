@@ -294,6 +294,9 @@ class EvaCLIPVisionTower(nn.Module):
     def _check_images(self, images: torch.Tensor) -> None:
         size, channels = self.input_size, self.config.num_channels
         expected = f"[batch, {channels}, {size}, {size}] (the image processor's output size, {size}x{size})"
+        if not images.is_floating_point():  # uint8 pixels would be cast, not normalised: silently wrong features
+            raise ValueError(f"Images must be a floating-point tensor (the image processor's normalised output), got "
+                             f"dtype {images.dtype}; pass image_processor(images, return_tensors='pt')['pixel_values'].")
         if images.ndim != 4 or images.shape[1] != channels or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"Images of shape {tuple(images.shape)} do not fit the tower: expected {expected}.")
         if images.shape[0] == 0:

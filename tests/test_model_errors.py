@@ -3,6 +3,8 @@ shape error from deep inside the model."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPVisionConfig
@@ -29,11 +31,11 @@ VISION_CASES = [
     (dict(image_size=28, patch_size=32), r"patch_size \(32\) must not exceed image_size \(28\)"),
     (dict(image_size=30, patch_size=7), r"image_size \(30\) must be a multiple of patch_size \(7\), e\.g\. 28"),
     (dict(hidden_act="not_an_activation"), r"hidden_act 'not_an_activation' is unknown; expected one of .*gelu"),
-    (dict(num_hidden_layers=0), r"num_hidden_layers must be a positive integer, got 0"),
-    (dict(num_channels=0), r"num_channels must be a positive integer, got 0"),
-    (dict(layer_norm_eps=-1.0), r"layer_norm_eps must be a positive number"),
-    (dict(attention_dropout=1.5), r"attention_dropout must be in \[0, 1\)"),
-    (dict(layer_scale_init_value=-0.1), r"layer_scale_init_value must be None \(no layer scale\) or positive"),
+    (dict(num_hidden_layers=0), r"num_hidden_layers must be an integer in \[1, 1024\], got 0"),
+    (dict(num_channels=0), r"num_channels must be an integer in \[1, 64\], got 0"),
+    (dict(layer_norm_eps=-1.0), r"layer_norm_eps must be a number in \(0, 1.0\)"),
+    (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\)"),
+    (dict(layer_scale_init_value=-0.1), r"layer_scale_init_value must be None or a finite number > 0"),
     (dict(hidden_size=24, num_attention_heads=4, use_rope=True), r"head dim divisible by 4 .* set use_rope=False"),
 ]
 
@@ -46,8 +48,8 @@ def test_vision_config_validation(overrides: dict, pattern: str) -> None:
 
 TEXT_CASES = [
     (dict(hidden_size=30), r"EvaCLIPTextConfig\.hidden_size \(30\) must be divisible by num_attention_heads"),
-    (dict(max_position_embeddings=0), r"EvaCLIPTextConfig\.max_position_embeddings must be a positive integer"),
-    (dict(vocab_size=-3), r"EvaCLIPTextConfig\.vocab_size must be a positive integer"),
+    (dict(max_position_embeddings=0), r"EvaCLIPTextConfig\.max_position_embeddings must be an integer in \[1, 65536\], got 0"),
+    (dict(vocab_size=-3), r"EvaCLIPTextConfig\.vocab_size must be an integer in \[1, 16777216\], got -3"),
     (dict(hidden_act="relu6x"), r"EvaCLIPTextConfig\.hidden_act 'relu6x' is unknown; expected one of"),
 ]
 
@@ -64,6 +66,135 @@ def test_config_validation_also_guards_from_dict() -> None:
     fields["patch_size"] = 5
     with pytest.raises(ValueError, match=r"image_size \(28\) must be a multiple of patch_size \(5\)"):
         EvaCLIPVisionConfig.from_dict(fields)
+
+
+# Hostile values for every kind of field: wrong type (strings, floats, bools where integers belong), out of range,
+# non-finite, absurd sizes. Each is refused at construction with the field's name and what it accepts.
+HOSTILE_VISION = [
+    ("rope_theta", 0, r"rope_theta must be a finite number > 0, got 0"),
+    ("rope_theta", -10000.0, r"rope_theta must be a finite number > 0, got -10000\.0 \(float\)"),
+    ("rope_theta", "10000", r"rope_theta must be a finite number > 0, got '10000' \(str\)"),
+    ("rope_theta", float("nan"), r"rope_theta must be a finite number > 0, got nan"),
+    ("rope_theta", float("inf"), r"rope_theta must be a finite number > 0, got inf"),
+    ("rope_theta", 10**400, r"rope_theta must be a finite number > 0, got 1000"),
+    ("num_hidden_layers", 1e9, r"num_hidden_layers must be an integer in \[1, 1024\], got 1000000000\.0 \(float\)"),
+    ("num_hidden_layers", 10**9, r"num_hidden_layers must be an integer in \[1, 1024\], got 1000000000"),
+    ("num_hidden_layers", True, r"num_hidden_layers must be an integer in \[1, 1024\], got True \(bool\)"),
+    ("num_hidden_layers", "3", r"num_hidden_layers must be an integer in \[1, 1024\], got '3' \(str\)"),
+    ("hidden_size", 32.0, r"hidden_size must be an integer in \[1, 65536\], got 32\.0 \(float\)"),
+    ("hidden_size", 2**20, r"hidden_size must be an integer in \[1, 65536\]"),
+    ("intermediate_size", -64, r"intermediate_size must be an integer in \[1, 262144\], got -64"),
+    ("num_attention_heads", None, r"num_attention_heads must be an integer in \[1, 65536\], got None"),
+    ("projection_dim", 0, r"projection_dim must be an integer in \[1, 65536\], got 0"),
+    ("image_size", 10**6, r"image_size must be an integer in \[1, 16384\]"),
+    ("patch_size", 0, r"patch_size must be an integer in \[1, 16384\], got 0"),
+    ("num_channels", 1000, r"num_channels must be an integer in \[1, 64\], got 1000"),
+    ("attention_dropout", "0.1", r"attention_dropout must be a probability in \[0, 1\), got '0\.1' \(str\)"),
+    ("attention_dropout", 1.0, r"attention_dropout must be a probability in \[0, 1\), got 1\.0"),
+    ("attention_dropout", -0.1, r"attention_dropout must be a probability in \[0, 1\), got -0\.1"),
+    ("attention_dropout", float("nan"), r"attention_dropout must be a probability in \[0, 1\), got nan"),
+    ("layer_norm_eps", 0, r"layer_norm_eps must be a number in \(0, 1\.0\), got 0"),
+    ("layer_norm_eps", "1e-6", r"layer_norm_eps must be a number in \(0, 1\.0\), got '1e-6' \(str\)"),
+    ("initializer_range", 0.0, r"initializer_range must be a number in \(0, 10\.0\], got 0\.0"),
+    ("initializer_range", 1e300, r"initializer_range must be a number in \(0, 10\.0\], got 1e\+300"),
+    ("initializer_range", -0.02, r"initializer_range must be a number in \(0, 10\.0\], got -0\.02"),
+    ("initializer_factor", 0, r"initializer_factor must be a number in \(0, 1000\.0\], got 0"),
+    ("layer_scale_init_value", "0.1", r"layer_scale_init_value must be None or a finite number > 0, got '0\.1'"),
+    ("q_bias", "false", r"q_bias must be a boolean \(true / false\), got 'false' \(str\)"),
+    ("k_bias", 1, r"k_bias must be a boolean \(true / false\), got 1"),
+    ("use_rope", "yes", r"use_rope must be a boolean \(true / false\), got 'yes'"),
+    ("use_swiglu", None, r"use_swiglu must be a boolean \(true / false\), got None"),
+    ("rope_interpolate_freq", 0, r"rope_interpolate_freq must be a boolean"),
+    ("use_sub_layernorm", "true", r"use_sub_layernorm must be a boolean"),
+    ("rope_pt_grid_size", 16.0, r"rope_pt_grid_size must be an integer in \[1, 1024\], got 16\.0 \(float\)"),
+    ("hidden_act", ["gelu"], r"hidden_act must be the name of an activation, got \['gelu'\]"),
+]
+
+
+@pytest.mark.parametrize("field, value, pattern", HOSTILE_VISION, ids=[f"{f}={v!r}" for f, v, _ in HOSTILE_VISION])
+def test_hostile_vision_config_values(field: str, value, pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\." + pattern):
+        tiny_vision_config("eva02", **{field: value})
+    # the same through a config.json, the way a hostile file arrives
+    with pytest.raises(ValueError, match=pattern):
+        EvaCLIPVisionConfig.from_dict({**tiny_vision_config("eva02").to_dict(), field: value})
+
+
+def test_from_pretrained_overrides_are_checked(tmp_path) -> None:
+    """transformers sets `from_pretrained(dir, field=value)` overrides after construction; they are checked too."""
+    tiny_vision_config("eva02").save_pretrained(tmp_path / "vision")
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\.rope_theta must be a finite number > 0, got -1"):
+        EvaCLIPVisionConfig.from_pretrained(tmp_path / "vision", rope_theta=-1)
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\.use_rope must be a boolean"):
+        EvaCLIPVisionModel.from_pretrained(tmp_path / "vision", use_rope="no")
+    tiny_config("eva01").save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"):
+        EvaCLIPConfig.from_pretrained(tmp_path / "full", logit_scale_init_value=float("inf"))
+    config, unused = EvaCLIPVisionConfig.from_pretrained(tmp_path / "vision", rope_theta=500.0, foo=1,
+                                                         return_unused_kwargs=True)
+    assert config.rope_theta == 500.0 and unused == {"foo": 1}
+
+
+def test_patch_grid_bound() -> None:
+    with pytest.raises(ValueError, match=r"image_size / patch_size \(2048 patches per side\) must be at most 1024"):
+        tiny_vision_config("eva01", image_size=2048, patch_size=1)
+
+
+HOSTILE_TEXT = [
+    ("vocab_size", 1e9, r"vocab_size must be an integer in \[1, 16777216\], got 1000000000\.0 \(float\)"),
+    ("max_position_embeddings", 10**7, r"max_position_embeddings must be an integer in \[1, 65536\]"),
+    ("eos_token_id", -1, r"eos_token_id must be None or an integer in \[0, 16777216\], got -1"),
+    ("bos_token_id", "49406", r"bos_token_id must be None or an integer in \[0, 16777216\], got '49406' \(str\)"),
+    ("num_hidden_layers", 2.0, r"num_hidden_layers must be an integer in \[1, 1024\], got 2\.0 \(float\)"),
+    ("attention_dropout", "0", r"attention_dropout must be a probability in \[0, 1\), got '0' \(str\)"),
+    ("v_bias", "True", r"v_bias must be a boolean"),
+]
+
+
+@pytest.mark.parametrize("field, value, pattern", HOSTILE_TEXT, ids=[f"{f}={v!r}" for f, v, _ in HOSTILE_TEXT])
+def test_hostile_text_config_values(field: str, value, pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"EvaCLIPTextConfig\." + pattern):
+        tiny_text_config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("projection_dim", "16", r"EvaCLIPConfig\.projection_dim must be an integer in \[1, 65536\], got '16' \(str\)"),
+    ("logit_scale_init_value", float("nan"), r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"),
+    ("logit_scale_init_value", 1000.0, r"EvaCLIPConfig\.logit_scale_init_value must be a number in \[-10, 10\]"),
+    ("initializer_factor", -1.0, r"EvaCLIPConfig\.initializer_factor must be a number in \(0, 1000\.0\], got -1\.0"),
+])
+def test_hostile_model_config_values(field: str, value, pattern: str) -> None:
+    fields = {"text_config": tiny_text_config().to_dict(), "vision_config": tiny_vision_config().to_dict(),
+              "projection_dim": 16, field: value}
+    with pytest.raises(ValueError, match=pattern):
+        EvaCLIPConfig(**fields)
+
+
+def test_hostile_sub_config_inside_a_full_config() -> None:
+    with pytest.raises(ValueError, match=r"EvaCLIPVisionConfig\.rope_theta must be a finite number > 0, got -1"):
+        EvaCLIPConfig(text_config=tiny_text_config().to_dict(),
+                      vision_config={**tiny_vision_config().to_dict(), "rope_theta": -1}, projection_dim=16)
+
+
+@pytest.mark.parametrize("config_class", [EvaCLIPVisionConfig, EvaCLIPTextConfig])
+def test_every_config_argument_is_validated(config_class) -> None:
+    """Each constructor argument has a type/range rule: a new field without one fails here."""
+    from llava_evaclip import configuration_evaclip as module
+
+    table = {EvaCLIPVisionConfig: module._VISION_FIELDS, EvaCLIPTextConfig: module._TEXT_FIELDS}[config_class]
+    arguments = [name for name in inspect.signature(config_class.__init__).parameters if name not in ("self", "kwargs")]
+    assert sorted(set(arguments) - set(table)) == []
+
+
+def test_standard_and_port_kwargs_still_pass() -> None:
+    """Generic PretrainedConfig kwargs (as transformers and the InternVL port write them) are not our fields."""
+    extra = dict(torch_dtype="float16", architectures=["EvaCLIPVisionModel"], output_hidden_states=True,
+                 dropout=0.0, return_dict=True, chunk_size_feed_forward=0, post_layernorm=None)
+    config = tiny_vision_config("eva02", **extra)
+    assert config.post_layernorm is False and config.output_hidden_states is True
+    assert EvaCLIPVisionConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    for name in EvaCLIPConfig.list_presets():  # every released architecture passes, with room to spare
+        EvaCLIPConfig.from_dict(EvaCLIPConfig.from_preset(name).to_dict())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,3 +319,40 @@ def test_attention_mask_shape_mismatch(text_model: EvaCLIPTextModel) -> None:
     ids = torch.randint(1, 90, (2, 6))
     with pytest.raises(ValueError, match=r"attention_mask shape \(2, 5\) must equal input_ids shape \(2, 6\)"):
         text_model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_pixels_are_refused(vision_model: EvaCLIPVisionModel, dtype) -> None:
+    """uint8 pixels would be cast, not normalised: refused rather than silently wrong features."""
+    pixels = torch.randint(0, 2 if dtype == torch.bool else 256, (1, 3, 28, 28)).to(dtype)
+    with pytest.raises(ValueError, match=rf"pixel_values must be floating point .*got dtype {dtype}.*image_processor"):
+        vision_model(pixels)
+    model = EvaCLIPModel(tiny_config("eva01")).eval()
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        model(input_ids=torch.randint(1, 90, (1, 5)), pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        model.get_image_features(pixels)
+    with pytest.raises(ValueError, match=r"pixel_values must be floating point"):
+        EvaCLIPVisionModelWithProjection(tiny_vision_config("eva01"))(pixels)
+
+
+@pytest.mark.parametrize("ids, pattern", [
+    (torch.rand(2, 5) * 90, r"input_ids must be an integer tensor of token ids .*got dtype torch\.float32"),
+    (torch.ones(2, 5, dtype=torch.bool), r"input_ids must be an integer tensor .*got dtype torch\.bool"),
+    ([[1, 2, 3]], r"input_ids must be an integer tensor .*got list"),
+    (torch.tensor([[1, 99, 3]]), r"input_ids holds ids in \[1, 99\]; this text tower's vocabulary is \[0, 98\]"),
+    (torch.tensor([[1, -1, 3]]), r"input_ids holds ids in \[-1, 3\]; .*vocab_size 99"),
+])
+def test_bad_input_ids(text_model: EvaCLIPTextModel, ids, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        text_model(ids)
+    text_model(torch.tensor([[0, 98]]))  # both ends of the vocabulary are fine
+
+
+def test_return_loss_needs_as_many_texts_as_images() -> None:
+    model = EvaCLIPModel(tiny_config("eva01")).eval()
+    ids, pixels = torch.randint(1, 90, (3, 5)), torch.randn(2, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"return_loss=True needs matching image-text pairs: got 2 images and 3 texts"):
+        model(input_ids=ids, pixel_values=pixels, return_loss=True)
+    assert model(input_ids=ids, pixel_values=pixels).logits_per_image.shape == (2, 3)  # scoring needs no pairs
+    assert model(input_ids=ids[:2], pixel_values=pixels, return_loss=True).loss.isfinite()

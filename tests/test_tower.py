@@ -326,3 +326,15 @@ def test_checkpoint_with_missing_weights_is_refused(tmp_path):
         tower.load_model()
     assert all(key in str(error.value) for key in missing), error.value
     assert not tower.is_loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.bool])
+def test_integer_pixels_are_refused(full_model_dir, dtype):
+    """Raw 0-255 pixels would become features of unnormalised (and, for uint8 outputs, wrapped) values."""
+    path, _ = full_model_dir
+    tower = EvaCLIPVisionTower(path, tower_args())
+    pixels = torch.randint(0, 2, (1, 3, 28, 28)).to(dtype)
+    with pytest.raises(ValueError, match=rf"floating-point tensor .*got dtype {dtype}; pass image_processor"):
+        tower(pixels)
+    with pytest.raises(ValueError, match=r"floating-point tensor"):
+        tower([pixels[0], pixels[0]])

@@ -82,6 +82,8 @@ def resolve_dtype(name: str) -> "torch.dtype":
 
 
 def resolve_device(name: str) -> "torch.device":
+    """`--device` as a usable torch device; anything else (meta, mps where absent, cuda:N past the last GPU, other
+    backends) is one CLIError line, before any model is loaded."""
     import torch
 
     if name == "auto":
@@ -90,8 +92,18 @@ def resolve_device(name: str) -> "torch.device":
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise CLIError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CLIError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {name}: Apple's MPS backend is not available here; use --device cpu.")
+    elif device.type != "cpu" or device.index not in (None, 0):
+        reason = "the meta device holds no data" if device.type == "meta" else "not supported"
+        raise CLIError(f"--device {name}: {reason}; use cpu, cuda, cuda:N (or mps on Apple silicon).")
     return device
 
 
@@ -333,14 +345,23 @@ def open_rgb(path: str) -> "Image.Image":
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0644 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)` to a hidden temp name beside `path`, then rename: a crash or Ctrl-C never
-    leaves a truncated `path`."""
+    leaves a truncated `path`. The file gets the umask's mode, whatever `write` created it with (safetensors: 0600),
+    so another user's job can read it where the umask allows."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         write(temp)
+        os.chmod(temp, _new_file_mode())
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
@@ -349,10 +370,19 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None:
+    """Everything that would stop the final write, found before any work: a folder in the way, an existing file
+    without --overwrite, a parent that is a file or a folder we cannot write to."""
     if os.path.isdir(path):
         raise CLIError(f"{option} {path} is a directory; give a file name.")
     if os.path.exists(path) and not overwrite:
         raise CLIError(f"{option} {path} already exists; pass --overwrite to replace it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created on write: what matters is the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot write into {parent} (permission denied).")
 
 
 __all__ = [

@@ -16,7 +16,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also print image size, patch size, layers and width of each vision tower")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, needs_model=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,21 +69,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, ImageDraw
 
+    if os.path.isdir(args.image):
+        raise CLIError(f"{args.image} is a folder; visualize takes one image file (for a folder of images use "
+                       "`llava-evaclip features`).")
+    if not os.path.isfile(args.image):
+        problem = "not a regular file" if os.path.exists(args.image) else "no such file"
+        raise CLIError(f"{args.image}: {problem} (expected one image file).")
     if not args.out.lower().endswith(".png"):
         raise CLIError(f"--out {args.out} must be a .png file name.")
     _common.check_output_file(args.out, args.overwrite)
     source = _common.resolve_model(args.model)
     _common.selected_layers(args.select_layer, source.vision_config.num_hidden_layers)
-    if not os.path.isfile(args.image):
-        raise CLIError(f"{args.image}: no such file (expected one image file).")
+    dtype = _common.resolve_dtype(args.dtype)
+    device = _common.resolve_device(args.device)
     try:
         image = _common.open_rgb(args.image)
     except OSError as error:
         raise CLIError(f"{args.image}: {error}") from None
     if source.random_weights:
         print(_common.random_weights_banner(source.preset), file=sys.stderr)
-    dtype = _common.resolve_dtype(args.dtype)
-    device = _common.resolve_device(args.device)
     tower = _common.load_tower(source, args.select_layer, "patch", dtype, device)
 
     pixel_values = tower.image_processor([image], return_tensors="pt")["pixel_values"]

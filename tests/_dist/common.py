@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,6 +87,7 @@ def distributed_run(out_dir: str | os.PathLike) -> Iterator[Results]:
         yield results
         results["finished"] = True
     except BaseException:
+        results.data["failed_at"] = time.time()  # wall clock, to compare with times the worker recorded
         results["error"] = traceback.format_exc()
         raise
     finally:
