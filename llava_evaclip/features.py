@@ -751,10 +751,6 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
     todo, kept, failures = [], 0, []
     for item in items:
         path = output_path(out_dir, item.key)
-        conflict = _path_conflict(out_dir, path)
-        if conflict:
-            raise ValueError(f"{display_path(item.path)}: its features would go to {display_path(path)}, but "
-                             f"{conflict}; move it away or use another output folder.")
         if os.path.exists(path) and not overwrite:
             problem = _existing_mismatch(path, settings)
             if problem is None:
@@ -798,10 +794,16 @@ def _existing_mismatch(path: str, settings: dict[str, str]) -> Optional[str]:
     return None
 
 
-def _check_planned_outputs(items: Sequence[ImageItem]) -> None:
-    """Two inputs whose outputs would be a file and a folder of one name (x.jpg beside x.jpg.safetensors/y.jpg)."""
+def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
+    """Outputs that cannot be files: a folder is in the way, or two inputs would make a file and a folder of one name
+    (x.jpg beside x.jpg.safetensors/y.jpg)."""
     outputs = {item.key + OUTPUT_SUFFIX: item for item in items}
     for item in items:
+        path = output_path(out_dir, item.key)
+        conflict = _path_conflict(out_dir, path)
+        if conflict:
+            raise ValueError(f"{display_path(item.path)}: its features would go to {display_path(path)}, but "
+                             f"{conflict}; move it away or use another output folder.")
         parts = item.key.split("/")
         for depth in range(1, len(parts)):
             other = outputs.get("/".join(parts[:depth]))
@@ -830,7 +832,7 @@ def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem
         items, report.skipped_inputs = find_images(inputs)  # type: ignore[arg-type]
     report.total = len(items)
     if format == "files":
-        _check_planned_outputs(items)
+        _check_planned_outputs(items, out_dir)
     settings = tower_settings(tower)
     todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
     report.failures = list(planned_failures)

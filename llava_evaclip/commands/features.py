@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out} exists and is not a directory.")
         items, skipped_inputs = features.find_images(inputs)
         if args.format == "files":
-            features._check_planned_outputs(items)
+            features._check_planned_outputs(items, args.out)
     except ValueError as error:
         raise CLIError(str(error)) from None
     source = _common.resolve_model(args.model)
@@ -102,13 +102,23 @@ def run(args: argparse.Namespace) -> int:
 def _extract(features: Any, tower: Any, items: list, args: argparse.Namespace, context: Any) -> Any:
     from tqdm import tqdm
 
-    with tqdm(total=len(items), unit="img", desc="features", file=sys.stderr, dynamic_ncols=True,
-              disable=context.rank != 0) as progress:
+    bar: list[Any] = []
+
+    def progress(count: int) -> None:  # the bar opens with the first image, after every check has passed
+        if not bar:
+            bar.append(tqdm(total=len(items), unit="img", desc="features", file=sys.stderr, dynamic_ncols=True,
+                            disable=context.rank != 0))
+        bar[0].update(count)
+
+    try:
         return features.extract_features(
             tower, items, args.out, format=args.format, batch_size=args.batch_size, workers=args.workers,
-            shard_size_mb=args.shard_size, overwrite=args.overwrite, context=context, progress=progress.update,
+            shard_size_mb=args.shard_size, overwrite=args.overwrite, context=context, progress=progress,
             on_failure=lambda path, reason: _common.warn(f"skipping {path}: {reason}"),
         )
+    finally:
+        if bar:
+            bar[0].close()
 
 
 def _print_summary(args: argparse.Namespace, source: _common.ModelSource, report: Any) -> None:
