@@ -329,7 +329,7 @@ def test_two_ranks_shard_the_work_and_a_killed_run_resumes_on_one_rank(tower_dir
     two = tmp_path / "two"
     result = run_torchrun(worker, *args, "--out", str(two), nproc=2, timeout=240)
     assert result.returncode == 1, result.describe()  # the corrupt image, reported by rank 0 for both ranks
-    assert "240 images: 240 written, 0 skipped (output exists), 1 failed" in result.output
+    assert "241 images: 240 written, 0 skipped (output exists), 1 failed" in result.output
     assert "on 2 ranks" in result.output and "corrupt.jpg" in result.output
     store = F.FeatureStore(two)
     assert store.verify() == [] and list(store) == list(single_store)
@@ -338,7 +338,7 @@ def test_two_ranks_shard_the_work_and_a_killed_run_resumes_on_one_rank(tower_dir
     assert sorted(stored_keys) == list(single_store)  # each image once, by one rank
     assert {name.rsplit("-", 2)[-2] for fragment in fragments for name in [fragment["shard"]]} == {"r0", "r1"}
     for key in single_store:
-        torch.testing.assert_close(store[key], single_store[key], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(store[key], single_store[key])  # fp32 defaults: other batch neighbours
 
     # Rank 1 dies after its second shard; the finished shards of both ranks count, and one rank completes the rest.
     killed = tmp_path / "killed"
@@ -351,10 +351,10 @@ def test_two_ranks_shard_the_work_and_a_killed_run_resumes_on_one_rank(tower_dir
     capsys.readouterr()
     assert main(["features", *args, "--out", str(killed)]) == 1
     out = capsys.readouterr().out
-    assert f"240 images: {240 - len(done_before)} written, {len(done_before)} skipped" in out
+    assert f"241 images: {240 - len(done_before)} written, {len(done_before)} skipped" in out
     resumed = F.FeatureStore(killed)
     assert resumed.verify() == [] and list(resumed) == list(single_store)
     for key in single_store:
-        torch.testing.assert_close(resumed[key], single_store[key], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(resumed[key], single_store[key])
     for key, value in done_before.items():
         assert torch.equal(resumed[key], value)  # finished work was kept, not recomputed

@@ -106,7 +106,7 @@ def _extract(features: Any, tower: Any, items: list, args: argparse.Namespace, c
 
     def progress(count: int) -> None:  # the bar opens with the first image, after every check has passed
         if not bar:
-            bar.append(tqdm(total=len(items), unit="img", desc="features", file=sys.stderr, dynamic_ncols=True,
+            bar.append(tqdm(total=len(items) if context.world_size == 1 else None, unit="img", desc="features", file=sys.stderr, dynamic_ncols=True,
                             disable=context.rank != 0))
         bar[0].update(count)
 
