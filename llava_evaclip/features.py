@@ -507,6 +507,7 @@ class FeatureStore:
         self._entries: dict[str, dict[str, Any]] = {}
         self._fragments: list[str] = []
         self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
         self.settings: dict[str, str] = {}
         if self.format == "shards":
             self._read_index()
@@ -588,6 +589,8 @@ class FeatureStore:
     def _shard(self, name: str) -> Any:
         from safetensors import safe_open
 
+        if self._pid != os.getpid():  # a forked DataLoader worker opens its own maps
+            self._handles, self._pid = {}, os.getpid()
         handle = self._handles.get(name)
         if handle is None:
             handle = self._handles[name] = safe_open(os.path.join(self.directory, SHARDS_DIR, name), framework="pt")
