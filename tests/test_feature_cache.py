@@ -105,8 +105,9 @@ def run_pretrain(workspace: Path, output_dir: Path, nproc: int, *extra: str) -> 
     sys.path.insert(0, str(Path(__file__).parent / "_dist"))
     from runner import free_port, worker_env
 
-    launcher = (f"{sys.executable} -m torch.distributed.run --nnodes 1 --nproc_per_node {nproc} "
-                f"--master_addr 127.0.0.1 --master_port {free_port()}")
+    launcher = sys.executable if nproc == 1 else (
+        f"{sys.executable} -m torch.distributed.run --nnodes 1 --nproc_per_node {nproc} --master_addr 127.0.0.1 "
+        f"--master_port {free_port()}")
     env = worker_env({
         "LAUNCHER": launcher, "ENTRY": "llava.train.train", "DEEPSPEED_CONFIG": "",
         "MODEL_PATH": str(workspace / "lm"), "VISION_TOWER": str(workspace / "tower"),
@@ -132,9 +133,16 @@ def test_pretrain_script_from_the_cache_on_two_cpu_ranks(workspace, tmp_path):
     errors = [line for line in refused.stderr.splitlines() if line.startswith("run_llava.py: error:")]
     assert len(errors) == 1 and "1 of 5 images" in errors[0] and "'not_there.png'" in errors[0], refused.stderr[-3000:]
 
-    cached = run_pretrain(workspace, tmp_path / "cached", 2, "--vision_feature_cache", str(cache))
+    # LLaVA initialises the projector before the Trainer seeds anything: both runs start from one saved projector.
+    torch.manual_seed(0)
+    projector = tmp_path / "projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.randn(64, 48) * 0.1, "model.mm_projector.0.bias": torch.zeros(64),
+                "model.mm_projector.2.weight": torch.randn(64, 64) * 0.1, "model.mm_projector.2.bias": torch.zeros(64)},
+               projector)
+    start = ["--pretrain_mm_mlp_adapter", str(projector)]
+    cached = run_pretrain(workspace, tmp_path / "cached", 2, *start, "--vision_feature_cache", str(cache))
     assert cached.returncode == 0, cached.stdout[-2000:] + cached.stderr[-6000:]
-    tower = run_pretrain(workspace, tmp_path / "tower", 2)
+    tower = run_pretrain(workspace, tmp_path / "tower", 2, *start)
     assert tower.returncode == 0, tower.stdout[-2000:] + tower.stderr[-6000:]
     # Logged losses are rounded to 4 decimals; the fp32 comparison at 1e-5 is the in-process test above.
     assert logged_losses(tmp_path / "cached") == logged_losses(tmp_path / "tower")
