@@ -45,6 +45,7 @@ _register_auto_classes()
 # The LLaVA integration is imported on first use, so `import llava_evaclip` stays light.
 _LAZY_EXPORTS = {
     "EvaCLIPVisionTower": "tower",
+    "FeatureStore": "features",
     "register_vision_tower": "llava_registry",
     "register_with_llava": "llava_registry",
     "unregister_from_llava": "llava_registry",
@@ -61,6 +62,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "EvaCLIPVisionTower",
+    "FeatureStore",
     "register_vision_tower",
     "register_with_llava",
     "unregister_from_llava",

@@ -270,7 +270,9 @@ def test_shard_store_and_file_store_read_the_same_features(tower_dir, mixed_imag
     assert main(["features", *common, "--out", str(shards), "--format", "shards", "--shard-size", "0.005"]) == 1
     assert main(["features", *common, "--out", str(files), "--workers", "2"]) == 1
     assert "broken.jpg" in capsys.readouterr().err
-    shard_store, file_store = F.FeatureStore(shards), F.FeatureStore(files)
+    import llava_evaclip
+
+    shard_store, file_store = llava_evaclip.FeatureStore(shards), F.FeatureStore(files)
     keys = [f"{index}.png" for index in range(7)]
     assert list(shard_store) == list(file_store) == keys and len(shard_store) == 7
     assert shard_store.missing(keys + ["broken.jpg"]) == ["broken.jpg"]

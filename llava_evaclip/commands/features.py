@@ -36,6 +36,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--shard-size", type=float, default=1024, metavar="MB",
                         help="approximate shard size in MB for --format shards (default: 1024)")
     _common.add_runtime_arguments(parser)
+    # `deepspeed --module` passes --local_rank; the rank is read from LOCAL_RANK, which every launcher sets.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose output file already exists (--format files)")
     parser.set_defaults(func=run)
