@@ -211,7 +211,8 @@ def load_tower(model: str, select_layer: Union[str, int] = -2, select_feature: s
     import argparse
     import tempfile
 
-    from .presets import list_presets, preset_config
+    from .configuration_evaclip import EvaCLIPVisionConfig
+    from .presets import list_presets
     from .processing import build_image_processor
     from .tower import EvaCLIPVisionTower
 
@@ -220,8 +221,7 @@ def load_tower(model: str, select_layer: Union[str, int] = -2, select_feature: s
         tower = EvaCLIPVisionTower(model, args)
         label, fingerprint, random_weights = os.path.abspath(model), weights_fingerprint(model), False
     elif model in list_presets():
-        config = preset_config(model)
-        config = getattr(config, "vision_config", config)
+        config = EvaCLIPVisionConfig.from_preset(model)
         with tempfile.TemporaryDirectory(prefix="llava-evaclip-preset-") as config_dir:
             config.save_pretrained(config_dir)
             tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
