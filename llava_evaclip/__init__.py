@@ -11,14 +11,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(("EvaCLIPConfig", "EvaCLIPTextConfig", "EvaCLIPVisionConfig"), "configuration_evaclip"),
     **dict.fromkeys((
-        "EvaCLIPAttention", "EvaCLIPEncoder", "EvaCLIPEncoderLayer", "EvaCLIPForImageClassification", "EvaCLIPMLP", "EvaCLIPModel", "EvaCLIPOutput",
-        "EvaCLIPPreTrainedModel", "EvaCLIPRotaryEmbedding", "EvaCLIPTextAttention", "EvaCLIPTextEmbeddings",
+        "EvaCLIPAttention", "EvaCLIPEncoder", "EvaCLIPEncoderLayer", "EvaCLIPForImageClassification", "EvaCLIPMLP",
+        "EvaCLIPModel", "EvaCLIPOutput", "EvaCLIPPreTrainedModel", "EvaCLIPRotaryEmbedding", "EvaCLIPTextAttention", "EvaCLIPTextEmbeddings",
         "EvaCLIPTextModel", "EvaCLIPTextModelOutput", "EvaCLIPTextModelWithProjection", "EvaCLIPTextTransformer",
         "EvaCLIPVisionEmbeddings", "EvaCLIPVisionModel", "EvaCLIPVisionModelOutput",
         "EvaCLIPVisionModelWithProjection", "EvaCLIPVisionTransformer",
     ), "modeling_evaclip"),
     "list_presets": "presets",
     "EvaCLIPVisionTower": "tower",
+    "FeatureStore": "features",
     **dict.fromkeys(("register_vision_tower", "register_with_llava", "unregister_from_llava"), "llava_registry"),
 }
 # Set by the console script (`llava_evaclip_cli`) while it imports the package; its commands register on demand.
@@ -78,6 +79,7 @@ if not os.environ.get(DEFER_REGISTRATION_ENV):
 
 __all__ = [
     "EvaCLIPVisionTower",
+    "FeatureStore",
     "register_vision_tower",
     "register_with_llava",
     "unregister_from_llava",

@@ -386,6 +386,128 @@ def record_tower_options() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Cached tower features (--vision_feature_cache): the frozen tower's work done once by `llava-evaclip features`
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class FeatureCacheError(LaunchError):
+    """--vision_feature_cache cannot stand in for the tower: reported in one line, exit status 2."""
+
+
+_feature_cache: dict[str, Any] = {}  # "store" and the tower it stands in for, once training set them up
+
+
+def add_feature_cache_argument(train_module: Any) -> None:
+    """`--vision_feature_cache DIR` in LLaVA's ModelArguments."""
+    base = train_module.ModelArguments
+    if getattr(base, "_evaclip_feature_cache", False):
+        return
+    extra = [("vision_feature_cache", Optional[str], dataclasses.field(default=None, metadata={
+        "help": "A FeatureStore dir from `llava-evaclip features` read instead of running the frozen tower."}))]
+    extended = dataclasses.make_dataclass(base.__name__, extra, bases=(base,),
+                                          namespace={"_evaclip_feature_cache": True})
+    extended.__module__ = base.__module__
+    train_module.ModelArguments = extended
+
+
+def attach_feature_cache(tower: Any, directory: str, model_args: Any) -> Any:
+    """Open the store and make `tower` return its features (the collated `images` are then the features, see
+    `use_feature_cache`); every reason the store cannot stand in for the tower is a FeatureCacheError."""
+    from .features import TOWER_SETTING_KEYS, FeatureStore, settings_differences, tower_settings
+
+    if getattr(model_args, "unfreeze_mm_vision_tower", False):
+        raise FeatureCacheError("--vision_feature_cache cannot be used with --unfreeze_mm_vision_tower: cached features "
+                                "are of the frozen tower; train the tower without the cache.")
+    if not hasattr(tower, "select_layers") or getattr(tower, "s2", False):
+        raise FeatureCacheError("--vision_feature_cache needs an EVA-CLIP tower without S2 (the store holds its "
+                                f"single-scale features); got {type(tower).__name__}.")
+    try:
+        store = FeatureStore(directory)
+    except (ValueError, OSError) as error:
+        raise FeatureCacheError(f"--vision_feature_cache {directory}: {error}") from None
+    if not len(store):
+        raise FeatureCacheError(f"--vision_feature_cache {directory} holds no features; run `llava-evaclip features "
+                                "IMAGE_FOLDER --model TOWER --out DIR` first.")
+    differences = settings_differences(store.settings, tower_settings(tower), TOWER_SETTING_KEYS)
+    if differences:
+        raise FeatureCacheError(f"--vision_feature_cache {directory} was made with other settings than this tower: "
+                                f"{', '.join(differences)}.")
+
+    tokens = {"patch": tower.num_patches, "cls_patch": tower.num_patches + 1, "cls": 1}[tower.select_feature]
+    expected = (tokens, tower.hidden_size)
+
+    def forward(images: Any) -> Any:
+        if not hasattr(images, "ndim") or images.ndim != 3 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+            raise ValueError(f"The vision tower reads cached features (--vision_feature_cache) of shape [batch, "
+                             f"{expected[0]}, {expected[1]}], got {shape}.")
+        return images
+
+    tower.forward = forward
+    _feature_cache.update(store=store, tower=tower)
+    return store
+
+
+def _cache_key(sample: dict) -> str:
+    return os.path.normpath(sample["image"]).replace(os.sep, "/")
+
+
+def use_feature_cache(train_module: Any) -> None:
+    """With --vision_feature_cache, LLaVA's dataset returns each image's cached features where it returned pixels (so
+    they pass its collator unchanged) and the tower hands them on; checked at start: the tower's settings, LLaVA's
+    square preprocessing (the store's), and that every image of the data is in the store."""
+    import torch
+    from llava.model.llava_arch import LlavaMetaModel
+
+    dataset_class = train_module.LazySupervisedDataset
+    if getattr(dataset_class.__getitem__, "_evaclip_wrapped", False):
+        return
+    initialize = LlavaMetaModel.initialize_vision_modules
+    dataset_init, get_item = dataset_class.__init__, dataset_class.__getitem__
+
+    @functools.wraps(initialize)
+    def initialize_vision_modules(self: Any, model_args: Any, fsdp: Any = None) -> Any:
+        result = initialize(self, model_args, fsdp=fsdp)
+        if getattr(model_args, "vision_feature_cache", None):
+            attach_feature_cache(self.get_vision_tower(), model_args.vision_feature_cache, model_args)
+        return result
+
+    @functools.wraps(dataset_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        dataset_init(self, *args, **kwargs)
+        store = _feature_cache.get("store")
+        if store is None:
+            return
+        if getattr(self.data_args, "image_aspect_ratio", None) == "pad":
+            raise FeatureCacheError("--vision_feature_cache holds features of square-preprocessed images; "
+                                    "--image_aspect_ratio pad would pad them first: drop it or the cache.")
+        keys = [_cache_key(sample) for sample in self.list_data_dict if "image" in sample]
+        missing = store.missing(keys)
+        if missing:
+            raise FeatureCacheError(f"{len(missing)} of {len(keys)} images of the data are not in "
+                                    f"--vision_feature_cache {store.directory}, e.g. {missing[0]!r}; run "
+                                    "`llava-evaclip features IMAGE_FOLDER ...` over the same --image_folder.")
+        self._evaclip_feature_shape = tuple(store[keys[0]].shape) if keys else None
+
+    @functools.wraps(get_item)
+    def __getitem__(self: Any, i: Any) -> Any:
+        data = get_item(self, i)
+        store = _feature_cache.get("store")
+        if store is not None and "image" in data and isinstance(i, int):
+            sample = self.list_data_dict[i]
+            if "image" in sample:
+                data["image"] = store[_cache_key(sample)].float()
+            elif self._evaclip_feature_shape is not None:  # a text-only sample: LLaVA uses none of its features
+                data["image"] = torch.zeros(self._evaclip_feature_shape)
+        return data
+
+    for wrapper in (initialize_vision_modules, __getitem__):
+        wrapper._evaclip_wrapped = True  # type: ignore[attr-defined]
+    LlavaMetaModel.initialize_vision_modules = initialize_vision_modules
+    dataset_class.__init__, dataset_class.__getitem__ = __init__, __getitem__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -405,6 +527,8 @@ def prepare_llava(module: str) -> Optional[Any]:
     patch_llava_next_trainer(train_module)
     extend_model_arguments(train_module)
     record_tower_options()
+    add_feature_cache_argument(train_module)
+    use_feature_cache(train_module)
     return train_module
 
 
@@ -443,14 +567,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_module = prepare_llava(module)
     if train_module is not None:
         args = translate_training_args(args)
-    if module == TRAIN_MODULE:
-        # Its `__main__` block is `train()`; calling it on the imported module keeps the extensions above in effect
-        # (runpy would execute a second copy of the module).
-        sys.argv = [train_module.__file__, *args]
-        train_module.train()
-    else:
-        sys.argv = [module, *args]
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        if module == TRAIN_MODULE:
+            # Its `__main__` block is `train()`; calling it on the imported module keeps the extensions above in
+            # effect (runpy would execute a second copy of the module).
+            sys.argv = [train_module.__file__, *args]
+            train_module.train()
+        else:
+            sys.argv = [module, *args]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except FeatureCacheError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     finish_cpu_process_group()
     return 0
 

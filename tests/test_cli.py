@@ -203,14 +203,13 @@ def test_features_overwrite_other_settings_and_interrupt(vision_dir, image_tree,
     torch.testing.assert_close(features.float(), reference, atol=0.05, rtol=0.05)  # bf16 weights and activations
 
     # An interrupted write leaves neither a truncated output nor a temp file behind.
-    import safetensors.torch
+    import llava_evaclip.features
 
-    def interrupted_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def interrupted_write(descriptor, view):
+        os.write(descriptor, b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_save)
+    monkeypatch.setattr(llava_evaclip.features, "_write_chunk", interrupted_write)
     fresh = str(tmp_path / "fresh")
     assert main(["features", sub1, "--model", vision_dir, "--out", fresh]) == 130  # one line, like Ctrl-C
     err = capsys.readouterr().err  # after the progress bar, one line and no traceback

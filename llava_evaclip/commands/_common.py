@@ -215,46 +215,17 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def build_random_vision_model(source: ModelSource, device: "torch.device") -> Any:
-    """The preset's vision tower with reproducible random weights (never a download), created on `device` so a
-    large preset is never materialised twice."""
-    import torch
-
-    from ..modeling_evaclip import EvaCLIPVisionModel
-
-    torch.manual_seed(PRESET_SEED)
-    with torch.device(device):
-        model = EvaCLIPVisionModel(source.vision_config)
-    return model.eval()
-
-
 def load_tower(source: ModelSource, select_layer: str, select_feature: str, dtype: "torch.dtype",
                device: "torch.device") -> Any:
-    """The same `EvaCLIPVisionTower` LLaVA builds (so CLI features equal LLaVA's), ready for inference.
+    """The same `EvaCLIPVisionTower` LLaVA builds (so CLI features equal LLaVA's), ready for inference; a preset gets
+    reproducible random weights (`llava_evaclip.features.load_tower`)."""
+    from ..features import load_tower as build_tower
 
-    A preset has no checkpoint to load: the tower is created delay-loaded from the preset's config and then given
-    a randomly initialised model and the preset's image processor, through LLaVA's tower attributes."""
-    import tempfile
-
-    from ..processing import build_image_processor
-    from ..tower import EvaCLIPVisionTower
-
-    args = argparse.Namespace(mm_vision_select_layer=select_layer, mm_vision_select_feature=select_feature)
     try:
-        if source.preset is None:
-            with quiet_loading():
-                tower = EvaCLIPVisionTower(source.path, args)
-        else:
-            with tempfile.TemporaryDirectory(prefix="llava-evaclip-preset-") as config_dir:
-                source.vision_config.save_pretrained(config_dir)
-                tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
-            tower.vision_tower_name = source.preset
-            tower.image_processor = build_image_processor(source.vision_config)
-            tower.vision_tower = build_random_vision_model(source, device).requires_grad_(False)
-            tower.is_loaded = True
+        with quiet_loading():
+            return build_tower(source.label, select_layer, select_feature, dtype, device, seed=PRESET_SEED)
     except (ValueError, OSError) as error:
         raise CLIError(f"cannot load the vision tower from {source.spec}: {one_line(error)}") from None
-    return tower.to(device=device, dtype=dtype).eval()
 
 
 def image_processor_for(source: ModelSource) -> Any:
@@ -276,68 +247,25 @@ def one_line(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageItem:
-    """An image to process: where it is, and its path relative to the input it came from (names its output)."""
+def collect_images(inputs: Iterable[str]) -> list[Any]:
+    """Files as given, folders searched recursively (`llava_evaclip.features.find_images`: directory symlinks
+    followed, loops warned about); missing or empty inputs are one CLIError line."""
+    from ..features import find_images
 
-    path: str
-    relative: str
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def collect_images(inputs: Iterable[str]) -> list[ImageItem]:
-    """Files as given, folders searched recursively for common image types; missing or empty inputs are errors."""
-    items: list[ImageItem] = []
-    for entry in inputs:
-        if not os.path.exists(entry):
-            raise CLIError(f"{entry}: no such file or directory.")
-        if os.path.isdir(entry):
-            found = []
-            for root, dirs, files in os.walk(entry):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if _is_image_name(name):
-                        path = os.path.join(root, name)
-                        found.append(ImageItem(path, os.path.relpath(path, entry).replace(os.sep, "/")))
-            if not found:
-                raise CLIError(f"{entry}: no images found in this folder or below "
-                               f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
-            items.extend(found)
-        else:
-            items.append(ImageItem(entry, os.path.basename(entry)))
-    return _deduplicate(items)
-
-
-def _deduplicate(items: list[ImageItem]) -> list[ImageItem]:
-    """Drop repeats of one file under one name; two different files under one output name are an error."""
-    by_relative: dict[str, ImageItem] = {}
-    unique = []
-    for item in items:
-        previous = by_relative.get(item.relative)
-        if previous is None:
-            by_relative[item.relative] = item
-            unique.append(item)
-        elif os.path.realpath(previous.path) != os.path.realpath(item.path):
-            raise CLIError(
-                f"{previous.path} and {item.path} would both be saved as {item.relative!r} (outputs are named after "
-                "the path relative to their input); process them in separate runs with different --out."
-            )
-    return unique
+    try:
+        items, skipped = find_images(inputs)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    for path, reason in skipped:
+        warn(f"skipping {path}: {reason}")
+    return items
 
 
 def open_rgb(path: str) -> "Image.Image":
-    """A fully decoded RGB image; any decoding problem becomes an OSError naming what went wrong."""
-    from PIL import Image
+    """A fully decoded RGB image (LLaVA's `convert("RGB")`); any decoding problem becomes an OSError."""
+    from ..features import open_rgb as decode
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise OSError(f"cannot read image ({one_line(error)})") from None
+    return decode(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,7 +315,6 @@ def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "ImageItem",
     "ModelSource",
     "atomic_write",
     "collect_images",

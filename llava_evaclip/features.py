@@ -1,0 +1,891 @@
+"""Feature extraction at dataset scale: images -> LLaVA's visual tokens, written one file per image or into
+safetensors shards with an index, resumable, over many processes (torchrun / accelerate / deepspeed env vars), and
+read back with `FeatureStore`.
+
+    from llava_evaclip.features import FeatureStore, extract_features, load_tower
+    tower = load_tower("eva02-l-336/", select_layer="-2", select_feature="patch")
+    for result in iter_features(tower, find_images(["images/"])[0], workers=4):
+        result.item.key, result.features           # [tokens, channels], on the CPU
+    extract_features(tower, ["images/"], "features/", format="shards")
+    store = FeatureStore("features/"); store["cat/001.jpg"]
+
+An output is current when its settings (model, weights fingerprint, layers, tokens, image size, dtype) equal the
+run's; only missing outputs are computed, by whichever ranks run now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import hashlib
+import json
+import os
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+FILES_FORMAT = "llava-evaclip.features/1"
+SHARDS_FORMAT = "llava-evaclip.feature-shards/1"
+OUTPUT_SUFFIX = ".safetensors"
+INDEX_NAME = "index.json"
+SHARDS_DIR = "shards"
+FORMATS = ("files", "shards")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# What must agree before an existing output is accepted as this run's result (resume) or a store feeds training.
+SETTING_KEYS = ("model", "weights_fingerprint", "random_weights", "select_layer", "select_feature", "image_size",
+                "dtype")
+# What must agree between a store and a LLaVA tower for the store to stand in for it (paths and dtype may differ).
+TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "image_size")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json")
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutputError(OSError):
+    """The output folder cannot take more data (full disk, quota, unwritable): the run stops, finished outputs stay."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def display_path(path: str) -> str:
+    """A path as valid text: bytes that are not UTF-8 (kept by Python as surrogates) are written `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def path_key(path: str) -> str:
+    """The key an image is stored under: its path relative to the input it came from, '/'-separated, as valid text."""
+    return display_path(os.path.normpath(path)).replace(os.sep, "/")
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image to process: where it is, and its key (path relative to its input; names its output)."""
+
+    path: str
+    key: str
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk(root: str, top: str, ancestors: tuple[tuple[int, int], ...], found: list[ImageItem],
+          skipped: list[tuple[str, str]]) -> None:
+    """Depth-first, sorted; directory symlinks are followed unless they lead back into their own ancestors."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    except OSError as error:
+        skipped.append((display_path(root), f"cannot list folder ({error.strerror or error})"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # follows symlinks
+        except OSError:
+            is_dir = False
+        if is_dir:
+            info = os.stat(entry.path)
+            identity = (info.st_dev, info.st_ino)
+            if identity in ancestors:
+                skipped.append((display_path(entry.path), "directory symlink loop (points to a folder above it)"))
+                continue
+            _walk(entry.path, top, ancestors + (identity,), found, skipped)
+        elif _is_image_name(entry.name):
+            found.append(ImageItem(entry.path, path_key(os.path.relpath(entry.path, top))))
+
+
+def find_images(inputs: Iterable[str]) -> tuple[list[ImageItem], list[tuple[str, str]]]:
+    """(images, skipped): files as given, folders searched recursively (directory symlinks followed, loops reported
+    in `skipped`). A missing input or a folder without images is a ValueError; so are two files with one key."""
+    items: list[ImageItem] = []
+    skipped: list[tuple[str, str]] = []
+    for entry in inputs:
+        entry = os.fspath(entry)
+        if not os.path.exists(entry):
+            raise ValueError(f"{display_path(entry)}: no such file or directory.")
+        if os.path.isdir(entry):
+            found: list[ImageItem] = []
+            info = os.stat(entry)
+            _walk(entry, entry, ((info.st_dev, info.st_ino),), found, skipped)
+            if not found:
+                raise ValueError(f"{display_path(entry)}: no images found in this folder or below "
+                                 f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
+            items.extend(found)
+        else:
+            items.append(ImageItem(entry, path_key(os.path.basename(entry))))
+    return _deduplicate(items), skipped
+
+
+def _deduplicate(items: list[ImageItem]) -> list[ImageItem]:
+    """Drop repeats of one file under one key; two different files under one key are an error."""
+    by_key: dict[str, ImageItem] = {}
+    unique = []
+    for item in items:
+        previous = by_key.get(item.key)
+        if previous is None:
+            by_key[item.key] = item
+            unique.append(item)
+        elif os.path.realpath(previous.path) != os.path.realpath(item.path):
+            raise ValueError(
+                f"{display_path(previous.path)} and {display_path(item.path)} would both be saved as {item.key!r} "
+                "(features are keyed by the path relative to their input); process them in separate runs with "
+                "different outputs."
+            )
+    return unique
+
+
+def open_rgb(path: str) -> Any:
+    """A fully decoded RGB image, as LLaVA's `Image.open(...).convert("RGB")` gives it (transparent pixels keep their
+    colour, alpha is dropped); any decoding problem becomes an OSError naming what went wrong."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise OSError(f"cannot read image ({_one_line(error)})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model: a tower, a converted dir or a preset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model_dir: str) -> str:
+    """A content hash of a checkpoint dir's weights and configs: equal for copies of one checkpoint, different as soon
+    as any weight, the config or the preprocessing differs (mtimes and paths do not count)."""
+    digest = hashlib.blake2b(digest_size=16)
+    names = sorted(name for name in os.listdir(model_dir)
+                   if name.endswith(WEIGHT_FILE_SUFFIXES) or name.endswith(".index.json")
+                   or name in FINGERPRINTED_CONFIGS)
+    for name in names:
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(f"{name}\0{os.path.getsize(path)}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return "blake2b:" + digest.hexdigest()
+
+
+def preset_fingerprint(preset: str, config: Any, seed: int) -> str:
+    """Random weights are a function of the preset's config, the seed and torch's initialisation."""
+    text = f"{preset}\0{seed}\0{torch.__version__.split('+')[0]}\0{config.to_json_string(use_diff=False)}"
+    return "preset:" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def build_random_vision_model(config: Any, device: Union[str, torch.device] = "cpu", seed: int = 0) -> Any:
+    """A vision model with reproducible random weights (never a download), created on `device` so a large preset is
+    never materialised twice."""
+    from .modeling_evaclip import EvaCLIPVisionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = EvaCLIPVisionModel(config)
+    return model.eval()
+
+
+def load_tower(model: str, select_layer: Union[str, int] = -2, select_feature: str = "patch",
+               dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu", seed: int = 0) -> Any:
+    """The `EvaCLIPVisionTower` LLaVA builds from `model` (a converted dir, or a preset name: random weights from
+    `seed`), ready for inference, with `feature_settings` recorded on it."""
+    import argparse
+    import tempfile
+
+    from .configuration_evaclip import EvaCLIPVisionConfig
+    from .presets import list_presets
+    from .processing import build_image_processor
+    from .tower import EvaCLIPVisionTower
+
+    args = argparse.Namespace(mm_vision_select_layer=select_layer, mm_vision_select_feature=select_feature)
+    if os.path.isdir(model):
+        tower = EvaCLIPVisionTower(model, args)
+        label, fingerprint, random_weights = os.path.abspath(model), weights_fingerprint(model), False
+    elif model in list_presets():
+        config = EvaCLIPVisionConfig.from_preset(model)
+        with tempfile.TemporaryDirectory(prefix="llava-evaclip-preset-") as config_dir:
+            config.save_pretrained(config_dir)
+            tower = EvaCLIPVisionTower(config_dir, args, delay_load=True)
+        tower.vision_tower_name = model
+        tower.image_processor = build_image_processor(config)
+        tower.vision_tower = build_random_vision_model(config, device, seed).requires_grad_(False)
+        tower.is_loaded = True
+        label, fingerprint, random_weights = model, preset_fingerprint(model, config, seed), True
+    else:
+        raise ValueError(f"{model!r} is neither a checkpoint directory nor a preset name ({', '.join(list_presets())}).")
+    tower = tower.to(device=device, dtype=dtype).eval()
+    tower.feature_settings = {"model": label, "weights_fingerprint": fingerprint,
+                              "random_weights": "true" if random_weights else "false"}
+    return tower
+
+
+def tower_settings(tower: Any) -> dict[str, str]:
+    """The settings an output made by `tower` records (and resume / training compare): see SETTING_KEYS."""
+    recorded = dict(getattr(tower, "feature_settings", None) or {})
+    if "weights_fingerprint" not in recorded:
+        name = getattr(tower, "vision_tower_name", "")
+        recorded.update(model=os.path.abspath(name) if os.path.isdir(name) else name,
+                        weights_fingerprint=weights_fingerprint(name) if os.path.isdir(name) else "unknown",
+                        random_weights="false")
+    return {
+        **recorded,
+        "select_layer": _layer_text(tower),
+        "select_feature": tower.select_feature,
+        "image_size": str(tower.input_size),
+        "dtype": str(tower.dtype).replace("torch.", ""),
+    }
+
+
+def _layer_text(tower: Any) -> str:
+    """`select_layer` as written: "-2", or "-2,-5" for several."""
+    value = tower.select_layer
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(int(part)) for part in value)
+    return ",".join(part.strip() for part in str(value).split(","))
+
+
+def settings_differences(recorded: dict[str, str], expected: dict[str, str],
+                         keys: Sequence[str] = SETTING_KEYS) -> list[str]:
+    return [f"{key} {recorded.get(key)!r} (now {expected.get(key)!r})" for key in keys
+            if recorded.get(key) != expected.get(key)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding in DataLoader workers and the forward pass
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses one image per item; a broken image yields its reason instead of raising, so it never
+    kills a worker."""
+
+    def __init__(self, items: Sequence[ImageItem], processor: Any) -> None:
+        self.items = list(items)
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], str]:
+        try:
+            image = open_rgb(self.items[index].path)
+            pixels = self.processor([image], return_tensors="pt")["pixel_values"][0]
+            return index, pixels, f"{image.width}x{image.height}"
+        except Exception as error:  # PIL and the processor raise many types for broken inputs
+            reason = str(error) if isinstance(error, OSError) else f"cannot preprocess ({_one_line(error)})"
+            return index, None, reason
+
+
+def _collate(samples: list[tuple[int, Optional[torch.Tensor], str]]) -> dict[str, Any]:
+    good = [sample for sample in samples if sample[1] is not None]
+    return {
+        "indices": [sample[0] for sample in good],
+        "pixel_values": torch.stack([sample[1] for sample in good]) if good else None,
+        "sizes": [sample[2] for sample in good],
+        "failed": [(sample[0], sample[2]) for sample in samples if sample[1] is None],
+    }
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
+
+
+@dataclass
+class Extracted:
+    """One image's result: `features` [tokens, channels] on the CPU, or `error` saying why it was skipped."""
+
+    item: ImageItem
+    features: Optional[torch.Tensor] = None
+    original_size: str = ""
+    error: Optional[str] = None
+
+
+def iter_features(tower: Any, items: Sequence[ImageItem], batch_size: int = 8, workers: int = 0) -> Iterator[Extracted]:
+    """Run `tower` over `items` in batches, decoding in `workers` DataLoader processes (pinned memory on CUDA), and
+    yield each image's features in order of completion (failures included, never raised)."""
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}.")
+    if not items:
+        return
+    device, dtype = tower.device, tower.dtype
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(items, tower.image_processor), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+    )
+    for batch in loader:
+        for index, reason in batch["failed"]:
+            yield Extracted(items[index], error=reason)
+        if batch["pixel_values"] is None:
+            continue
+        with torch.no_grad():
+            features = tower(batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True))
+        features = features.to("cpu")
+        for position, index in enumerate(batch["indices"]):
+            yield Extracted(items[index], features[position].clone(), batch["sizes"][position])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing: umask-following atomic files, one file per image or shards with index fragments
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a hidden temp file and a rename; permissions follow the umask (0644 under
+    umask 022). A full disk or quota raises OutputError; the temp file is removed and `path` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_write_chunk(descriptor, view):]
+        finally:
+            os.close(descriptor)
+        os.replace(temp, path)
+    except BaseException as error:
+        if os.path.exists(temp):
+            os.remove(temp)
+        if isinstance(error, OSError) and not isinstance(error, OutputError) and (
+                error.errno in NO_SPACE_ERRNOS or error.errno in (errno.EACCES, errno.EROFS)):
+            raise OutputError(error.errno, f"cannot write {display_path(path)}: {os.strerror(error.errno)}") from None
+        raise
+
+
+def _write_chunk(descriptor: int, view: memoryview) -> int:
+    return os.write(descriptor, view[: 1 << 26])
+
+
+def check_writable(out_dir: str) -> None:
+    """Create `out_dir` if needed and prove a file can be created in it, before any model is loaded."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{display_path(out_dir)} exists and is not a directory.")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to {display_path(out_dir)}: {error.strerror or error}.") from None
+
+
+def output_path(out_dir: str, key: str) -> str:
+    return os.path.join(out_dir, *key.split("/")) + OUTPUT_SUFFIX
+
+
+def _metadata(settings: dict[str, str], result: Extracted) -> dict[str, str]:
+    from . import __version__
+
+    metadata = {
+        "format": FILES_FORMAT,
+        **settings,
+        "source": display_path(os.path.abspath(result.item.path)),
+        "relative_path": result.item.key,
+        "original_size": result.original_size,
+        "num_tokens": str(result.features.shape[0]),
+        "hidden_size": str(result.features.shape[-1]),
+        "llava_evaclip_version": __version__,
+    }
+    if settings.get("random_weights") == "true":
+        metadata["warning"] = "RANDOM weights from a preset: not a trained model"
+    return metadata
+
+
+class FileWriter:
+    """One `<key>.safetensors` per image, each with its settings and image metadata."""
+
+    def __init__(self, out_dir: str, settings: dict[str, str]) -> None:
+        self.out_dir, self.settings = out_dir, settings
+
+    def add(self, result: Extracted) -> None:
+        from safetensors.torch import save
+
+        data = save({"features": result.features.contiguous()}, _metadata(self.settings, result))
+        _write_file(output_path(self.out_dir, result.item.key), data)
+
+    def close(self) -> None:
+        pass
+
+
+class ShardWriter:
+    """Buffers features and writes a shard of about `shard_size_mb` at a time: the shard file first, then its index
+    fragment (which is what makes its entries count), both atomically; a killed rank loses only its open buffer."""
+
+    def __init__(self, out_dir: str, settings: dict[str, str], shard_size_mb: float, rank: int = 0) -> None:
+        self.directory = os.path.join(out_dir, SHARDS_DIR)
+        self.settings = settings
+        self.limit = max(1, int(shard_size_mb * 1e6))
+        self.prefix = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-r{rank}"
+        self.count = 0
+        self.buffer: list[Extracted] = []
+        self.size = 0
+
+    def add(self, result: Extracted) -> None:
+        self.buffer.append(result)
+        self.size += result.features.numel() * result.features.element_size()
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save
+
+        if not self.buffer:
+            return
+        name = f"{self.prefix}-{self.count:05d}{OUTPUT_SUFFIX}"
+        tensors = {f"t{position}": result.features.contiguous() for position, result in enumerate(self.buffer)}
+        entries = {
+            result.item.key: {"shard": name, "tensor": f"t{position}", "shape": list(result.features.shape),
+                              "dtype": str(result.features.dtype).replace("torch.", ""),
+                              "original_size": result.original_size,
+                              "source": display_path(os.path.abspath(result.item.path))}
+            for position, result in enumerate(self.buffer)
+        }
+        _write_file(os.path.join(self.directory, name), save(tensors, {"format": SHARDS_FORMAT}))
+        fragment = {"format": SHARDS_FORMAT, "settings": self.settings, "shard": name, "entries": entries}
+        _write_file(os.path.join(self.directory, name[: -len(OUTPUT_SUFFIX)] + ".json"),
+                    json.dumps(fragment, indent=0).encode())
+        self.count += 1
+        self.buffer, self.size = [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+def merge_index(out_dir: str) -> dict[str, Any]:
+    """Fold every index fragment into `index.json` (atomically) and drop shards no fragment names (a killed run's)."""
+    from . import __version__
+
+    store = FeatureStore(out_dir)
+    index = {"format": SHARDS_FORMAT, "settings": store.settings, "llava_evaclip_version": __version__,
+             "fragments": sorted(store._fragments), "entries": dict(sorted(store._entries.items()))}
+    _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, indent=0).encode())
+    directory = os.path.join(out_dir, SHARDS_DIR)
+    used = {entry["shard"] for entry in store._entries.values()} | {
+        name[: -len(".json")] + OUTPUT_SUFFIX for name in store._fragments}
+    for name in os.listdir(directory):
+        if (name.endswith(OUTPUT_SUFFIX) and name not in used) or (name.startswith(".") and name.endswith(".tmp")):
+            os.remove(os.path.join(directory, name))
+    store.close()
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading: FeatureStore
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """Features written by `llava-evaclip features` (either format), by image key: `store[key]`, `len(store)`,
+    iteration over keys, `missing(keys)`, `settings`, `verify()`. Shards are memory-mapped (safetensors `safe_open`)."""
+
+    def __init__(self, directory: Union[str, os.PathLike]) -> None:
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise ValueError(f"{display_path(self.directory)} is not a feature store directory.")
+        self.format = "shards" if (os.path.isfile(os.path.join(self.directory, INDEX_NAME))
+                                   or os.path.isdir(os.path.join(self.directory, SHARDS_DIR))) else "files"
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._fragments: list[str] = []
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self.settings: dict[str, str] = {}
+        if self.format == "shards":
+            self._read_index()
+        else:
+            self._scan_files()
+
+    def _read_index(self) -> None:
+        merged: set[str] = set()
+        index_path = os.path.join(self.directory, INDEX_NAME)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as handle:
+                index = json.load(handle)
+            self._check_format(index, index_path)
+            self.settings = index["settings"]
+            self._entries.update(index["entries"])
+            merged = set(index["fragments"])
+            self._fragments.extend(index["fragments"])
+        directory = os.path.join(self.directory, SHARDS_DIR)
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for name in names:  # fragments of runs not merged yet (a killed run's finished shards count)
+            if not name.endswith(".json") or name.startswith(".") or name in merged:
+                continue
+            path = os.path.join(directory, name)
+            with open(path, encoding="utf-8") as handle:
+                fragment = json.load(handle)
+            self._check_format(fragment, path)
+            if self.settings and fragment["settings"] != self.settings:
+                differences = settings_differences(fragment["settings"], self.settings)
+                raise ValueError(f"{display_path(path)} was made with other settings than the rest of the store: "
+                                 f"{', '.join(differences)}.")
+            self.settings = self.settings or fragment["settings"]
+            self._entries.update(fragment["entries"])
+            self._fragments.append(name)
+
+    @staticmethod
+    def _check_format(data: Any, path: str) -> None:
+        if not isinstance(data, dict) or data.get("format") != SHARDS_FORMAT:
+            raise ValueError(f"{display_path(path)} is not a llava-evaclip feature index ({SHARDS_FORMAT}).")
+
+    def _scan_files(self) -> None:
+        for root, dirs, files in os.walk(self.directory):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(OUTPUT_SUFFIX) and not name.startswith("."):
+                    relative = os.path.relpath(os.path.join(root, name), self.directory)[: -len(OUTPUT_SUFFIX)]
+                    self._entries[path_key(relative)] = {"file": os.path.join(root, name)}
+        first = next(iter(self._entries.values()), None)
+        if first is not None:
+            self.settings = {key: value for key, value in self._file_metadata(first["file"]).items()
+                             if key in SETTING_KEYS}
+
+    @staticmethod
+    def _file_metadata(path: str) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return handle.metadata() or {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and path_key(key) in self._entries
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries.get(path_key(key))
+        if entry is None:
+            raise KeyError(f"{key!r} is not in the feature store {display_path(self.directory)}")
+        if "file" in entry:
+            from safetensors import safe_open
+
+            with safe_open(entry["file"], framework="pt") as handle:
+                return handle.get_tensor("features")
+        return self._shard(entry["shard"]).get_tensor(entry["tensor"])
+
+    def _shard(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # a forked DataLoader worker opens its own maps
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = safe_open(os.path.join(self.directory, SHARDS_DIR, name), framework="pt")
+        return handle
+
+    def entry(self, key: str) -> dict[str, Any]:
+        """Where a key's features are (shard and tensor, or file) and what was recorded about its image."""
+        return dict(self._entries[path_key(key)])
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [key for key in keys if path_key(key) not in self._entries]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def verify(self) -> list[str]:
+        """Problems found (empty when consistent): every entry's tensor exists with its recorded shape and dtype and
+        finite values, every shard is named by a fragment, per-file settings agree."""
+        problems = []
+        for key in self:
+            entry = self._entries[key]
+            try:
+                tensor = self[key]
+            except Exception as error:  # a missing or damaged shard/file
+                problems.append(f"{key}: cannot read its features ({_one_line(error)})")
+                continue
+            if "file" in entry:
+                metadata = self._file_metadata(entry["file"])
+                differences = settings_differences(metadata, self.settings)
+                if differences:
+                    problems.append(f"{key}: other settings than the store: {', '.join(differences)}")
+            elif list(tensor.shape) != entry["shape"] or str(tensor.dtype).replace("torch.", "") != entry["dtype"]:
+                problems.append(f"{key}: stored {list(tensor.shape)} {tensor.dtype}, index says {entry['shape']} "
+                                f"{entry['dtype']}")
+            if not torch.isfinite(tensor).all():
+                problems.append(f"{key}: non-finite values")
+        if self.format == "shards":
+            directory = os.path.join(self.directory, SHARDS_DIR)
+            named = {entry["shard"] for entry in self._entries.values()}
+            for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+                if name.endswith(OUTPUT_SUFFIX) and name not in named:
+                    problems.append(f"{SHARDS_DIR}/{name}: no index entry names this shard (an unfinished run's; "
+                                    "the next run removes it)")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Many processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistributedContext:
+    """This process's place among the ranks torchrun / accelerate / deepspeed started (RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls) -> "DistributedContext":
+        def number(name: str, default: int) -> int:
+            value = os.environ.get(name, str(default))
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer.") from None
+
+        context = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
+        if not 0 <= context.rank < context.world_size:
+            raise ValueError(f"RANK={context.rank} is not within WORLD_SIZE={context.world_size}.")
+        return context
+
+    def device(self, requested: str = "auto") -> torch.device:
+        """cuda:LOCAL_RANK on a GPU machine (or when `requested` is plain "cuda"), else what was asked for."""
+        if requested in ("auto", "cuda"):
+            if torch.cuda.is_available():
+                return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            if requested == "cuda":
+                raise ValueError("--device cuda was asked for but CUDA is not available here; use --device cpu.")
+            return torch.device("cpu")
+        return torch.device(requested)
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (gloo on CPU, nccl on CUDA) when there is more than one rank."""
+        import torch.distributed as dist
+
+        if self.world_size > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            timeout = datetime.timedelta(seconds=float(os.environ.get("LLAVA_EVACLIP_DIST_TIMEOUT_S", "7200")))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+            self.owns_group = True
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def stop(self) -> None:
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            self.owns_group = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractionReport:
+    """What a run did (summed over ranks on rank 0): counts, failures (image, reason), skipped inputs."""
+
+    total: int = 0
+    written: int = 0
+    kept: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped_inputs: list[tuple[str, str]] = field(default_factory=list)
+    shape: Optional[list[int]] = None
+    elapsed: float = 0.0
+    stopped: Optional[str] = None  # why the run stopped early (full disk), or None
+    world_size: int = 1
+
+    def merge(self, other: "ExtractionReport") -> None:
+        self.written += other.written
+        self.failures += other.failures
+        self.shape = self.shape or other.shape
+        self.elapsed = max(self.elapsed, other.elapsed)
+        self.stopped = self.stopped or other.stopped
+
+
+def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], format: str = "files",
+         overwrite: bool = False) -> tuple[list[ImageItem], int, list[tuple[str, str]]]:
+    """(to compute, kept, failures): which images already have a current output. Reads only, so every rank can run
+    it before any rank writes; a store or file made with other settings is refused, never silently reused."""
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r} is not one of {FORMATS}.")
+    is_shards = os.path.isfile(os.path.join(out_dir, INDEX_NAME)) or os.path.isdir(os.path.join(out_dir, SHARDS_DIR))
+    if is_shards != (format == "shards") and os.path.isdir(out_dir) and (is_shards or _has_files(out_dir)):
+        found = "a shard store" if is_shards else "per-image feature files"
+        raise ValueError(f"{display_path(out_dir)} holds {found}; use the same --format to resume it, or another "
+                         "output folder.")
+    if format == "shards":
+        store = FeatureStore(out_dir) if is_shards else None
+        if store is not None and store.settings:
+            differences = settings_differences(store.settings, settings)
+            if differences:
+                raise ValueError(f"the feature store {display_path(out_dir)} was made with other settings: "
+                                 f"{', '.join(differences)}; use another output folder.")
+        done = set(store._entries) if store is not None else set()
+        todo = [item for item in items if item.key not in done]
+        return todo, len(items) - len(todo), []
+    todo, kept, failures = [], 0, []
+    for item in items:
+        path = output_path(out_dir, item.key)
+        if os.path.exists(path) and not overwrite:
+            problem = _existing_mismatch(path, settings)
+            if problem is None:
+                kept += 1
+            else:
+                failures.append((display_path(item.path),
+                                 problem + "; pass --overwrite to replace it or use another --out"))
+            continue
+        todo.append(item)
+    return todo, kept, failures
+
+
+def _has_files(out_dir: str) -> bool:
+    for _, _, files in os.walk(out_dir):
+        if any(name.endswith(OUTPUT_SUFFIX) and not name.startswith(".") for name in files):
+            return True
+    return False
+
+
+def _path_conflict(out_dir: str, path: str) -> Optional[str]:
+    """Why `path` cannot become a file (a folder sits there, or a file where a parent folder must be), or None."""
+    if os.path.isdir(path):
+        return f"{display_path(path)} is a folder"
+    parent = os.path.dirname(path)
+    while len(parent) > len(out_dir.rstrip(os.sep)):
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return f"{display_path(parent)} is a file, not a folder"
+        parent = os.path.dirname(parent)
+    return None
+
+
+def _existing_mismatch(path: str, settings: dict[str, str]) -> Optional[str]:
+    """None when the file at `path` holds features made with these settings; otherwise why it cannot be reused."""
+    try:
+        metadata = FeatureStore._file_metadata(path)
+    except Exception as error:  # a foreign or damaged file
+        return f"{display_path(path)} exists but is not a readable features file ({_one_line(error)})"
+    differences = settings_differences(metadata, settings)
+    if differences:
+        return f"{display_path(path)} exists but was made with other settings: {', '.join(differences)}"
+    return None
+
+
+def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
+    """Outputs that cannot be files: a folder is in the way, or two inputs would make a file and a folder of one name
+    (x.jpg beside x.jpg.safetensors/y.jpg)."""
+    outputs = {item.key + OUTPUT_SUFFIX: item for item in items}
+    for item in items:
+        path = output_path(out_dir, item.key)
+        conflict = _path_conflict(out_dir, path)
+        if conflict:
+            raise ValueError(f"{display_path(item.path)}: its features would go to {display_path(path)}, but "
+                             f"{conflict}; move it away or use another output folder.")
+        parts = item.key.split("/")
+        for depth in range(1, len(parts)):
+            other = outputs.get("/".join(parts[:depth]))
+            if other is not None:
+                raise ValueError(f"{display_path(other.path)} and {display_path(item.path)} cannot both be saved: "
+                                 f"the features of the first would be a file named like the folder of the second; "
+                                 "use --format shards or process them in separate runs.")
+
+
+def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem]], out_dir: str,
+                     format: str = "files", batch_size: int = 8, workers: int = 0, shard_size_mb: float = 1024,
+                     overwrite: bool = False, context: Optional[DistributedContext] = None,
+                     progress: Optional[Callable[[int], None]] = None,
+                     on_failure: Optional[Callable[[str, str], None]] = None) -> ExtractionReport:
+    """Write the features of every image in `inputs` (paths or ImageItems) that has no current output to `out_dir`.
+
+    Under several ranks (`context`, default from the environment), each computes an equal share of what is missing
+    (sorted keys, round-robin) and rank 0 returns the summed report and, for shards, merges the index. A full disk
+    stops the run (report.stopped) with every finished output kept."""
+    context = context or DistributedContext.from_env()
+    started = time.perf_counter()
+    report = ExtractionReport(world_size=context.world_size)
+    if inputs and isinstance(inputs[0], ImageItem):
+        items = list(inputs)  # type: ignore[arg-type]
+    else:
+        items, report.skipped_inputs = find_images(inputs)  # type: ignore[arg-type]
+    report.total = len(items)
+    if format == "files":
+        _check_planned_outputs(items, out_dir)
+    settings = tower_settings(tower)
+    todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
+    report.failures = list(planned_failures)
+    context.barrier()  # every rank has read the state before any rank writes
+    todo = sorted(todo, key=lambda item: item.key)[context.rank::context.world_size]
+    writer: Any = (ShardWriter(out_dir, settings, shard_size_mb, context.rank) if format == "shards"
+                   else FileWriter(out_dir, settings))
+    try:
+        for result in iter_features(tower, todo, batch_size, workers):
+            if result.error is not None:
+                report.failures.append((display_path(result.item.path), result.error))
+                if on_failure is not None:
+                    on_failure(display_path(result.item.path), result.error)
+            else:
+                writer.add(result)
+                report.written += 1
+                report.shape = list(result.features.shape)
+            if progress is not None:
+                progress(1)
+        writer.close()
+    except OutputError as error:
+        report.stopped = str(error)
+        report.written -= len(getattr(writer, "buffer", ()))  # buffered features of an unwritten shard
+    report.elapsed = time.perf_counter() - started
+    # `plan` ran on every rank over all images: its counts and failures are rank 0's; the rest is summed.
+    reports = context.gather(dataclasses.asdict(report) if context.rank == 0 else dataclasses.asdict(
+        dataclasses.replace(report, failures=report.failures[len(planned_failures):])))
+    if context.rank != 0:
+        return report
+    total = ExtractionReport(**reports[0])
+    for other in reports[1:]:
+        total.merge(ExtractionReport(**other))
+    if format == "shards" and os.path.isdir(os.path.join(out_dir, SHARDS_DIR)) and not total.stopped:
+        merge_index(out_dir)
+    return total
+
+
+__all__ = [
+    "DistributedContext",
+    "ExtractionReport",
+    "Extracted",
+    "FeatureStore",
+    "ImageItem",
+    "OutputError",
+    "check_writable",
+    "extract_features",
+    "find_images",
+    "iter_features",
+    "load_tower",
+    "open_rgb",
+    "tower_settings",
+    "weights_fingerprint",
+]
