@@ -69,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
     source = _common.resolve_model(args.model)
     _common.selected_layers(args.select_layer, source.vision_config.num_hidden_layers)
     dtype = _common.resolve_dtype(args.dtype)
+    if args.device not in ("auto", "cuda"):
+        _common.resolve_device(args.device)  # meta, absent backends, cuda:N past the last GPU: one line, before loading
     try:
         device = context.device(args.device)
     except (ValueError, RuntimeError) as error:
         raise CLIError(_common.one_line(error)) from None
-    if device.type == "cuda":
-        _common.resolve_device(str(device))
     main = context.rank == 0
     if source.random_weights and main:
         print(_common.random_weights_banner(source.preset), file=sys.stderr)
