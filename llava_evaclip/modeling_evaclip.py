@@ -15,8 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from ._compat import init, is_flash_attn_available
-from .zero import is_partitioned, transformers_zero3_context
+from ._compat import init, is_flash_attn_available, is_partitioned, transformers_zero3_context
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 
 logger = logging.get_logger(__name__)
