@@ -8,6 +8,8 @@ import sys
 from typing import Iterator
 
 import torch
+import transformers
+from transformers import PreTrainedModel
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -54,6 +56,31 @@ def is_flash_attn_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+
+try:  # transformers >= 4.48: attention kernels registered by name (`AttentionInterface.register` adds to it)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # 4.37.2: the package's own eager / sdpa / flash functions
+    ALL_ATTENTION_FUNCTIONS = None
+
+try:  # transformers >= 4.52: layers that checkpoint themselves when `gradient_checkpointing` is set on them
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    GradientCheckpointingLayer = None
+
+# transformers 5 renamed `gradient_checkpointing_enable` (now a deprecated alias) and made non-reentrant the default.
+HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+# transformers 5's CLIPModel.get_image_features / get_text_features return the tower's output with the projected
+# embeddings as `pooler_output`; 4.x returns the projected tensor.
+FEATURES_RETURN_MODEL_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def is_tracing() -> bool:
+    """True under torch.compile, torch.export or jit tracing, where eager-only kernels (`out=` writes, Python loops
+    over blocks) must step aside for plain module calls that trace into one graph."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,6 +153,11 @@ __all__ = [
     "init",
     "PretrainedConfig",
     "is_flash_attn_available",
+    "is_tracing",
+    "ALL_ATTENTION_FUNCTIONS",
+    "FEATURES_RETURN_MODEL_OUTPUT",
+    "GradientCheckpointingLayer",
+    "HAS_ACTIVATION_CHECKPOINTING",
     "is_partitioned",
     "is_zero3_enabled",
     "is_zero_init_active",

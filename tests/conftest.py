@@ -45,6 +45,12 @@ def tiny_config(family: str = "eva02", **vision_overrides) -> EvaCLIPConfig:
     )
 
 
+def features(output):
+    """The projected embeddings from `get_image_features` / `get_text_features`: a tensor on transformers 4.x, the
+    `pooler_output` of a model output on 5.x (as transformers' CLIPModel returns them)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

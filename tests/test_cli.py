@@ -23,7 +23,7 @@ from llava_evaclip.cli import main
 from llava_evaclip.presets import list_presets
 from llava_evaclip.processing import build_image_processor
 
-from conftest import tiny_text_config, tiny_vision_config
+from conftest import features, tiny_text_config, tiny_vision_config
 
 IMAGE_SIZE = 56  # 8 x 8 patches of 7 pixels
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -323,10 +323,10 @@ def test_similarity_table_matches_reference(full_dir, tmp_path):
     processor = CLIPImageProcessor.from_pretrained(full_dir)
     ids = open_clip.tokenize(texts, context_length=model.config.text_config.max_position_embeddings)
     with torch.no_grad():
-        text = model.get_text_features(input_ids=ids)
-        image = model.get_image_features(
+        text = features(model.get_text_features(input_ids=ids))
+        image = features(model.get_image_features(
             pixel_values=processor([Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
-        )
+        ))
     text = text / text.norm(dim=-1, keepdim=True)
     image = image / image.norm(dim=-1, keepdim=True)
     expected = (model.logit_scale.exp() * image @ text.T).softmax(dim=-1)

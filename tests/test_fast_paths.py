@@ -82,8 +82,8 @@ def _pair_shared_table(length: int, head_dim: int) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rotary_matches_timm_rotation_on_strided_heads(dtype):
-    """The complex-multiply rotation equals timm's `x * cos + rot(x) * sin`, on the non-contiguous [B, H, N, D] views
-    attention passes, on a view whose pairs straddle complex elements (odd offset), and in its gradient."""
+    """The pair-swap rotation equals timm's `x * cos + rot(x) * sin`, on the non-contiguous [B, H, N, D] views
+    attention passes, on a view with an odd storage offset, and in its gradient."""
     torch.manual_seed(0)
     cos, sin = (table.to(dtype) for table in _pair_shared_table(17, 16))
     projected = torch.randn(2, 17, 4, 16, dtype=dtype)  # [B, N, H, D] as the projection leaves it
@@ -101,7 +101,7 @@ def test_rotary_matches_timm_rotation_on_strided_heads(dtype):
 
 
 def test_rotary_in_bfloat16_matches_timm_rotation():
-    """bf16 has no complex type: the three-pass path, against timm's rotation of the same bf16 inputs in fp32."""
+    """bf16: against timm's rotation of the same bf16 inputs in fp32."""
     torch.manual_seed(0)
     cos, sin = _pair_shared_table(17, 16)
     query = torch.randn(2, 17, 4, 16).transpose(1, 2).bfloat16()
@@ -132,12 +132,15 @@ def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
     monkeypatch.setattr(modeling_evaclip, "cpu_bf16_attention", lambda *args: calls.append(1) or kernel(*args))
     query = torch.randn(1, 2, 5, 8).bfloat16()
     mask = torch.zeros(1, 1, 5, 5, dtype=torch.bfloat16)
+    module = nn.Module()
     with torch.no_grad():
-        modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)
+        out, _ = modeling_evaclip.sdpa_attention(module, query, query, query, None, 0.5)
         assert calls == [1]
-        modeling_evaclip.sdpa_attention(query, query, query, mask, 0.5, 0.0)  # the text tower's causal mask
-        modeling_evaclip.sdpa_attention(query.float(), query.float(), query.float(), None, 0.5, 0.0)
-    modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)  # grad on: sdpa's backward
+        expected = F.scaled_dot_product_attention(query.double(), query.double(), query.double(), scale=0.5)
+        torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)  # [B, N, H, D]
+        modeling_evaclip.sdpa_attention(module, query, query, query, mask, 0.5)  # the text tower's causal mask
+        modeling_evaclip.sdpa_attention(module, query.float(), query.float(), query.float(), None, 0.5)
+    modeling_evaclip.sdpa_attention(module, query, query, query, None, 0.5)  # grad on: sdpa's backward
     assert calls == [1]
 
 
