@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import FAMILY_FLAGS, tiny_vision_config
+from conftest import FAMILY_FLAGS, randomize as _randomize, tiny_vision_config
 from llava_evaclip import EvaCLIPVisionModel
 from llava_evaclip import modeling_evaclip
 from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
@@ -34,18 +34,6 @@ sys.path.insert(0, REPO_ROOT)
 from benchmarks import tower as bench  # noqa: E402
 
 ATOL = 1e-5
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm parameters and biases (they start as ones / zeros), so every term is exercised."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.1)
-    return model
 
 
 def _eager_twin(model: EvaCLIPVisionModel) -> EvaCLIPVisionModel:

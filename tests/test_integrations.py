@@ -22,25 +22,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config, tiny_text_config, tiny_vision_config
+from conftest import randomize as _randomize, tiny_config, tiny_text_config, tiny_vision_config
 from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionModel, EvaCLIPVisionTower
 from llava_evaclip import _compat
-from llava_evaclip.modeling_evaclip import EvaCLIPEncoderLayer, EvaCLIPPreTrainedModel, EvaCLIPTextModel
+from llava_evaclip.modeling_evaclip import EvaCLIPPreTrainedModel, EvaCLIPTextModel
 
 ATOL = 1e-5
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llava_evaclip")
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm parameters and biases, so every term is exercised."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.1)
-    return model
 
 
 def _pixels(batch: int, size: int = 28) -> torch.Tensor:

@@ -27,6 +27,7 @@ from llava_evaclip import (
 from llava_evaclip.modeling_evaclip import apply_rotary
 
 from conftest import FAMILY_FLAGS, features, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import randomize as _randomize
 
 FAMILIES = sorted(FAMILY_FLAGS)
 ATOL = 1e-5
@@ -46,17 +47,6 @@ def _text_inputs(config: EvaCLIPTextConfig, lengths=(4, 7, 10), width: int = 10)
         ids[row, length - 1] = config.eos_token_id
         mask[row, :length] = 1
     return ids, mask
-
-
-def _randomize(model: nn.Module) -> None:
-    """Non-trivial LayerNorm parameters and biases (they start as ones/zeros)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.1)
 
 
 class _SdpaCounter:
