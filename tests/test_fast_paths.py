@@ -1,7 +1,7 @@
 """The fast paths of the EVA-CLIP tower give the eager path's numbers, and the tower benchmark runs end to end.
 
 The fast path is what LLaVA runs: sdpa, `select_hidden_states` (stops after the deepest selected layer and keeps only
-the selected states), the per-grid RoPE table with an identity row for CLS applied as one complex multiply, and
+the selected states), the per-grid RoPE table with an identity row for CLS applied as one pair swap (three passes), and
 SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
 run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
 against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
