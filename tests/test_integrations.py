@@ -119,6 +119,28 @@ def test_llava_tower_with_cpu_and_disk_offload_equals_the_in_memory_tower(tmp_pa
         torch.testing.assert_close(tower(images), expected, atol=ATOL, rtol=0)
 
 
+def test_lora_adapters_are_not_bypassed_by_the_inference_fast_path():
+    """PEFT LoRA on the attention and MLP projections: inference (no_grad, where the MLP fast path would run) gives
+    the numbers of the merged model, whose plain Linears hold the adapters' contribution."""
+    try:
+        import peft
+    except ImportError as error:  # peft 0.21 needs a newer transformers than 4.37.2
+        pytest.skip(f"peft is not importable with this transformers: {error}")
+    torch.manual_seed(0)
+    model = _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02"))).eval()
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1", "fc1_up", "fc2"], init_lora_weights=False)
+    pixel_values = _pixels(2)
+    with torch.no_grad():
+        base = model(pixel_values).last_hidden_state.clone()
+        adapted = peft.get_peft_model(model, config).eval()
+        got = adapted(pixel_values=pixel_values, output_hidden_states=True)
+        merged = adapted.merge_and_unload()
+        expected = merged(pixel_values=pixel_values, output_hidden_states=True)
+    assert all(type(layer.mlp.fc1) is nn.Linear for layer in merged.vision_model.encoder.layers)
+    assert (expected.last_hidden_state - base).abs().max() > 1e-2  # the adapters change the numbers
+    _assert_outputs_equal(got, expected)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # torch.compile and torch.export
 # --------------------------------------------------------------------------------------------------------------------
