@@ -23,7 +23,7 @@ from llava_evaclip.cli import main
 from llava_evaclip.presets import list_presets
 from llava_evaclip.processing import build_image_processor
 
-from conftest import features, tiny_text_config, tiny_vision_config
+from conftest import tiny_text_config, tiny_vision_config
 
 IMAGE_SIZE = 56  # 8 x 8 patches of 7 pixels
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -322,6 +322,8 @@ def test_similarity_table_matches_reference(full_dir, tmp_path):
     model = EvaCLIPModel.from_pretrained(full_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(full_dir)
     ids = open_clip.tokenize(texts, context_length=model.config.text_config.max_position_embeddings)
+    from conftest import features  # CLIP's return type of get_*_features on this transformers
+
     with torch.no_grad():
         text = features(model.get_text_features(input_ids=ids))
         image = features(model.get_image_features(
