@@ -721,7 +721,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{entry['weights_mib']:.0f} | {entry['peak_above_weights_mib']:.0f} | {versus} |")
         lines += ["", f"Method: {memory[0]['method'] if memory else 'n/a'}.", ""]
     if report["goals"]:
-        lines += ["## Goals (issue 6)", "", "| goal | setting | measured | target | met |", "|---|---|---:|---:|---|"]
+        lines += ["## Goals (issues 6 and 13)", "", "| goal | setting | measured | target | met |", "|---|---|---:|---:|---|"]
         for goal in report["goals"]:
             lines.append(f"| {goal['goal']} | {goal['setting']} | {goal['value']:.3f} | {goal['target']} | "
                          f"{'yes' if goal['met'] else 'no'} |")
