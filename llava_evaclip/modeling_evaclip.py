@@ -30,7 +30,6 @@ from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisi
 
 logger = logging.get_logger(__name__)
 
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")  # on 4.x; 5.x adds whatever AttentionInterface holds
 
 
 # --------------------------------------------------------------------------------------------------------------------
