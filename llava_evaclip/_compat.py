@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import sys
+from typing import Iterator
+
 import torch
+import transformers
+from transformers import PreTrainedModel
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
     from transformers import initialization as init
@@ -51,4 +58,108 @@ def is_flash_attn_available() -> bool:
     return True
 
 
-__all__ = ["init", "PretrainedConfig", "is_flash_attn_available"]
+
+try:  # transformers >= 4.48: attention kernels registered by name (`AttentionInterface.register` adds to it)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError:  # 4.37.2: the package's own eager / sdpa / flash functions
+    ALL_ATTENTION_FUNCTIONS = None
+
+try:  # transformers >= 4.52: layers that checkpoint themselves when `gradient_checkpointing` is set on them
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:
+    GradientCheckpointingLayer = None
+
+# transformers 5 renamed `gradient_checkpointing_enable` (now a deprecated alias) and made non-reentrant the default.
+HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
+
+# transformers 5's CLIPModel.get_image_features / get_text_features return the tower's output with the projected
+# embeddings as `pooler_output`; 4.x returns the projected tensor.
+FEATURES_RETURN_MODEL_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def is_tracing() -> bool:
+    """True under torch.compile, torch.export or jit tracing, where eager-only kernels (`out=` writes, Python loops
+    over blocks) must step aside for plain module calls that trace into one graph."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 detection (modeling needs it; `zero.py`, a layer above, re-exports it with the rest of its API)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _transformers_zero3_enabled() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - every supported transformers line has it
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def is_zero_init_active() -> bool:
+    """True inside an open `deepspeed.zero.Init` context (modules built now get partitioned parameters).
+
+    Reads DeepSpeed's own context counter only when DeepSpeed is already imported, so it never imports DeepSpeed."""
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return module is not None and getattr(module, "zero_init_context", 0) > 0
+
+
+def is_zero3_enabled() -> bool:
+    """True when a ZeRO-3 configuration is live: transformers' `HfDeepSpeedConfig` of stage 3 is alive (what the
+    Trainer and LLaVA's train.py set up, on transformers 4.x and 5.x alike), or a `deepspeed.zero.Init` is open."""
+    return _transformers_zero3_enabled() or is_zero_init_active()
+
+
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (its `data` is a placeholder; the values live in `ds_tensor` slices)."""
+    return hasattr(tensor, "ds_id")
+
+
+# A stage-3 config that only tells transformers' loader that ZeRO-3 is on; the open `zero.Init` (the outermost one
+# decides how parameters are partitioned) keeps its own settings. Batch sizes are explicit because DeepSpeed checks them.
+_ZERO_INIT_LOADING_CONFIG = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3},
+}
+
+
+@contextlib.contextmanager
+def transformers_zero3_context() -> Iterator[None]:
+    """Inside a bare `deepspeed.zero.Init` (no `HfDeepSpeedConfig` alive), make transformers' `from_pretrained` take
+    its ZeRO-3 path for the duration of the block.
+
+    Otherwise transformers does not know the parameters it builds are partitioned and copies the checkpoint into the
+    empty placeholders: "size mismatch ... the shape in current model is torch.Size([0])" on 4.x and 5.x alike. With a
+    live stage-3 config it gathers each module, lets rank 0 write it, and re-partitions. A no-op when no `zero.Init` is
+    open or transformers already has a ZeRO-3 config; a user's own (non-stage-3) config is restored afterwards."""
+    if not is_zero_init_active() or _transformers_zero3_enabled():
+        yield
+        return
+    import transformers.integrations.deepspeed as hf_deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    previous = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = HfDeepSpeedConfig(copy.deepcopy(_ZERO_INIT_LOADING_CONFIG))  # registers itself through a weak reference
+    try:
+        yield
+    finally:
+        if hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"):
+            hf_deepspeed._hf_deepspeed_config_weak_ref = previous
+        del config
+
+
+__all__ = [
+    "init",
+    "PretrainedConfig",
+    "is_flash_attn_available",
+    "is_tracing",
+    "ALL_ATTENTION_FUNCTIONS",
+    "FEATURES_RETURN_MODEL_OUTPUT",
+    "GradientCheckpointingLayer",
+    "HAS_ACTIVATION_CHECKPOINTING",
+    "is_partitioned",
+    "is_zero3_enabled",
+    "is_zero_init_active",
+    "transformers_zero3_context",
+]

@@ -15,13 +15,20 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
-from ._compat import init, is_flash_attn_available
-from .zero import is_partitioned, transformers_zero3_context
+from ._compat import (
+    ALL_ATTENTION_FUNCTIONS,
+    FEATURES_RETURN_MODEL_OUTPUT,
+    HAS_ACTIVATION_CHECKPOINTING,
+    GradientCheckpointingLayer,
+    init,
+    is_flash_attn_available,
+    is_partitioned,
+    is_tracing,
+    transformers_zero3_context,
+)
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
 
 logger = logging.get_logger(__name__)
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -89,17 +96,9 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`x * cos + rotate_pairs(x) * sin` for EVA's tables, whose channel pairs share one angle.
-
-    In fp32/fp64 each pair is a complex number and the rotation one complex multiply (one pass over x, ~7x faster on
-    CPU than the five-pass formula); complex bf16 does not exist, so lower precisions swap each pair and fold the sign
-    of `rotate_pairs` into the small per-position sin table (three passes)."""
-    if x.dtype in (torch.float32, torch.float64):
-        pairs = x.unflatten(-1, (-1, 2))
-        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
-            pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs whole elements
-        angle = torch.complex(cos[..., 0::2].to(x.dtype), sin[..., 0::2].to(x.dtype))
-        return torch.view_as_real(torch.view_as_complex(pairs) * angle).flatten(-2)
+    """`x * cos + rotate_pairs(x) * sin` for EVA's tables, whose channel pairs share one angle: each pair is swapped
+    and the sign of `rotate_pairs` folded into the small per-position sin table, so eager makes three passes over x
+    instead of five, and the real arithmetic traces into one fused kernel under torch.compile / torch.export."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     signed_sin = torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
     return torch.addcmul(x * cos, swapped, signed_sin)
@@ -142,19 +141,27 @@ class EvaCLIPRotaryEmbedding(nn.Module):
         sin = torch.cat((torch.zeros(1, self.head_dim), freqs.sin()), dim=0)
         return cos, sin
 
-    def forward(self, height: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The table for a grid, cached per (grid, device, dtype)."""
-        device = self.cos.device
+    def _table(
+        self, height: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (height, width) == (self.grid_size, self.grid_size) and self.cos.device.type != "meta":
+            cos, sin = self.cos, self.sin
+        else:  # another grid, or buffers left on the meta device by a big-model (offloaded) load
+            cos, sin = self.compute_table(height, width)
+        return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+    def forward(
+        self, height: int, width: int, dtype: torch.dtype, device: Optional[torch.device] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table for a grid on `device` (default: the buffers'), cached per (grid, device, dtype) in eager mode;
+        a traced graph computes it in the graph instead of reading a Python-side cache."""
+        device = self.cos.device if device is None else torch.device(device)
+        if is_tracing():
+            return self._table(height, width, dtype, device)
         key = (height, width, device, dtype)
         cached = self._cache.get(key)
         if cached is None:
-            if (height, width) == (self.grid_size, self.grid_size) and self.cos.device.type != "meta":
-                cos, sin = self.cos, self.sin
-            else:
-                cos, sin = self.compute_table(height, width)
-            cached = (cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype))
-            if not torch.jit.is_tracing():
-                self._cache[key] = cached
+            cached = self._cache[key] = self._table(height, width, dtype, device)
         return cached
 
     def reset_cache(self) -> None:
@@ -187,9 +194,14 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         self.num_positions = self.num_patches + 1
         self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
 
-    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """The position table [num_positions, C], read by calling the embedding module: accelerate's offload hooks
+        and DeepSpeed ZeRO-3 make a module's weights available only while that module runs."""
+        return self.position_embedding(torch.arange(self.num_positions, device=device))
+
+    def interpolate_pos_encoding(self, height: int, width: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """Bicubic resize of the patch positions to a (height x width) grid; CLS keeps its position."""
-        positions = self.position_embedding.weight
+        positions = self.positions(self.class_embedding.device if device is None else device)
         side = self.image_size // self.patch_size
         if (height, width) == (side, side):
             return positions.unsqueeze(0)
@@ -207,8 +219,8 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         class_embeds = self.class_embedding.to(target_dtype).expand(patch_embeds.shape[0], 1, -1)
         embeddings = torch.cat((class_embeds, patch_embeds), dim=1)
         if interpolate_pos_encoding:
-            return embeddings + self.interpolate_pos_encoding(grid_h, grid_w)
-        return embeddings + self.position_embedding.weight.unsqueeze(0)
+            return embeddings + self.interpolate_pos_encoding(grid_h, grid_w, embeddings.device)
+        return embeddings + self.positions(embeddings.device).unsqueeze(0)
 
 
 class EvaCLIPTextEmbeddings(nn.Module):
@@ -228,10 +240,9 @@ class EvaCLIPTextEmbeddings(nn.Module):
         seq_length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
         if inputs_embeds is None:
             inputs_embeds = self.token_embedding(input_ids)
-        if position_ids is None:
-            position_embeds = self.position_embedding.weight[:seq_length].unsqueeze(0)
-        else:
-            position_embeds = self.position_embedding(position_ids)
+        if position_ids is None:  # a module call, not a weight slice: offload hooks and ZeRO-3 gather on calls
+            position_ids = torch.arange(seq_length, device=inputs_embeds.device).unsqueeze(0)
+        position_embeds = self.position_embedding(position_ids)
         return inputs_embeds + position_embeds
 
 
@@ -241,20 +252,23 @@ class EvaCLIPTextEmbeddings(nn.Module):
 
 
 def eager_attention(
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
-    scale: float,
-    dropout: float,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention on [B, H, N, D]; returns the output and the softmax weights."""
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    """Reference attention on [B, H, N, D] (transformers' attention-function signature); returns the output as
+    [B, N, H, D] and the softmax weights."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(weights, p=dropout, training=dropout > 0)
-    return torch.matmul(probs, value), weights
+    return torch.matmul(probs, value).transpose(1, 2), weights
 
 
 # Bytes of attention scores per group of heads in `cpu_bf16_attention`: small enough to stay in cache.
@@ -281,9 +295,11 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
-    """Unmasked bf16 inference on CPU; training keeps sdpa's memory-saving backward."""
+    """Unmasked bf16 inference on CPU in eager mode; training keeps sdpa's memory-saving backward, and traced graphs
+    (compile, export) keep the fused op, which the `out=` writes and the Python loop would break."""
     return (
-        query.device.type == "cpu"
+        not is_tracing()
+        and query.device.type == "cpu"
         and query.dtype == torch.bfloat16
         and attention_mask is None
         and dropout == 0.0
@@ -292,44 +308,71 @@ def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.
 
 
 def sdpa_attention(
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: Optional[torch.Tensor],
-    scale: float,
-    dropout: float,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """torch's fused attention, except for bf16 inference on CPU (see `cpu_bf16_attention`)."""
+    """torch's fused attention (through transformers' `AttentionInterface` where it exists), except for bf16
+    inference on CPU (see `cpu_bf16_attention`)."""
     if _use_cpu_bf16_attention(query, attention_mask, dropout):
-        return cpu_bf16_attention(query, key, value, scale), None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale)
-    return out, None
-
-
-def flash_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scale: float,
-    dropout: float,
-) -> tuple[torch.Tensor, None]:
-    """flash-attn 2 for unmasked attention (the vision tower); masked calls fall back to sdpa."""
-    if attention_mask is not None or query.dtype not in (torch.float16, torch.bfloat16):
-        return sdpa_attention(query, key, value, attention_mask, scale, dropout)
-    from flash_attn import flash_attn_func
-
-    out = flash_attn_func(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout, softmax_scale=scale
-    )
+        return cpu_bf16_attention(query, key, value, scaling).transpose(1, 2), None
+    if ALL_ATTENTION_FUNCTIONS is not None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2), None
 
 
+def flash_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """flash-attn 2 for unmasked attention (the vision tower) on transformers 4.x; masked calls fall back to sdpa."""
+    if attention_mask is not None or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention(module, query, key, value, attention_mask, scaling, dropout)
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout, softmax_scale=scaling
+    )
+    return out, None
+
+
+# The package's own kernels, called as `fn(module, query, key, value, attention_mask, scaling=, dropout=)` on
+# [B, H, N, D] and returning ([B, N, H, D], weights or None). Where transformers has `AttentionInterface`, every other
+# name (flash_attention_2/3, flex_attention, a function registered with `AttentionInterface.register`) comes from it,
+# and `sdpa` goes through it too.
 ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
-    "flash_attention_2": flash_attention,
 }
+if ALL_ATTENTION_FUNCTIONS is None:
+    ATTENTION_FUNCTIONS["flash_attention_2"] = flash_attention
+
+
+def _known_attn_implementations() -> list[str]:
+    if ALL_ATTENTION_FUNCTIONS is None:
+        return list(ATTENTION_FUNCTIONS)
+    return list(dict.fromkeys([*ATTENTION_FUNCTIONS, *ALL_ATTENTION_FUNCTIONS.valid_keys()]))
+
+
+def attention_function(implementation: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The kernel registered under a name: the package's own first, then transformers' `AttentionInterface`."""
+    if implementation in ATTENTION_FUNCTIONS:
+        return ATTENTION_FUNCTIONS[implementation]
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def resolve_attn_implementation(config: Any) -> str:
@@ -339,8 +382,9 @@ def resolve_attn_implementation(config: Any) -> str:
         requested = requested.get("") or next(iter(requested.values()), None)
     if requested is None:
         return "sdpa"
-    if requested not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation {requested!r} is not supported; choose one of {ATTENTION_IMPLEMENTATIONS}.")
+    known = _known_attn_implementations()
+    if requested not in known:
+        raise ValueError(f"attn_implementation {requested!r} is not supported; choose one of {tuple(known)}.")
     if requested == "flash_attention_2" and not is_flash_attn_available():
         raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA device; "
                          "use 'sdpa' otherwise.")
@@ -377,7 +421,10 @@ def build_norm(config: EvaCLIPVisionConfig | EvaCLIPTextConfig, size: int) -> nn
 class EvaCLIPAttention(nn.Module):
     """Multi-head self-attention of both towers: independent q/k/v bias flags (no k bias parameter is created when
     the checkpoint has none), optional 2D RoPE, an optional sub-LayerNorm before the output projection, and the kernel
-    chosen by `config._attn_implementation` (eager is used whenever attention weights are requested)."""
+    chosen by `config._attn_implementation` (eager is used whenever attention weights are requested). Masks are
+    explicit (the text tower's causal mask included), so `is_causal` is False for every kernel."""
+
+    is_causal = False
 
     def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
         super().__init__()
@@ -419,11 +466,13 @@ class EvaCLIPAttention(nn.Module):
             query = apply_rotary(query, cos, sin).type_as(value)
             key = apply_rotary(key, cos, sin).type_as(value)
         implementation = "eager" if output_attentions else resolve_attn_implementation(self.config)
+        if attention_mask is not None and implementation.startswith("flash_attention"):
+            implementation = "sdpa"  # flash kernels take padding masks only; the text tower's mask is causal + padding
         dropout = self.dropout if self.training else 0.0
-        attn_output, attn_weights = ATTENTION_FUNCTIONS[implementation](
-            query, key, value, attention_mask, self.scale, dropout
+        attn_output, attn_weights = attention_function(implementation)(
+            self, query, key, value, attention_mask, scaling=self.scale, dropout=dropout
         )
-        attn_output = attn_output.transpose(1, 2).reshape(batch, length, self.embed_dim)
+        attn_output = attn_output.reshape(batch, length, self.embed_dim)
         if self.inner_attn_ln is not None:
             attn_output = self.inner_attn_ln(attn_output)
         return self.out_proj(attn_output), attn_weights
@@ -443,6 +492,8 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta): nothing is autocast there
+        return False
 
 
 # Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
@@ -476,18 +527,21 @@ class EvaCLIPMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def _use_inference_path(self, hidden_states: torch.Tensor) -> bool:
-        """Whether `_inference_forward` may replace the module calls: inference only (it writes with `out=`, which
-        autograd does not record), plain `nn.Linear`s in the input's dtype (no hooks, adapters, quantized layers or
-        autocast), and never under ZeRO-3 or accelerate's offload hooks (`_hf_hook`), where only a called module's
-        weights are gathered or loaded."""
+        """Whether `_inference_forward` may replace the module calls: eager inference only (it writes with `out=`,
+        which autograd, torch.compile and torch.export do not take), plain `nn.Linear`s whose weights sit in the
+        input's dtype on its device (no hooks of torch or accelerate, whose offload fills weights only for a called
+        module; no adapters, quantized layers or autocast), and never under ZeRO-3, where only a called module's
+        weights are gathered."""
+        if is_tracing() or torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
+            return False
         layers = [layer for layer in (self.fc1, self.fc1_up, self.fc2) if layer is not None]
-        return (
-            not torch.is_grad_enabled()
-            and not _autocast_enabled(hidden_states.device.type)
-            and all(type(layer) is nn.Linear and layer.weight.dtype == hidden_states.dtype for layer in layers)
-            and all(not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
-                    for layer in layers)
-            and not any(is_partitioned(layer.weight) for layer in layers)
+        return all(
+            type(layer) is nn.Linear
+            and layer.weight.dtype == hidden_states.dtype
+            and layer.weight.device == hidden_states.device
+            and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+            and not is_partitioned(layer.weight)
+            for layer in layers
         )
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
@@ -532,8 +586,9 @@ class EvaCLIPMLP(nn.Module):
         return self.fc2(self._hidden(hidden_states))
 
 
-class EvaCLIPEncoderLayer(nn.Module):
-    """One transformer block: pre-norm `x + ls(f(norm(x)))` or post-norm `x + ls(norm(f(x)))` (EVA02-bigE)."""
+class EvaCLIPEncoderLayer(GradientCheckpointingLayer or nn.Module):
+    """One transformer block: pre-norm `x + ls(f(norm(x)))` or post-norm `x + ls(norm(f(x)))` (EVA02-bigE). Where
+    transformers has `GradientCheckpointingLayer`, the block checkpoints itself; on older versions the encoder does."""
 
     def __init__(self, config: EvaCLIPVisionConfig | EvaCLIPTextConfig) -> None:
         super().__init__()
@@ -597,7 +652,8 @@ class EvaCLIPEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def _run_layer(self, layer: EvaCLIPEncoderLayer, hidden_states: torch.Tensor, *args: Any) -> tuple:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and GradientCheckpointingLayer is None:  # newer layers checkpoint themselves
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
             if checkpoint is None or _is_reentrant_torch_checkpoint(checkpoint):
                 # Reentrant checkpointing drops the gradients of trainable layers whose input needs none (a frozen
@@ -862,6 +918,8 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn_2 = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True  # any function registered with transformers' `AttentionInterface`
     _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings", "EvaCLIPTextEmbeddings"]
     _keys_to_ignore_on_load_unexpected = [r".*position_ids$"]
 
@@ -878,12 +936,16 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
         with transformers_zero3_context():
             return super().from_pretrained(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
-        """Non-reentrant checkpointing unless asked otherwise, as on transformers 5: 4.x defaults to reentrant, which
-        silently drops the gradients of trainable layers behind frozen patch embeddings."""
-        if gradient_checkpointing_kwargs is None:
-            gradient_checkpointing_kwargs = {"use_reentrant": False}
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+    if not HAS_ACTIVATION_CHECKPOINTING:  # transformers 5 already defaults to non-reentrant (and deprecates this name)
+
+        def gradient_checkpointing_enable(
+            self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any
+        ) -> None:
+            """Non-reentrant checkpointing unless asked otherwise, as on transformers 5: 4.x defaults to reentrant,
+            which silently drops the gradients of trainable layers behind frozen patch embeddings."""
+            if gradient_checkpointing_kwargs is None:
+                gradient_checkpointing_kwargs = {"use_reentrant": False}
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         """transformers 5 skips, for code outside transformers, every module without parameters of its own (our
@@ -1031,6 +1093,18 @@ class EvaCLIPTextModel(EvaCLIPPreTrainedModel):
         )
 
 
+def _features(
+    outputs: BaseModelOutputWithPooling, projection: nn.Linear, return_dict: Optional[bool]
+) -> Union[torch.Tensor, tuple, BaseModelOutputWithPooling]:
+    """What CLIPModel's `get_*_features` return on the installed transformers: on 5.x the tower's output with the
+    projected embeddings as `pooler_output` (a tuple with `return_dict=False`), on 4.x the projected tensor."""
+    projected = projection(outputs.pooler_output)
+    if not FEATURES_RETURN_MODEL_OUTPUT:
+        return projected
+    outputs.pooler_output = projected
+    return outputs.to_tuple() if return_dict is False else outputs
+
+
 class EvaCLIPModel(EvaCLIPPreTrainedModel):
     """Both towers, their projections (visual with a bias unless `projection_bias=False`, text without), a learnable
     temperature and the loss."""
@@ -1074,21 +1148,23 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         **kwargs: Any,
-    ) -> torch.FloatTensor:
-        """Projected (not normalised) text embeddings [batch, projection_dim]."""
+    ) -> Union[torch.FloatTensor, BaseModelOutputWithPooling]:
+        """Projected (not normalised) text embeddings [batch, projection_dim], returned as the installed
+        transformers' `CLIPModel.get_text_features` returns them (see `_features`)."""
         text_outputs = self.text_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
         )
-        return self.text_projection(text_outputs.pooler_output)
+        return _features(text_outputs, self.text_projection, kwargs.get("return_dict"))
 
     def get_image_features(
         self, pixel_values: Optional[torch.FloatTensor] = None, interpolate_pos_encoding: bool = False, **kwargs: Any
-    ) -> torch.FloatTensor:
-        """Projected (not normalised) image embeddings [batch, projection_dim]."""
+    ) -> Union[torch.FloatTensor, BaseModelOutputWithPooling]:
+        """Projected (not normalised) image embeddings [batch, projection_dim], returned as the installed
+        transformers' `CLIPModel.get_image_features` returns them (see `_features`)."""
         vision_outputs = self.vision_model(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
         )
-        return self.visual_projection(vision_outputs.pooler_output)
+        return _features(vision_outputs, self.visual_projection, kwargs.get("return_dict"))
 
     def forward(
         self,

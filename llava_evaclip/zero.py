@@ -11,7 +11,6 @@ without DeepSpeed and without a process group (a plain single-process model), so
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import re
 import sys
@@ -22,6 +21,14 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ._compat import (  # detection lives below modeling so that modeling need not import this module
+    _transformers_zero3_enabled,
+    is_partitioned,
+    is_zero3_enabled,
+    is_zero_init_active,
+    transformers_zero3_context,
+)
+
 logger = logging.get_logger(__name__)
 
 _MAX_KEYS_IN_MESSAGE = 20
@@ -30,33 +37,6 @@ _MAX_KEYS_IN_MESSAGE = 20
 # --------------------------------------------------------------------------------------------------------------------
 # Detection
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _transformers_zero3_enabled() -> bool:
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - every supported transformers line has it
-        return False
-    return bool(is_deepspeed_zero3_enabled())
-
-
-def is_zero_init_active() -> bool:
-    """True inside an open `deepspeed.zero.Init` context (modules built now get partitioned parameters).
-
-    Reads DeepSpeed's own context counter only when DeepSpeed is already imported, so it never imports DeepSpeed."""
-    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    return module is not None and getattr(module, "zero_init_context", 0) > 0
-
-
-def is_zero3_enabled() -> bool:
-    """True when a ZeRO-3 configuration is live: transformers' `HfDeepSpeedConfig` of stage 3 is alive (what the
-    Trainer and LLaVA's train.py set up, on transformers 4.x and 5.x alike), or a `deepspeed.zero.Init` is open."""
-    return _transformers_zero3_enabled() or is_zero_init_active()
-
-
-def is_partitioned(tensor: torch.Tensor) -> bool:
-    """True for a ZeRO-3 parameter (its `data` is a placeholder; the values live in `ds_tensor` slices)."""
-    return hasattr(tensor, "ds_id")
 
 
 def has_partitioned_parameters(module: nn.Module) -> bool:
@@ -70,40 +50,6 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 def full_numel(param: torch.Tensor) -> int:
     return int(param.ds_numel) if is_partitioned(param) else param.numel()
-
-
-# A stage-3 config that only tells transformers' loader that ZeRO-3 is on; the open `zero.Init` (the outermost one
-# decides how parameters are partitioned) keeps its own settings. Batch sizes are explicit because DeepSpeed checks them.
-_ZERO_INIT_LOADING_CONFIG = {
-    "train_micro_batch_size_per_gpu": 1,
-    "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3},
-}
-
-
-@contextlib.contextmanager
-def transformers_zero3_context() -> Iterator[None]:
-    """Inside a bare `deepspeed.zero.Init` (no `HfDeepSpeedConfig` alive), make transformers' `from_pretrained` take
-    its ZeRO-3 path for the duration of the block.
-
-    Otherwise transformers does not know the parameters it builds are partitioned and copies the checkpoint into the
-    empty placeholders: "size mismatch ... the shape in current model is torch.Size([0])" on 4.x and 5.x alike. With a
-    live stage-3 config it gathers each module, lets rank 0 write it, and re-partitions. A no-op when no `zero.Init` is
-    open or transformers already has a ZeRO-3 config; a user's own (non-stage-3) config is restored afterwards."""
-    if not is_zero_init_active() or _transformers_zero3_enabled():
-        yield
-        return
-    import transformers.integrations.deepspeed as hf_deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    previous = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    config = HfDeepSpeedConfig(copy.deepcopy(_ZERO_INIT_LOADING_CONFIG))  # registers itself through a weak reference
-    try:
-        yield
-    finally:
-        if hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"):
-            hf_deepspeed._hf_deepspeed_config_weak_ref = previous
-        del config
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -64,6 +65,24 @@ def tiny_config(family: str = "eva02", **vision_overrides) -> EvaCLIPConfig:
         vision_config=tiny_vision_config(family, **vision_overrides).to_dict(),
         projection_dim=16,
     )
+
+
+def randomize(model: nn.Module) -> nn.Module:
+    """Non-trivial LayerNorm parameters and biases (they start as ones / zeros), so every term is exercised."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+            elif isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
+    return model
+
+
+def features(output):
+    """The projected embeddings from `get_image_features` / `get_text_features`: a tensor on transformers 4.x, the
+    `pooler_output` of a model output on 5.x (as transformers' CLIPModel returns them)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 @pytest.fixture(autouse=True)

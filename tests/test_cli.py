@@ -328,11 +328,13 @@ def test_similarity_table_matches_reference(full_dir, tmp_path):
     model = EvaCLIPModel.from_pretrained(full_dir).eval()
     processor = CLIPImageProcessor.from_pretrained(full_dir)
     ids = open_clip.tokenize(texts, context_length=model.config.text_config.max_position_embeddings)
+    from conftest import features  # CLIP's return type of get_*_features on this transformers
+
     with torch.no_grad():
-        text = model.get_text_features(input_ids=ids)
-        image = model.get_image_features(
+        text = features(model.get_text_features(input_ids=ids))
+        image = features(model.get_image_features(
             pixel_values=processor([Image.open(p).convert("RGB") for p in images], return_tensors="pt")["pixel_values"]
-        )
+        ))
     text = text / text.norm(dim=-1, keepdim=True)
     image = image / image.norm(dim=-1, keepdim=True)
     expected = (model.logit_scale.exp() * image @ text.T).softmax(dim=-1)

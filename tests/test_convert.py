@@ -26,6 +26,8 @@ open_clip = pytest.importorskip("open_clip")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoTokenizer, CLIPImageProcessor  # noqa: E402
 
+from conftest import features  # noqa: E402
+
 from llava_evaclip import (  # noqa: E402
     EvaCLIPModel,
     EvaCLIPVisionModel,
@@ -184,8 +186,8 @@ def check_against_baai(family: str, reference: torch.nn.Module, out_dir: Path) -
     model = EvaCLIPModel.from_pretrained(out_dir).eval()
     with torch.no_grad():
         output = model(input_ids=ids, pixel_values=images, output_hidden_states=True)
-        ours_image_features = model.get_image_features(pixel_values=images)
-        ours_text_features = model.get_text_features(input_ids=ids)
+        ours_image_features = features(model.get_image_features(pixel_values=images))
+        ours_text_features = features(model.get_text_features(input_ids=ids))
     compare_vision(output.vision_model_output, vision, f"{family} vision")
     text_output = output.text_model_output
     assert len(text_output.hidden_states) == len(text.states)
@@ -268,7 +270,7 @@ def test_cli_subprocess_and_written_files(tmp_path):
         end = int(reference_ids[row].argmax())
         assert ids[row, : end + 1].tolist() == reference_ids[row, : end + 1].tolist()
     with torch.no_grad():
-        assert_close(model.get_text_features(input_ids=ids), reference.encode_text(reference_ids), "tokenized text")
+        assert_close(features(model.get_text_features(input_ids=ids)), reference.encode_text(reference_ids), "tokenized text")
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -441,7 +443,8 @@ def test_open_clip_eva_model_matches_open_clip(tmp_path, monkeypatch):
     model = EvaCLIPModel.from_pretrained(out).eval()
     with torch.no_grad():
         output = model(input_ids=ids, pixel_values=images, output_hidden_states=True)
-        ours_image, ours_text = model.get_image_features(pixel_values=images), model.get_text_features(input_ids=ids)
+        ours_image = features(model.get_image_features(pixel_values=images))
+        ours_text = features(model.get_text_features(input_ids=ids))
     compare_vision(output.vision_model_output, vision, "open_clip vision")
     for index, (actual, expected) in enumerate(zip(output.text_model_output.hidden_states, text.states)):
         assert_close(actual, expected, f"open_clip text hidden_states[{index}]")

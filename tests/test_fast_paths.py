@@ -1,7 +1,7 @@
 """The fast paths of the EVA-CLIP tower give the eager path's numbers, and the tower benchmark runs end to end.
 
 The fast path is what LLaVA runs: sdpa, `select_hidden_states` (stops after the deepest selected layer and keeps only
-the selected states), the per-grid RoPE table with an identity row for CLS applied as one complex multiply, and
+the selected states), the per-grid RoPE table with an identity row for CLS applied as one pair swap (three passes), and
 SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
 run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
 against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import FAMILY_FLAGS, tiny_vision_config
+from conftest import FAMILY_FLAGS, randomize as _randomize, tiny_vision_config
 from llava_evaclip import EvaCLIPVisionModel
 from llava_evaclip import modeling_evaclip
 from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
@@ -34,18 +34,6 @@ sys.path.insert(0, REPO_ROOT)
 from benchmarks import tower as bench  # noqa: E402
 
 ATOL = 1e-5
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Non-trivial LayerNorm parameters and biases (they start as ones / zeros), so every term is exercised."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.1)
-    return model
 
 
 def _eager_twin(model: EvaCLIPVisionModel) -> EvaCLIPVisionModel:
@@ -82,8 +70,8 @@ def _pair_shared_table(length: int, head_dim: int) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rotary_matches_timm_rotation_on_strided_heads(dtype):
-    """The complex-multiply rotation equals timm's `x * cos + rot(x) * sin`, on the non-contiguous [B, H, N, D] views
-    attention passes, on a view whose pairs straddle complex elements (odd offset), and in its gradient."""
+    """The pair-swap rotation equals timm's `x * cos + rot(x) * sin`, on the non-contiguous [B, H, N, D] views
+    attention passes, on a view with an odd storage offset, and in its gradient."""
     torch.manual_seed(0)
     cos, sin = (table.to(dtype) for table in _pair_shared_table(17, 16))
     projected = torch.randn(2, 17, 4, 16, dtype=dtype)  # [B, N, H, D] as the projection leaves it
@@ -101,7 +89,7 @@ def test_rotary_matches_timm_rotation_on_strided_heads(dtype):
 
 
 def test_rotary_in_bfloat16_matches_timm_rotation():
-    """bf16 has no complex type: the three-pass path, against timm's rotation of the same bf16 inputs in fp32."""
+    """bf16: against timm's rotation of the same bf16 inputs in fp32."""
     torch.manual_seed(0)
     cos, sin = _pair_shared_table(17, 16)
     query = torch.randn(2, 17, 4, 16).transpose(1, 2).bfloat16()
@@ -132,12 +120,15 @@ def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
     monkeypatch.setattr(modeling_evaclip, "cpu_bf16_attention", lambda *args: calls.append(1) or kernel(*args))
     query = torch.randn(1, 2, 5, 8).bfloat16()
     mask = torch.zeros(1, 1, 5, 5, dtype=torch.bfloat16)
+    module = nn.Module()
     with torch.no_grad():
-        modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)
+        out, _ = modeling_evaclip.sdpa_attention(module, query, query, query, None, 0.5)
         assert calls == [1]
-        modeling_evaclip.sdpa_attention(query, query, query, mask, 0.5, 0.0)  # the text tower's causal mask
-        modeling_evaclip.sdpa_attention(query.float(), query.float(), query.float(), None, 0.5, 0.0)
-    modeling_evaclip.sdpa_attention(query, query, query, None, 0.5, 0.0)  # grad on: sdpa's backward
+        expected = F.scaled_dot_product_attention(query.double(), query.double(), query.double(), scale=0.5)
+        torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)  # [B, N, H, D]
+        modeling_evaclip.sdpa_attention(module, query, query, query, mask, 0.5)  # the text tower's causal mask
+        modeling_evaclip.sdpa_attention(module, query.float(), query.float(), query.float(), None, 0.5)
+    modeling_evaclip.sdpa_attention(module, query, query, query, None, 0.5)  # grad on: sdpa's backward
     assert calls == [1]
 
 

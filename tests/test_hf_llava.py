@@ -276,9 +276,9 @@ def kernel_calls(monkeypatch):
     """Counts the calls of each attention kernel of our tower."""
     calls = {name: 0 for name in modeling.ATTENTION_FUNCTIONS}
     for name, function in list(modeling.ATTENTION_FUNCTIONS.items()):
-        def counted(*args, _name=name, _function=function):
+        def counted(*args, _name=name, _function=function, **kwargs):
             calls[_name] += 1
-            return _function(*args)
+            return _function(*args, **kwargs)
 
         monkeypatch.setitem(modeling.ATTENTION_FUNCTIONS, name, counted)
     return calls

@@ -28,10 +28,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}
 
-# The modeling -> zero -> convert -> modeling cycle (modeling imports zero, one layer up).
-FIXED_ON_H13MODEL = {"modeling_evaclip", "zero", "convert", ""}  # fixed on h13model
-
-
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -72,13 +68,6 @@ GRAPH = {_module_name(path): _imports(path, _module_name(path)) for path in sort
 
 def _layer_key(module: str) -> str:
     return module[len(PACKAGE) + 1:].split(".")[0] if module != PACKAGE else ""
-
-
-def _marked(modules, reason: str, known: set[str]):
-    return [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=reason)) if _layer_key(m) in known else m
-        for m in modules
-    ]
 
 
 def _cycle_members() -> dict[str, list[str]]:
@@ -126,14 +115,14 @@ def test_every_module_has_a_layer() -> None:
     assert not unplaced, f"add these modules to LAYERS in {Path(__file__).name}: {unplaced}"
 
 
-@pytest.mark.parametrize("module", _marked(sorted(GRAPH), "modeling imports zero", {"modeling_evaclip"}))
+@pytest.mark.parametrize("module", sorted(GRAPH))
 def test_module_imports_only_downward(module: str) -> None:
     layer = LAYER_OF[_layer_key(module)]
     upward = sorted(t for t in GRAPH[module] if LAYER_OF[_layer_key(t)] > layer)
     assert not upward, f"{module} (layer {layer}) imports higher layers: {upward}"
 
 
-@pytest.mark.parametrize("module", _marked(sorted(GRAPH), "modeling -> zero -> convert cycle", FIXED_ON_H13MODEL))
+@pytest.mark.parametrize("module", sorted(GRAPH))
 def test_module_is_on_no_import_cycle(module: str) -> None:
     cycle = _cycle_members().get(module)
     assert cycle is None, f"{module} is on an import cycle through {cycle}"

@@ -26,7 +26,8 @@ from llava_evaclip import (
 )
 from llava_evaclip.modeling_evaclip import apply_rotary
 
-from conftest import FAMILY_FLAGS, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import FAMILY_FLAGS, features, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import randomize as _randomize
 
 FAMILIES = sorted(FAMILY_FLAGS)
 ATOL = 1e-5
@@ -46,17 +47,6 @@ def _text_inputs(config: EvaCLIPTextConfig, lengths=(4, 7, 10), width: int = 10)
         ids[row, length - 1] = config.eos_token_id
         mask[row, :length] = 1
     return ids, mask
-
-
-def _randomize(model: nn.Module) -> None:
-    """Non-trivial LayerNorm parameters and biases (they start as ones/zeros)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.2)
-            elif isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.normal_(0.0, 0.1)
 
 
 class _SdpaCounter:
@@ -182,8 +172,8 @@ def test_output_attentions_with_sdpa_default(family: str) -> None:
 def _layer_call_counter(model: nn.Module) -> list[int]:
     calls = [0]
     for module in model.modules():
-        if module.__class__.__name__ == "EvaCLIPEncoderLayer":
-            module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        if module.__class__.__name__ == "EvaCLIPEncoderLayer":  # its MLP runs inside the layer's (re)computation
+            module.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
@@ -265,8 +255,8 @@ def test_loss_is_symmetric_cross_entropy() -> None:
     pixel_values = _pixels(config.vision_config, 3)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, return_loss=True)
-        image = F.normalize(model.get_image_features(pixel_values=pixel_values), dim=-1)
-        text = F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask), dim=-1)
+        image = F.normalize(features(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+        text = F.normalize(features(model.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
     logits_per_text = 30.0 * text @ image.t()
     labels = torch.arange(3)
     text_to_image = F.cross_entropy(logits_per_text, labels)
@@ -376,11 +366,11 @@ def test_vision_tower_loads_from_full_checkpoint(tmp_path) -> None:
         assert all(torch.equal(a, e) for a, e in zip(actual.hidden_states, expected.hidden_states))
 
         projected = EvaCLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
-        assert torch.equal(projected(pixel_values).image_embeds, full.get_image_features(pixel_values=pixel_values))
+        assert torch.equal(projected(pixel_values).image_embeds, features(full.get_image_features(pixel_values=pixel_values)))
         ids, mask = _text_inputs(config.text_config)
         text = EvaCLIPTextModelWithProjection.from_pretrained(tmp_path).eval()
         assert torch.equal(text(ids, attention_mask=mask).text_embeds,
-                           full.get_text_features(input_ids=ids, attention_mask=mask))
+                           features(full.get_text_features(input_ids=ids, attention_mask=mask)))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from llava_evaclip import (
 )
 from llava_evaclip.modeling_evaclip import EvaCLIPRMSNorm
 
-from conftest import FAMILY_FLAGS, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import FAMILY_FLAGS, features, tiny_config, tiny_text_config, tiny_vision_config
 
 FAMILIES = sorted(FAMILY_FLAGS)
 ATOL = 1e-5
@@ -276,8 +276,8 @@ def test_full_model_outputs(family: str) -> None:
 
     # get_*_features return the projected, not normalised, embeddings
     with torch.no_grad():
-        image_features = model.get_image_features(pixel_values=pixel_values)
-        text_features = model.get_text_features(input_ids=ids, attention_mask=mask)
+        image_features = features(model.get_image_features(pixel_values=pixel_values))
+        text_features = features(model.get_text_features(input_ids=ids, attention_mask=mask))
     expected_image = F.linear(vision_pooled, model.visual_projection.weight, model.visual_projection.bias)
     torch.testing.assert_close(image_features, expected_image, atol=1e-5, rtol=0)
     expected_text = F.linear(text_last[torch.arange(3), ids.argmax(-1)], model.text_projection.weight)
