@@ -874,9 +874,13 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
-        so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders."""
+        so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders. Under
+        ZeRO-3 a local safetensors dir is streamed tensor by tensor into the partitioned model instead (`zero.py`)."""
+        from .zero import streamed_from_pretrained  # the loader sits above the model in the layering
+
         with transformers_zero3_context():
-            return super().from_pretrained(*args, **kwargs)
+            model = streamed_from_pretrained(cls, *args, **kwargs)
+            return model if model is not None else super().from_pretrained(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
         """Non-reentrant checkpointing unless asked otherwise, as on transformers 5: 4.x defaults to reentrant, which
