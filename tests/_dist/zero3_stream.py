@@ -68,11 +68,11 @@ def main() -> None:
         large, tiny = args.case / "large", args.case / "tiny"
         hf_ds_config = HfDeepSpeedConfig(zero3_config())
 
-        # 1. dtype like transformers' own ZeRO-3 loader (DeepSpeed's config decides the partitions' dtype): a name,
+        # 1. dtype like transformers' own ZeRO-3 loader (DeepSpeed's config decides the partitions' dtype): a dtype,
         # "auto", None; and a full CLIP dir as LLaVA points at (the text tower's keys are not the vision model's).
         # Also the warm-up: the first load imports and sets up what later loads reuse.
         original_load = PreTrainedModel.from_pretrained.__func__
-        for name, requested in (("bfloat16", "bfloat16"), ("auto", "auto"), ("none", None)):
+        for name, requested in (("bfloat16", torch.bfloat16), ("auto", "auto"), ("none", None)):
             model = EvaCLIPVisionModel.from_pretrained(tiny, **{dtype_kwarg: requested})
             reference = original_load(EvaCLIPVisionModel, tiny, **{dtype_kwarg: requested})
             (dtype,) = {param.ds_tensor.dtype for param in model.parameters()}
