@@ -523,11 +523,11 @@ def _safetensors_header(files: Sequence[str]) -> dict[str, tuple[str, tuple[int,
     return header
 
 
-_READ_CHUNK_BYTES = 64 << 20
+_READ_CHUNK_BYTES = 16 << 20
 
 
 def _copy_from_file(target: torch.Tensor, file: str, key: str) -> None:
-    """Copy one checkpoint tensor into `target` (casting to its dtype) in row blocks of at most ~64 MB, each read
+    """Copy one checkpoint tensor into `target` (casting to its dtype) in row blocks of at most ~16 MB, each read
     with the file mapped only while it is read: a handle kept open keeps every page it touched resident, and a whole
     read tensor next to the gathered parameter doubles the reading rank's transient memory."""
     from safetensors import safe_open
@@ -560,7 +560,7 @@ def _writable_partition(param: torch.Tensor) -> bool:
 
 def _scatter_into_partitions(param: torch.Tensor, file: Optional[str], key: str) -> None:
     """Write a checkpoint tensor straight into every rank's ZeRO-3 slice: rank 0 reads rank r's range of the flattened
-    tensor in row blocks of ~64 MB and sends each to rank r, which copies it into `param.ds_tensor`. No rank ever
+    tensor in row blocks of ~16 MB and sends each to rank r, which copies it into `param.ds_tensor`. No rank ever
     holds the full parameter (as `GatheredParameters` would, briefly, on every rank). Collective."""
     rank, world = get_rank(), get_world_size()
     partition_size, numel = int(param.ds_tensor.ds_numel), int(param.ds_numel)
