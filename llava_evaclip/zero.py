@@ -655,24 +655,25 @@ def _build_partitioned(model_class: Any, config: Any, dtype: torch.dtype) -> nn.
     return model
 
 
-def streamed_from_pretrained(
-    model_class: Any, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
-) -> Optional[Any]:
+def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Optional[Any]:
     """`model_class.from_pretrained` of a local safetensors directory under ZeRO-3, streamed; None when it does not
     apply (no ZeRO-3, no local safetensors, arguments it does not handle), for transformers' own path.
 
-    transformers' ZeRO-3 loader gathers module by module, but first reads the whole checkpoint into one state dict
-    on every rank (5.x merges all shards), so peak memory is the full checkpoint. Here the model is built partitioned,
-    the source rank checks the shards' headers against it (every rank raises the same ValueError on a missing,
-    unexpected or mis-shaped weight), and then reads one tensor at a time and scatters it into its partitioned
-    parameter (`GatheredParameters(modifier_rank=0)`): the source rank holds one tensor and one gathered parameter
-    beyond its 1/N, the other ranks never open the files. Collective: all ranks must call it."""
+    transformers' ZeRO-3 loader gathers module by module, but first reads the checkpoint into one state dict (5.x
+    merges every shard on rank 0), so rank 0's peak is the whole checkpoint. Here the model is built partitioned, rank 0
+    checks the shards' headers against it (every rank raises the same ValueError on a missing, unexpected or mis-shaped
+    weight), then reads each tensor in ~16 MB row blocks and sends every rank its slice (`_scatter_into_partitions`;
+    `GatheredParameters` one parameter at a time where a slice cannot be written in place). The other ranks never open
+    the files. Collective: all ranks must call it."""
     device_map = kwargs.get("device_map")
     if (
-        model_args or not is_zero3_enabled() or set(kwargs) - _STREAMABLE_KWARGS
+        len(args) != 1 or not is_zero3_enabled() or set(kwargs) - _STREAMABLE_KWARGS
         or (device_map is not None and device_map != "cpu") or kwargs.get("use_safetensors") is False
         or isinstance(kwargs.get("config"), (str, os.PathLike))
     ):
+        return None
+    (pretrained_model_name_or_path,) = args
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
         return None
     source = os.fspath(pretrained_model_name_or_path)
     header, local_error = None, None
