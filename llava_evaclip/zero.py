@@ -558,10 +558,13 @@ def _writable_partition(param: torch.Tensor) -> bool:
     )
 
 
-def _scatter_into_partitions(param: torch.Tensor, file: Optional[str], key: str) -> None:
+def _scatter_into_partitions(
+    param: torch.Tensor, file: Optional[str], key: str, buffers: dict[torch.dtype, torch.Tensor]
+) -> None:
     """Write a checkpoint tensor straight into every rank's ZeRO-3 slice: rank 0 reads rank r's range of the flattened
     tensor in row blocks of ~16 MB and sends each to rank r, which copies it into `param.ds_tensor`. No rank ever
-    holds the full parameter (as `GatheredParameters` would, briefly, on every rank). Collective."""
+    holds the full parameter (as `GatheredParameters` would, briefly, on every rank). The receiving ranks reuse one
+    buffer from `buffers` for all blocks: a fresh block each time fragments the heap and grows their RSS. Collective."""
     rank, world = get_rank(), get_world_size()
     partition_size, numel = int(param.ds_tensor.ds_numel), int(param.ds_numel)
     shape = tuple(param.ds_shape)
@@ -585,7 +588,10 @@ def _scatter_into_partitions(param: torch.Tensor, file: Optional[str], key: str)
                 else:
                     param.ds_tensor.data[start - begin: stop - begin].copy_(piece)
             elif rank == owner:
-                piece = torch.empty(stop - start, dtype=param.ds_tensor.dtype, device=device)
+                dtype = param.ds_tensor.dtype
+                if dtype not in buffers or buffers[dtype].numel() < step:
+                    buffers[dtype] = torch.empty(step, dtype=dtype, device=device)
+                piece = buffers[dtype][: stop - start]
                 torch.distributed.recv(piece, src=0)
                 param.ds_tensor.data[start - begin: stop - begin].copy_(piece)
 
@@ -715,11 +721,12 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
 
     expected = _expected_tensors(model)
     is_source, broadcast_plain = get_rank() == 0, get_world_size() > 1
+    buffers: dict[torch.dtype, torch.Tensor] = {}
     with torch.no_grad():
         for key in report.loaded_keys:
             tensor, file = expected[key], header[key][0]
             if is_partitioned(tensor) and _writable_partition(tensor):
-                _scatter_into_partitions(tensor, file if is_source else None, key)
+                _scatter_into_partitions(tensor, file if is_source else None, key, buffers)
                 continue
             if is_partitioned(tensor):
                 with gathered_parameters([tensor], modifier_rank=0):
