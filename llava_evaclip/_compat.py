@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import torch
 
 try:  # transformers >= 5: init helpers that skip tensors already loaded from a checkpoint
@@ -50,5 +52,11 @@ def is_flash_attn_available() -> bool:
         return False
     return True
 
+
+
+# Streaming ZeRO-3 loader for the models' `from_pretrained`: it lives in `zero.py`, a layer above the models, which
+# sets it here when imported (the tower, the launcher and `llava_evaclip.zero` users do); None leaves transformers'
+# own loader in charge.
+zero3_from_pretrained: Optional[Callable[..., Any]] = None
 
 __all__ = ["init", "PretrainedConfig", "is_flash_attn_available"]

@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
+from . import _compat
 from ._compat import init, is_flash_attn_available
 from .zero import is_partitioned, transformers_zero3_context
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
@@ -875,11 +876,10 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
         so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders. Under
-        ZeRO-3 a local safetensors dir is streamed tensor by tensor into the partitioned model instead (`zero.py`)."""
-        from .zero import streamed_from_pretrained  # the loader sits above the model in the layering
-
+        ZeRO-3 a local safetensors dir is streamed into the partitioned model instead (`zero.streamed_from_pretrained`)."""
         with transformers_zero3_context():
-            model = streamed_from_pretrained(cls, *args, **kwargs)
+            streamed = _compat.zero3_from_pretrained
+            model = streamed(cls, *args, **kwargs) if streamed is not None else None
             return model if model is not None else super().from_pretrained(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:

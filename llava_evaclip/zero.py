@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import _compat
+
 logger = logging.get_logger(__name__)
 
 _MAX_KEYS_IN_MESSAGE = 20
@@ -747,6 +749,8 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
                        "error_msgs": []}
     return model
 
+
+_compat.zero3_from_pretrained = streamed_from_pretrained  # the models' from_pretrained cannot import this layer
 
 __all__ = [
     "LoadReport",
