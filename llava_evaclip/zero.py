@@ -698,6 +698,8 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
     if header is None:
         return None
 
+    import copy  # local: main's zero.py no longer imports it at the top
+
     config = copy.deepcopy(kwargs["config"]) if kwargs.get("config") is not None else (
         model_class.config_class.from_pretrained(source, local_files_only=True))
     requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
