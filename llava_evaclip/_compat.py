@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import transformers
@@ -147,6 +147,12 @@ def transformers_zero3_context() -> Iterator[None]:
         if hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"):
             hf_deepspeed._hf_deepspeed_config_weak_ref = previous
         del config
+
+
+# Streaming ZeRO-3 loader for the models' `from_pretrained`: it lives in `zero.py`, a layer above the models, which
+# sets it here when imported (the tower, the launcher and `llava_evaclip.zero` users do); None leaves transformers'
+# own loader in charge.
+zero3_from_pretrained: Optional[Callable[..., Any]] = None
 
 
 __all__ = [

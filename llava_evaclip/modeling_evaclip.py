@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
+from . import _compat
 from ._compat import (
     ALL_ATTENTION_FUNCTIONS,
     FEATURES_RETURN_MODEL_OUTPUT,
@@ -932,9 +933,12 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
-        so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders."""
+        so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders. Under
+        ZeRO-3 a local safetensors dir is streamed into the partitioned model instead (`zero.streamed_from_pretrained`)."""
         with transformers_zero3_context():
-            return super().from_pretrained(*args, **kwargs)
+            streamed = _compat.zero3_from_pretrained
+            model = streamed(cls, *args, **kwargs) if streamed is not None else None
+            return model if model is not None else super().from_pretrained(*args, **kwargs)
 
     if not HAS_ACTIVATION_CHECKPOINTING:  # transformers 5 already defaults to non-reentrant (and deprecates this name)
 

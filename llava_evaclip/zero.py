@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import _compat
 from ._compat import (  # detection lives below modeling so that modeling need not import this module
     _transformers_zero3_enabled,
     is_partitioned,
@@ -422,6 +423,282 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.Pa
     return model
 
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming from_pretrained under ZeRO-3
+# --------------------------------------------------------------------------------------------------------------------
+
+_SAFE_WEIGHTS = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+# from_pretrained arguments the streaming loader honours; any other one (a hub id's revision, device_map, quantization,
+# a state_dict, ...) sends the call down transformers' own ZeRO-3 path.
+_STREAMABLE_KWARGS = frozenset({
+    "config", "dtype", "torch_dtype", "output_loading_info", "low_cpu_mem_usage", "device_map", "attn_implementation",
+    "local_files_only", "use_safetensors",
+})
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_files(directory: str | os.PathLike) -> Optional[list[str]]:
+    """The safetensors shards of a local model directory (one file or an index), or None."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    single = os.path.join(directory, _SAFE_WEIGHTS)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(directory, _SAFE_INDEX)
+    if not os.path.isfile(index):
+        return None
+    import json
+
+    with open(index) as handle:
+        weight_map = json.load(handle).get("weight_map") or {}
+    return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))] or None
+
+
+def _safetensors_header(files: Sequence[str]) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """key -> (file, shape, safetensors dtype) from the shards' headers; no tensor data is read."""
+    from safetensors import safe_open
+
+    header = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                view = handle.get_slice(key)
+                header[key] = (file, tuple(view.get_shape()), view.get_dtype())
+    return header
+
+
+_READ_CHUNK_BYTES = 16 << 20
+
+
+def _copy_from_file(target: torch.Tensor, file: str, key: str) -> None:
+    """Copy one checkpoint tensor into `target` (casting to its dtype) in row blocks of at most ~16 MB, each read
+    with the file mapped only while it is read: a handle kept open keeps every page it touched resident, and a whole
+    read tensor next to the gathered parameter doubles the reading rank's transient memory."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        shape = handle.get_slice(key).get_shape()
+    row_bytes = max(1, target.element_size() * (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1))
+    step = max(1, _READ_CHUNK_BYTES // row_bytes)
+    if not shape or shape[0] <= step:
+        with safe_open(file, framework="pt") as handle:
+            target.copy_(handle.get_tensor(key))
+        return
+    for start in range(0, shape[0], step):
+        with safe_open(file, framework="pt") as handle:
+            target[start:start + step].copy_(handle.get_slice(key)[start:start + step])
+
+
+def _writable_partition(param: torch.Tensor) -> bool:
+    """True when `param`'s slice on this rank is a plain tensor that can be written in place: partitioned over the
+    whole world, not swapped to NVMe, not quantised, no secondary (hpZ) copy. Decided from the config, alike on all
+    ranks; any other parameter is loaded through `GatheredParameters`."""
+    partition = getattr(param, "ds_tensor", None)
+    group = getattr(param, "ds_process_group", None)
+    return (
+        partition is not None and getattr(partition, "final_location", None) is None
+        and getattr(param, "ds_secondary_tensor", None) is None and not hasattr(partition, "ds_quant_scale")
+        and (not _distributed() or torch.distributed.get_world_size(group) == get_world_size())
+    )
+
+
+def _scatter_into_partitions(
+    param: torch.Tensor, file: Optional[str], key: str, buffers: dict[torch.dtype, torch.Tensor]
+) -> None:
+    """Write a checkpoint tensor straight into every rank's ZeRO-3 slice: rank 0 reads rank r's range of the flattened
+    tensor in row blocks of ~16 MB and sends each to rank r, which copies it into `param.ds_tensor`. No rank ever
+    holds the full parameter (as `GatheredParameters` would, briefly, on every rank). The receiving ranks reuse one
+    buffer from `buffers` for all blocks: a fresh block each time fragments the heap and grows their RSS. Collective."""
+    rank, world = get_rank(), get_world_size()
+    partition_size, numel = int(param.ds_tensor.ds_numel), int(param.ds_numel)
+    shape = tuple(param.ds_shape)
+    row = int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1
+    step = max(row, (_READ_CHUNK_BYTES // param.ds_tensor.element_size()) // row * row)
+    device = _communication_device() if world > 1 else param.ds_tensor.device
+    if rank == 0:
+        from safetensors import safe_open
+
+    for owner in range(world):
+        begin, end = owner * partition_size, min((owner + 1) * partition_size, numel)
+        for start in range(begin, end, step):
+            stop = min(start + step, end)
+            if rank == 0:
+                first, last = start // row, -(-stop // row)
+                with safe_open(file, framework="pt") as handle:
+                    block = handle.get_slice(key)[first:last] if shape else handle.get_tensor(key)
+                piece = block.reshape(-1)[start - first * row: stop - first * row].to(param.ds_tensor.dtype)
+                if owner != 0:
+                    torch.distributed.send(piece.to(device).contiguous(), dst=owner)
+                else:
+                    param.ds_tensor.data[start - begin: stop - begin].copy_(piece)
+            elif rank == owner:
+                dtype = param.ds_tensor.dtype
+                if dtype not in buffers or buffers[dtype].numel() < step:
+                    buffers[dtype] = torch.empty(step, dtype=dtype, device=device)
+                piece = buffers[dtype][: stop - start]
+                torch.distributed.recv(piece, src=0)
+                param.ds_tensor.data[start - begin: stop - begin].copy_(piece)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _resolve_dtype(requested: Any, config: Any, header: Mapping[str, tuple[str, tuple[int, ...], str]]) -> torch.dtype:
+    """transformers' rules: None -> torch's default, "auto" -> the config's dtype, else the checkpoint's first
+    floating-point tensor, a name or a torch.dtype as given."""
+    if requested is None:
+        return torch.get_default_dtype()
+    if requested == "auto":
+        configured = getattr(config, "dtype", None) if _transformers_major() >= 5 else None
+        configured = configured or getattr(config, "torch_dtype", None)
+        if configured is not None:
+            return getattr(torch, configured) if isinstance(configured, str) else configured
+        found = (_SAFETENSORS_DTYPES.get(dtype) for _, _, dtype in header.values())
+        return next((dtype for dtype in found if dtype is not None), torch.get_default_dtype())
+    if isinstance(requested, str) and isinstance(getattr(torch, requested, None), torch.dtype):
+        return getattr(torch, requested)
+    if isinstance(requested, torch.dtype):
+        return requested
+    raise ValueError(f"dtype must be a torch.dtype, its name or 'auto', got {requested!r}.")
+
+
+def _build_partitioned(model_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+    """`model_class(config)` with every parameter partitioned as it is built (never a full tower on any rank), in
+    `dtype`, skipping weight initialisation (every weight is loaded next). Inside an open `zero.Init` that one is used,
+    else one from transformers' live DeepSpeed config, as transformers' loader does."""
+    import deepspeed
+
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    contexts: list[contextlib.AbstractContextManager] = [no_init_weights()]
+    if not is_zero_init_active():
+        from transformers.integrations import deepspeed_config
+
+        contexts.append(deepspeed.zero.Init(config_dict_or_path=deepspeed_config()))
+    try:  # transformers >= 4.46: tells its own loaders (a nested from_pretrained) not to open another zero.Init
+        from transformers.modeling_utils import set_zero3_state
+
+        contexts.append(set_zero3_state())
+    except ImportError:
+        pass
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    # Buffers computed from the config (the RoPE tables) were made while zero.Init recast new floating-point tensors
+    # to its dtype; compute them again, as transformers' ZeRO-3 loader does. Modules with parameters are all loaded.
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set and not any(True for _ in module.parameters(recurse=False)):
+                model._init_weights(module)
+    return model
+
+
+def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Optional[Any]:
+    """`model_class.from_pretrained` of a local safetensors directory under ZeRO-3, streamed; None when it does not
+    apply (no ZeRO-3, no local safetensors, arguments it does not handle), for transformers' own path.
+
+    transformers' ZeRO-3 loader gathers module by module, but first reads the checkpoint into one state dict (5.x
+    merges every shard on rank 0), so rank 0's peak is the whole checkpoint. Here the model is built partitioned, rank 0
+    checks the shards' headers against it (every rank raises the same ValueError on a missing, unexpected or mis-shaped
+    weight), then reads each tensor in ~16 MB row blocks and sends every rank its slice (`_scatter_into_partitions`;
+    `GatheredParameters` one parameter at a time where a slice cannot be written in place). The other ranks never open
+    the files. Collective: all ranks must call it."""
+    device_map = kwargs.get("device_map")
+    if (
+        len(args) != 1 or not is_zero3_enabled() or set(kwargs) - _STREAMABLE_KWARGS
+        or (device_map is not None and device_map != "cpu") or kwargs.get("use_safetensors") is False
+        or isinstance(kwargs.get("config"), (str, os.PathLike))
+    ):
+        return None
+    (pretrained_model_name_or_path,) = args
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        return None
+    source = os.fspath(pretrained_model_name_or_path)
+    header, local_error = None, None
+    if get_rank() == 0:
+        files = _safetensors_files(source)
+        if files is not None:
+            try:
+                header = _safetensors_header(files)
+            except (OSError, RuntimeError, ValueError) as error:
+                local_error = f"Cannot read the safetensors weights of {source!r}: {error}"
+    header, error = broadcast_object((header, local_error))
+    if error:
+        raise ValueError(error)
+    if header is None:
+        return None
+
+    import copy  # local: main's zero.py no longer imports it at the top
+
+    config = copy.deepcopy(kwargs["config"]) if kwargs.get("config") is not None else (
+        model_class.config_class.from_pretrained(source, local_files_only=True))
+    requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    dtype = _resolve_dtype(requested, config, header)
+    if kwargs.get("attn_implementation") is not None:
+        config._attn_implementation = kwargs["attn_implementation"]
+    if _transformers_major() >= 5:
+        for sub_config in [config] + [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]:
+            if sub_config is not None:
+                sub_config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+        # 4.x chooses the attention kernel (sdpa where supported) in from_pretrained, not in the model.
+        config = model_class._autoset_attn_implementation(config, torch_dtype=dtype, check_device_map=False)
+    model = _build_partitioned(model_class, config, dtype)
+
+    shapes = {key: torch.empty(shape, device="meta") for key, (_, shape, _) in header.items()}
+    ignore = list(getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or [])
+    report = _inspect_state_dict(model, shapes, ignore)
+    error = report.error_message(strict=True, source=source)
+    if error:
+        raise ValueError(f"{error} Convert the checkpoint again (llava-evaclip convert) or point to the right directory.")
+
+    expected = _expected_tensors(model)
+    is_source, broadcast_plain = get_rank() == 0, get_world_size() > 1
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    with torch.no_grad():
+        for key in report.loaded_keys:
+            tensor, file = expected[key], header[key][0]
+            if is_partitioned(tensor) and _writable_partition(tensor):
+                _scatter_into_partitions(tensor, file if is_source else None, key, buffers)
+                continue
+            if is_partitioned(tensor):
+                with gathered_parameters([tensor], modifier_rank=0):
+                    if is_source:
+                        _copy_from_file(tensor.data, file, key)
+                continue
+            if is_source:
+                _copy_from_file(tensor.data, file, key)
+            if broadcast_plain:  # replicated (not partitioned) tensors: rank 0's values, sent to every rank
+                value = tensor.data.detach().to(_communication_device(), copy=True).contiguous()
+                torch.distributed.broadcast(value, src=0)
+                if not is_source:
+                    tensor.data.copy_(value)
+    model.eval()
+    logger.info(f"Loaded {len(report.loaded_keys)} tensors of {source} into the ZeRO-3 partitioned {model_class.__name__}")
+    if kwargs.get("output_loading_info"):
+        return model, {"missing_keys": [], "unexpected_keys": report.unexpected_keys, "mismatched_keys": [],
+                       "error_msgs": []}
+    return model
+
+
+_compat.zero3_from_pretrained = streamed_from_pretrained  # the models' from_pretrained cannot import this layer
+
 __all__ = [
     "LoadReport",
     "align_unpartitioned_dtypes",
@@ -443,5 +720,6 @@ __all__ = [
     "load_state_dict",
     "partition_stats",
     "raise_if_any_rank_failed",
+    "streamed_from_pretrained",
     "transformers_zero3_context",
 ]

@@ -1,0 +1,87 @@
+"""Streaming a safetensors checkpoint into a ZeRO-3 partitioned EVA-CLIP tower on 2 CPU ranks: the loaded weights are
+the checkpoint's, and rank 0's peak memory stays near its share instead of the whole checkpoint (issue 14 item 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from _dist.runner import DIST_DIR, read_rank_results, run_torchrun  # noqa: E402
+from conftest import tiny_config, tiny_vision_config  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel  # noqa: E402
+
+NPROC = 2
+# A checkpoint large enough for its size to dominate the ranks' RSS noise: ~270 MB fp32, one file.
+LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=5, num_attention_heads=8, image_size=28,
+             patch_size=14)
+# Rank 0 may grow by its half plus a few tensors (one read, one gathered, construction): 0.75 of the checkpoint.
+# transformers' loader reads the whole file on rank 0 first, so it needs more than the whole checkpoint.
+PEAK_BOUND = 0.75
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero3_stream")
+    torch.manual_seed(0)
+    EvaCLIPVisionModel(tiny_vision_config("eva02", **LARGE)).save_pretrained(root / "large")
+    EvaCLIPVisionModel(tiny_vision_config("eva02")).save_pretrained(root / "tiny")
+    EvaCLIPModel(tiny_config("eva02")).save_pretrained(root / "full")
+    EvaCLIPVisionModel(tiny_vision_config("eva02")).save_pretrained(root / "mismatched")
+    state = load_file(root / "mismatched" / "model.safetensors")
+    state["vision_model.post_layernorm.weight"] = torch.ones(31)
+    save_file(state, root / "mismatched" / "model.safetensors", metadata={"format": "pt"})
+    out = root / "out"
+    out.mkdir()
+    result = run_torchrun(DIST_DIR / "zero3_stream.py", "--case", str(root), "--out", str(out), nproc=NPROC,
+                          timeout=240)
+    assert result.returncode == 0, result.describe()
+    ranks = read_rank_results(out, NPROC)
+    checkpoint_bytes = (root / "large" / "model.safetensors").stat().st_size
+    return ranks, checkpoint_bytes
+
+
+def test_streamed_weights_equal_the_checkpoint(run):
+    ranks, _ = run
+    for rank in ranks:
+        large = rank["large"]
+        assert large["num_partitioned"] == large["num_params"]
+        assert large["local_param_bytes"] <= large["full_param_bytes"] / NPROC * 1.01
+        assert large["max_abs_difference"] == 0.0
+        assert rank["full"]["max_abs_difference"] == 0.0 and rank["full"]["missing_keys"] == []
+        assert rank["zero_init"]["max_abs_difference"] == 0.0 and rank["zero_init"]["num_partitioned"] > 0
+
+
+def test_streamed_load_keeps_rank0_peak_near_its_share(run):
+    ranks, checkpoint_bytes = run
+    rank0 = ranks[0]
+    bound = PEAK_BOUND * checkpoint_bytes
+    assert rank0["large"]["streamed_peak_growth_bytes"] < bound, (rank0["large"], checkpoint_bytes)
+    # The bound is one that transformers' own ZeRO-3 loader, measured the same way in the same run, exceeds.
+    assert rank0["large_transformers_peak_growth_bytes"] > bound, (rank0, checkpoint_bytes)
+    assert ranks[1]["large"]["streamed_peak_growth_bytes"] < bound
+
+
+def test_dtype_follows_transformers_rules(run):
+    ranks, _ = run
+    for rank in ranks:
+        for name in ("bfloat16", "auto", "none"):
+            case = rank[f"dtype_{name}"]
+            assert [case["dtype"]] == case["transformers_dtypes"], name  # what transformers' ZeRO-3 loader gives
+            assert case["max_abs_difference"] == 0.0, name  # the checkpoint in that dtype, exactly
+            assert case["num_partitioned"] > 0
+
+
+def test_mismatched_shape_raises_on_every_rank(run):
+    ranks, _ = run
+    messages = {rank["mismatched"]["message"] for rank in ranks}
+    assert all(rank["mismatched"]["raised"] and rank["mismatched"]["type"] == "ValueError" for rank in ranks)
+    assert len(messages) == 1
+    (message,) = messages
+    assert "vision_model.post_layernorm.weight" in message and "[31]" in message and "[32]" in message
