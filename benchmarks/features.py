@@ -1,17 +1,21 @@
 """Feature extraction throughput: the `llava-evaclip features` pipeline against the bare tower, decoding workers,
 ranks, bytes on disk, and LLaVA stage-1 step time from cached features.
 
-    python -m benchmarks.features              # 64 JPEGs of 640x480; EVA02-CLIP-B-16 (random weights) and a tiny tower
+    python -m benchmarks.features --models EVA02-CLIP-B-16 --images 64 --reps 3    # -> results/features.{json,md}
+    python -m benchmarks.features --models tiny --images 512 --reps 5 --name features_tiny512
     python -m benchmarks.features --quick      # 16 images, one repetition: a smoke run
 
 For each model, in one process and round-robin over `--reps` repetitions (medians reported):
 - bare: the tower's forward on the same batches, pixels decoded and preprocessed beforehand;
-- pipeline with 0, 1 and 2 DataLoader workers (`llava_evaclip.features.iter_features`: decode, preprocess, forward).
+- pipeline with 0, 1 and 2 DataLoader workers (`llava_evaclip.features.iter_features`: decode, preprocess, forward),
+  as the steady rate over the last three quarters of the images (what a large dataset runs at), the whole call, and
+  the start-up (time to the first batch: forking the workers and filling the first batch);
+- the single-thread CPU cost per image of decoding, preprocessing and the forward, which bounds what 2 cores can do.
 Then `torchrun --nproc_per_node 1|2 -m llava_evaclip features ... --format shards` (images/s over all ranks, from the
 run's summary: model loading excluded), bytes on disk per image for `--format files` and `--format shards` against the
 raw tensor bytes, and the time of a LLaVA stage-1 training step (a tiny Llama with the B-16 tower, projector trained)
 with the tower computing the features against the features read from the store. The tiny tower stands in for a
-GPU-speed model, where decoding is the whole cost. Results: benchmarks/results/features.{json,md}.
+GPU-speed model, where decoding is the whole cost.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ def median_time(function: Callable[[], Any], reps: int) -> float:
 
 
 def throughput(tower_dir: str, paths: list[Path], batch_size: int, reps: int) -> dict[str, Any]:
-    """Images/s: bare forward on pre-decoded batches, and the pipeline with 0, 1, 2 workers (round-robin)."""
+    """Images/s: bare forward on pre-decoded batches, and the pipeline with 0, 1, 2 workers (round-robin, medians).
+
+    For the pipeline, `images_per_s` is the whole call (worker start-up included) and `steady_images_per_s` the rate
+    over its last three quarters (what a large dataset runs at); `first_batch_ms` is the start-up."""
     import torch
 
     from llava_evaclip import features
@@ -88,24 +95,80 @@ def throughput(tower_dir: str, paths: list[Path], batch_size: int, reps: int) ->
     pixels = torch.stack([dataset[index][1] for index in range(len(items))])
     batches = pixels.split(batch_size)
 
-    def bare() -> None:
+    def bare() -> tuple[float, float, float]:
+        start = time.perf_counter()
         with torch.no_grad():
             for batch in batches:
                 tower(batch)
+        return time.perf_counter() - start, 0.0, 0.0
 
-    def pipeline(workers: int) -> Callable[[], None]:
-        return lambda: sum(1 for _ in features.iter_features(tower, items, batch_size, workers))
+    # The steady rate is measured over the last three quarters: by then every worker's queue is full, as it is for
+    # most of a long run (counting from the first batch would credit the workers' head start).
+    skipped = (len(items) // 4 // batch_size) * batch_size
+
+    def pipeline(workers: int) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float, float]:
+            start, first, quarter = time.perf_counter(), None, None
+            for count, _ in enumerate(features.iter_features(tower, items, batch_size, workers), 1):
+                if count == batch_size:
+                    first = time.perf_counter()
+                if count == skipped:
+                    quarter = time.perf_counter()
+            end = time.perf_counter()
+            return end - start, (first or end) - start, (quarter or start) - start
+        return run
 
     contenders = {"bare": bare, "workers_0": pipeline(0), "workers_1": pipeline(1), "workers_2": pipeline(2)}
     bare()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, function in contenders.items():
-            times[name].append(median_time(function, 1))
-    rates = {name: len(items) / statistics.median(values) for name, values in times.items()}
-    return {"images": len(items), "batch_size": batch_size, "images_per_s": rates,
+            runs[name].append(function())
+    count = len(items)
+    rates = {name: count / statistics.median(total for total, _, _ in values) for name, values in runs.items()}
+    steady = {name: (count - skipped) / statistics.median(total - quarter for total, _, quarter in values)
+              for name, values in runs.items() if name != "bare"}
+    steady["bare"] = rates["bare"]
+    first_ms = {name: 1000 * statistics.median(first for _, first, _ in values) for name, values in runs.items()
+                if name != "bare"}
+    return {"images": count, "batch_size": batch_size, "reps": reps, "images_per_s": rates,
+            "steady_images_per_s": steady, "first_batch_ms": first_ms,
             "ratio_to_bare": {name: rates[name] / rates["bare"] for name in rates},
-            "workers_2_over_0": rates["workers_2"] / rates["workers_0"]}
+            "steady_ratio_to_bare": {name: steady[name] / steady["bare"] for name in steady},
+            "workers_2_over_0": rates["workers_2"] / rates["workers_0"],
+            "steady_workers_2_over_0": steady["workers_2"] / steady["workers_0"],
+            "costs": single_core_costs(tower, dataset, pixels[:batch_size])}
+
+
+def single_core_costs(tower: Any, dataset: Any, batch: Any, count: int = 32) -> dict[str, float]:
+    """Milliseconds of CPU per image on one thread: decode, preprocess, forward. Two cores can at best run the
+    pipeline at 2 / their sum (no transfer, no contention); the 0-worker path already uses both cores' intra-op threads
+    for the preprocessing's torch ops and the forward, so its rate is more than 1 / their sum."""
+    import torch
+
+    from llava_evaclip.features import open_rgb
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        paths = [dataset.items[index % len(dataset)].path for index in range(count)]
+        images = [open_rgb(path) for path in paths]
+
+        def cpu_ms(function: Callable[[], Any], per: int) -> float:
+            function()
+            start = time.process_time()
+            function()
+            return (time.process_time() - start) * 1000 / per
+
+        decode = cpu_ms(lambda: [open_rgb(path) for path in paths], count)
+        preprocess = cpu_ms(lambda: [dataset.preprocess(image) for image in images], count)
+        with torch.no_grad():
+            forward = cpu_ms(lambda: [tower(batch) for _ in range(4)], 4 * len(batch))
+    finally:
+        torch.set_num_threads(threads)
+    total = decode + preprocess + forward
+    return {"decode_ms": decode, "preprocess_ms": preprocess, "forward_ms": forward,
+            "two_core_bound_images_per_s": 2000 / total}
 
 
 def run_ranks(tower_dir: str, image_dir: Path, out: Path, nproc: int, batch_size: int, fmt: str = "shards") -> float:
@@ -205,15 +268,33 @@ def stage1_step(tower_dir: str, image_dir: Path, store_dir: Path, reps: int, bat
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    lines = [f"# Feature extraction ({results['machine']}, {results['images']} JPEGs of 640x480, CPU)", ""]
-    lines += ["| model | bare img/s | 0 workers | 1 worker | 2 workers | 2 workers / 0 | 0 workers / bare | "
-              "1 rank | 2 ranks |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# Feature extraction ({results['machine']}, {results['images']} JPEGs of 640x480, CPU, "
+             f"median of {results['reps']})", ""]
+    lines += ["Steady state (last three quarters of the images: what a large dataset runs at), img/s:", "",
+              "| model | bare | 0 workers | 1 worker | 2 workers | 2 workers / 0 | 0 workers / bare | "
+              "2 workers / bare | 1 rank | 2 ranks |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, model in results["models"].items():
-        rates = model["throughput"]["images_per_s"]
+        run = model["throughput"]
+        rates, ratio = run["steady_images_per_s"], run["steady_ratio_to_bare"]
         lines.append(f"| {name} | {rates['bare']:.1f} | {rates['workers_0']:.1f} | {rates['workers_1']:.1f} | "
-                     f"{rates['workers_2']:.1f} | {model['throughput']['workers_2_over_0']:.2f} | "
-                     f"{model['throughput']['ratio_to_bare']['workers_0']:.2f} | "
-                     f"{model['ranks'].get('1', float('nan')):.1f} | {model['ranks'].get('2', float('nan')):.1f} |")
+                     f"{rates['workers_2']:.1f} | {run['steady_workers_2_over_0']:.2f} | {ratio['workers_0']:.2f} | "
+                     f"{ratio['workers_2']:.2f} | {model['ranks'].get('1', float('nan')):.1f} | "
+                     f"{model['ranks'].get('2', float('nan')):.1f} |")
+    lines += ["", "Whole call (worker start-up included), img/s, and time to the first batch:", "",
+              "| model | 0 workers | 1 worker | 2 workers | 2 workers / 0 | first batch 0 / 1 / 2 workers (ms) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, model in results["models"].items():
+        run = model["throughput"]
+        rates, first = run["images_per_s"], run["first_batch_ms"]
+        lines.append(f"| {name} | {rates['workers_0']:.1f} | {rates['workers_1']:.1f} | {rates['workers_2']:.1f} | "
+                     f"{run['workers_2_over_0']:.2f} | {first['workers_0']:.0f} / {first['workers_1']:.0f} / "
+                     f"{first['workers_2']:.0f} |")
+    lines += ["", "CPU per image on one thread (ms): decode + preprocess + forward; two cores run at most 2 / their sum:",
+              ""]
+    for name, model in results["models"].items():
+        costs = model["throughput"]["costs"]
+        lines.append(f"- {name}: {costs['decode_ms']:.2f} + {costs['preprocess_ms']:.2f} + {costs['forward_ms']:.2f}"
+                     f" -> at most {costs['two_core_bound_images_per_s']:.0f} img/s on 2 cores")
     disk = results["disk"]
     lines += ["", f"Bytes per image ({disk['dtype']} {disk['shape']}): raw {disk['raw_bytes_per_image']:.0f}, files "
               f"{disk['files_bytes_per_image']:.0f} ({disk['files_over_raw']:.3f}x), shards "

@@ -47,6 +47,9 @@ TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json")
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Batches each decoding worker keeps ready: results arrive in order, so a worker that was descheduled for a moment
+# must not leave the others idle with their queue full (2, torch's default, measurably starves a 2-core machine).
+PREFETCH_BATCHES = 4
 
 
 class OutputError(OSError):
@@ -274,39 +277,109 @@ def settings_differences(recorded: dict[str, str], expected: dict[str, str],
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _takes_channel_first_tensors(processor: Any) -> bool:
+    """Whether `processor` works on torch tensors (transformers 5's torchvision backend): then it is handed a
+    channel-first uint8 tensor, with the same result as the PIL image (the resize runs on that tensor either way)."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # transformers 4: PIL / numpy processors, given the PIL image as LLaVA does
+        return False
+    return isinstance(processor, TorchvisionBackend)
+
+
+def _channel_first(image: Any) -> torch.Tensor:
+    """An RGB PIL image as a [3, H, W] uint8 tensor: PIL's band split is half the cost of the processor's own strided
+    HWC -> CHW copy, the bytes are the same."""
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses one image per item; a broken image yields its reason instead of raising, so it never
-    kills a worker."""
+    kills a worker. Each item also carries the CPU seconds it took, which `iter_features` uses to leave the decoding
+    workers their cores."""
 
     def __init__(self, items: Sequence[ImageItem], processor: Any) -> None:
         self.items = list(items)
         self.processor = processor
+        self.tensor_input = _takes_channel_first_tensors(processor)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], str]:
+    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], str, float]:
+        started = time.process_time()
         try:
             image = open_rgb(self.items[index].path)
-            pixels = self.processor([image], return_tensors="pt")["pixel_values"][0]
-            return index, pixels, f"{image.width}x{image.height}"
+            pixels = self.preprocess(image)
+            return index, pixels, f"{image.width}x{image.height}", time.process_time() - started
         except Exception as error:  # PIL and the processor raise many types for broken inputs
             reason = str(error) if isinstance(error, OSError) else f"cannot preprocess ({_one_line(error)})"
-            return index, None, reason
+            return index, None, reason, time.process_time() - started
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """LLaVA's preprocessing of one decoded RGB image: the processor's `pixel_values[0]`."""
+        if self.tensor_input and image.mode == "RGB":
+            batch = self.processor([_channel_first(image)], input_data_format="channels_first", return_tensors="pt")
+        else:
+            batch = self.processor([image], return_tensors="pt")
+        return batch["pixel_values"][0]
 
 
-def _collate(samples: list[tuple[int, Optional[torch.Tensor], str]]) -> dict[str, Any]:
+def _collate(samples: list[tuple[int, Optional[torch.Tensor], str, float]]) -> dict[str, Any]:
     good = [sample for sample in samples if sample[1] is not None]
     return {
         "indices": [sample[0] for sample in good],
-        "pixel_values": torch.stack([sample[1] for sample in good]) if good else None,
+        # default_collate stacks straight into shared memory inside a worker: the batch is not copied again to cross
+        # to the main process.
+        "pixel_values": torch.utils.data.default_collate([sample[1] for sample in good]) if good else None,
         "sizes": [sample[2] for sample in good],
         "failed": [(sample[0], sample[2]) for sample in samples if sample[1] is None],
+        "decode_seconds": sum(sample[3] for sample in samples),
     }
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not compete with the model for cores
+    torch.set_num_threads(1)  # each worker decodes on one core
+
+
+class _ThreadShare:
+    """The main process's intra-op threads while workers decode: the cores the workers are not using.
+
+    With the model in the main process at its usual thread count, its OpenMP threads and the decoding workers
+    oversubscribe the cores (and idle OpenMP threads spin), so a model faster than decoding waits on its own threads
+    while the workers lose their cores. Every `WINDOW_S` the workers' CPU seconds per wall second (the cores decoding
+    takes) are subtracted from the thread count the caller had; a model slower than decoding (workers mostly idle)
+    keeps all its threads. The caller's count is restored at the end. Thread counts do not change the features.
+    """
+
+    WINDOW_S = 0.25
+
+    def __init__(self, workers: int) -> None:
+        self.initial = torch.get_num_threads()
+        self.active = workers > 0 and self.initial > 1
+        self.window_start, self.decode_seconds = time.perf_counter(), 0.0
+
+    def update(self, decode_seconds: float) -> None:
+        if not self.active:
+            return
+        self.decode_seconds += decode_seconds
+        elapsed = time.perf_counter() - self.window_start
+        if elapsed < self.WINDOW_S:
+            return
+        threads = self.threads_for(self.decode_seconds / elapsed)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        self.window_start, self.decode_seconds = time.perf_counter(), 0.0
+
+    def threads_for(self, decode_cores: float) -> int:
+        """The caller's threads less the cores decoding takes, rounded, at least 1."""
+        return min(self.initial, max(1, int(self.initial - decode_cores + 0.5)))
+
+    def restore(self) -> None:
+        if self.active and torch.get_num_threads() != self.initial:
+            torch.set_num_threads(self.initial)
 
 
 @dataclass
@@ -321,7 +394,8 @@ class Extracted:
 
 def iter_features(tower: Any, items: Sequence[ImageItem], batch_size: int = 8, workers: int = 0) -> Iterator[Extracted]:
     """Run `tower` over `items` in batches, decoding in `workers` DataLoader processes (pinned memory on CUDA), and
-    yield each image's features in order of completion (failures included, never raised)."""
+    yield each image's features in order (failures included, never raised). While workers decode, the main process
+    uses only the intra-op threads they leave free (see `_ThreadShare`); the caller's thread count is restored."""
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}.")
     if not items:
@@ -330,17 +404,23 @@ def iter_features(tower: Any, items: Sequence[ImageItem], batch_size: int = 8, w
     loader = torch.utils.data.DataLoader(
         ImageDataset(items, tower.image_processor), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=PREFETCH_BATCHES if workers else None,
     )
-    for batch in loader:
-        for index, reason in batch["failed"]:
-            yield Extracted(items[index], error=reason)
-        if batch["pixel_values"] is None:
-            continue
-        with torch.no_grad():
-            features = tower(batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True))
-        features = features.to("cpu")
-        for position, index in enumerate(batch["indices"]):
-            yield Extracted(items[index], features[position].clone(), batch["sizes"][position])
+    threads = _ThreadShare(workers)
+    try:
+        for batch in loader:
+            threads.update(batch["decode_seconds"])
+            for index, reason in batch["failed"]:
+                yield Extracted(items[index], error=reason)
+            if batch["pixel_values"] is None:
+                continue
+            with torch.no_grad():
+                features = tower(batch["pixel_values"].to(device=device, dtype=dtype, non_blocking=True))
+            features = features.to("cpu")
+            for position, index in enumerate(batch["indices"]):
+                yield Extracted(items[index], features[position].clone(), batch["sizes"][position])
+    finally:
+        threads.restore()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -255,12 +255,64 @@ def test_workers_decode_in_parallel_and_broken_images_are_named(tower_dir, mixed
     items, skipped = F.find_images([str(mixed_images)])
     assert skipped == [] and len(items) == 8
     expected = reference(tower_dir, [mixed_images / f"{index}.png" for index in range(7)])
+    by_workers = {}
     for workers in (0, 2):
         results = {result.item.key: result for result in F.iter_features(tower, items, batch_size=3, workers=workers)}
         assert set(results) == {item.key for item in items}
         assert results["broken.jpg"].features is None and "cannot read image" in results["broken.jpg"].error
         for index in range(7):
             torch.testing.assert_close(results[f"{index}.png"].features, expected[index], atol=1e-5, rtol=0)
+        by_workers[workers] = results
+    for index in range(7):  # the workers' decoding and the main process's thread share change no bit
+        assert torch.equal(by_workers[2][f"{index}.png"].features, by_workers[0][f"{index}.png"].features)
+
+
+@pytest.mark.parametrize("image_size", [28, 224])
+def test_dataset_preprocessing_is_the_processors_on_llavas_rgb_image(tmp_path, image_size):
+    """What a worker computes equals the processor applied to LLaVA's `Image.open(path).convert("RGB")`, bit for bit
+    (transformers 5 is handed a channel-first tensor, transformers 4 the PIL image), for every size and mode."""
+    processor = build_image_processor(image_size)
+    cases = [((640, 480), "RGB"), ((480, 640), "RGB"), ((3, 3), "RGB"), ((1, 7), "RGB"), ((45, 31), "RGBA"),
+             ((50, 20), "L"), ((33, 65), "P"), ((image_size, image_size), "RGB")]
+    items = []
+    for index, (size, mode) in enumerate(cases):
+        path = tmp_path / f"{index}.png"
+        write_image(path, size=size, seed=index, mode=mode)
+        items.append(F.ImageItem(str(path), path.name))
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(tmp_path / "0.png").save(jpeg, quality=90)
+    items.append(F.ImageItem(str(jpeg), jpeg.name))
+    dataset = F.ImageDataset(items, processor)
+    for index, item in enumerate(items):
+        position, pixels, size, cpu_seconds = dataset[index]
+        expected = processor([Image.open(item.path).convert("RGB")], return_tensors="pt")["pixel_values"][0]
+        assert position == index and pixels.dtype == expected.dtype and torch.equal(pixels, expected), item.key
+        assert size == "x".join(map(str, Image.open(item.path).size)) and cpu_seconds >= 0
+
+
+def test_main_process_threads_leave_the_decoding_workers_their_cores(tower_dir, mixed_images):
+    """With workers, the main process's intra-op threads are the caller's less the cores decoding takes (a model
+    slower than decoding keeps them all), and the caller's count comes back, also when the loop is left early."""
+    share = F._ThreadShare.__new__(F._ThreadShare)
+    share.initial = 2
+    assert [share.threads_for(cores) for cores in (0.0, 0.02, 0.49, 0.96, 1.9, 3.0)] == [2, 2, 2, 1, 1, 1]
+    share.initial = 16
+    assert share.threads_for(8.2) == 8 and share.threads_for(0.3) == 16
+    tower = F.load_tower(tower_dir, select_layer=-2, select_feature="patch")
+    items, _ = F.find_images([str(mixed_images)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert F._ThreadShare(workers=2).active and not F._ThreadShare(workers=0).active
+        for result in F.iter_features(tower, items, batch_size=2, workers=2):
+            assert 1 <= torch.get_num_threads() <= 2
+        assert torch.get_num_threads() == 2
+        results = F.iter_features(tower, items, batch_size=2, workers=2)
+        next(results)
+        results.close()  # a caller that stops early
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_shard_store_and_file_store_read_the_same_features(tower_dir, mixed_images, tmp_path, capsys):
