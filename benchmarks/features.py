@@ -92,7 +92,7 @@ def throughput(tower_dir: str, paths: list[Path], batch_size: int, reps: int) ->
     items, _ = features.find_images([str(path.parent) for path in paths[:1]])
     items = items[: len(paths)]
     dataset = features.ImageDataset(items, tower.image_processor)
-    pixels = torch.stack([dataset[index][1] for index in range(len(items))])
+    pixels = dataset.finish(torch.stack([dataset[index][1] for index in range(len(items))]))
     batches = pixels.split(batch_size)
 
     def bare() -> tuple[float, float, float]:
@@ -161,7 +161,9 @@ def single_core_costs(tower: Any, dataset: Any, batch: Any, count: int = 32) -> 
             return (time.process_time() - start) * 1000 / per
 
         decode = cpu_ms(lambda: [open_rgb(path) for path in paths], count)
-        preprocess = cpu_ms(lambda: [dataset.preprocess(image) for image in images], count)
+        # the workers' part (resize, crop) and the main process's batched rescale + normalise
+        preprocess = cpu_ms(lambda: dataset.finish(torch.stack([dataset.preprocess(image) for image in images])),
+                            count)
         with torch.no_grad():
             forward = cpu_ms(lambda: [tower(batch) for _ in range(4)], 4 * len(batch))
     finally:

@@ -267,13 +267,10 @@ def test_workers_decode_in_parallel_and_broken_images_are_named(tower_dir, mixed
         assert torch.equal(by_workers[2][f"{index}.png"].features, by_workers[0][f"{index}.png"].features)
 
 
-@pytest.mark.parametrize("image_size", [28, 224])
-def test_dataset_preprocessing_is_the_processors_on_llavas_rgb_image(tmp_path, image_size):
-    """What a worker computes equals the processor applied to LLaVA's `Image.open(path).convert("RGB")`, bit for bit
-    (transformers 5 is handed a channel-first tensor, transformers 4 the PIL image), for every size and mode."""
-    processor = build_image_processor(image_size)
+def processor_cases(tmp_path: Path, image_size: int) -> list:
+    """Images of many sizes and modes (LLaVA converts them all to RGB), and a JPEG."""
     cases = [((640, 480), "RGB"), ((480, 640), "RGB"), ((3, 3), "RGB"), ((1, 7), "RGB"), ((45, 31), "RGBA"),
-             ((50, 20), "L"), ((33, 65), "P"), ((image_size, image_size), "RGB")]
+             ((50, 20), "L"), ((33, 65), "P"), ((image_size, image_size), "RGB"), ((image_size + 1, 300), "RGB")]
     items = []
     for index, (size, mode) in enumerate(cases):
         path = tmp_path / f"{index}.png"
@@ -282,12 +279,119 @@ def test_dataset_preprocessing_is_the_processors_on_llavas_rgb_image(tmp_path, i
     jpeg = tmp_path / "photo.jpg"
     Image.open(tmp_path / "0.png").save(jpeg, quality=90)
     items.append(F.ImageItem(str(jpeg), jpeg.name))
+    return items
+
+
+def per_image_pixels(processor, items) -> torch.Tensor:
+    """The processor run on each of LLaVA's `Image.open(path).convert("RGB")` alone, as LLaVA's dataset does."""
+    return torch.stack([processor([Image.open(item.path).convert("RGB")], return_tensors="pt")["pixel_values"][0]
+                        for item in items])
+
+
+@pytest.mark.parametrize("image_size", [28, 224])
+def test_dataset_preprocessing_is_the_processors_on_llavas_rgb_image(tmp_path, image_size):
+    """What a worker computes, finished for the batch, equals the processor applied to LLaVA's
+    `Image.open(path).convert("RGB")` alone, bit for bit, for every size and mode: the worker ships the uint8 crop
+    (transformers 5 is handed a channel-first tensor, transformers 4 the PIL image) and the batch is rescaled and
+    normalised at once."""
+    processor = build_image_processor(image_size)
+    items = processor_cases(tmp_path, image_size)
+    expected = per_image_pixels(processor, items)
     dataset = F.ImageDataset(items, processor)
+    assert dataset.normaliser is not None  # the split path is the one under test
+    crops = []
     for index, item in enumerate(items):
         position, pixels, size, cpu_seconds = dataset[index]
-        expected = processor([Image.open(item.path).convert("RGB")], return_tensors="pt")["pixel_values"][0]
-        assert position == index and pixels.dtype == expected.dtype and torch.equal(pixels, expected), item.key
+        assert position == index and pixels.dtype == torch.uint8 and pixels.shape == expected.shape[1:], item.key
         assert size == "x".join(map(str, Image.open(item.path).size)) and cpu_seconds >= 0
+        assert torch.equal(dataset.finish(pixels[None])[0], expected[index]), item.key
+        crops.append(pixels)
+    batch = dataset.finish(torch.stack(crops))
+    assert batch.dtype == expected.dtype == torch.float32 and torch.equal(batch, expected)
+
+
+class PixelsTower:
+    """Stands in for a tower in `iter_features` and hands back the pixel values it is given, so what reaches the
+    model can be compared with the processor's."""
+
+    def __init__(self, processor) -> None:
+        self.image_processor, self.device, self.dtype = processor, torch.device("cpu"), torch.float32
+        self.batches: list = []
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.batches.append(pixels.clone())
+        return pixels
+
+
+class SubclassedProcessor(CLIPImageProcessor):
+    """A processor of another class: its steps may differ from CLIP's, so workers run it whole."""
+
+
+def processors_to_check(image_size: int) -> dict:
+    built = build_image_processor(image_size)
+    processors = {"clip": built, "subclass": SubclassedProcessor(**built.to_dict())}
+    import transformers
+
+    if hasattr(transformers, "CLIPImageProcessorPil"):  # transformers 5's numpy backend
+        processors["clip_pil"] = transformers.CLIPImageProcessorPil(**built.to_dict())
+    return processors
+
+
+@pytest.mark.parametrize("image_size", [28, 224])
+def test_the_model_gets_the_processors_pixels_with_and_without_workers(tmp_path, image_size):
+    """Pixel batches reaching the model through `iter_features` (uint8 crops from the workers, normalised per batch)
+    equal the processor run per image, with 0 and 2 workers; a processor the split does not support (another class)
+    takes the per-image path and is equally exact; a broken image is still named."""
+    items = processor_cases(tmp_path, image_size)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    items.insert(3, F.ImageItem(str(broken), broken.name))
+    good = [item for item in items if item.key != "broken.jpg"]
+    for name, processor in processors_to_check(image_size).items():
+        expected = per_image_pixels(processor, good)
+        assert (F.ImageDataset([], processor).normaliser is None) == (name == "subclass")
+        for workers in (0, 2):
+            tower = PixelsTower(processor)
+            results = list(F.iter_features(tower, items, batch_size=4, workers=workers))
+            failed = [result for result in results if result.error is not None]
+            assert [result.item.key for result in failed] == ["broken.jpg"] and "cannot read image" in failed[0].error
+            assert [result.item.key for result in results if result.error is None] == [item.key for item in good]
+            pixels = torch.stack([result.features for result in results if result.error is None])
+            assert pixels.dtype == torch.float32 and torch.equal(pixels, expected), (name, workers)
+            assert [len(batch) for batch in tower.batches] == [3, 4, 3]  # batches of 4, less the broken image
+
+
+def test_a_batch_path_that_would_change_a_bit_is_not_used(tmp_path, monkeypatch):
+    """The split is proved on every (channel, value) before use: a normaliser one ulp off on a single value is
+    refused on the CPU (workers then run the processor whole), and on a device where it would be off, batches are
+    normalised on the CPU and then moved."""
+    processor = build_image_processor(28)
+    normaliser = F._BatchNormaliser.for_processor(processor)
+    assert normaliser is not None and normaliser.exact_on(torch.device("cpu"))
+    exact_call = F._BatchNormaliser.__call__
+
+    def off_by_one_ulp(self, pixels):
+        result = exact_call(self, pixels)
+        return torch.where(pixels == 77, torch.nextafter(result, torch.full_like(result, 10.0)), result)
+
+    monkeypatch.setattr(F._BatchNormaliser, "__call__", off_by_one_ulp)
+    assert F._BatchNormaliser.for_processor(processor) is None
+    items = processor_cases(tmp_path, 28)
+    dataset = F.ImageDataset(items, processor)
+    assert dataset.normaliser is None and dataset[0][1].dtype == torch.float32
+    assert torch.equal(torch.stack([dataset.finish(dataset[index][1][None])[0] for index in range(len(items))]),
+                       per_image_pixels(processor, items))
+    seen = []
+    monkeypatch.setattr(F._BatchNormaliser, "__call__", lambda self, pixels: seen.append(pixels.device) or
+                        exact_call(self, pixels))
+    dataset = F.ImageDataset(items, processor)
+    crops = torch.stack([dataset[index][1] for index in range(2)])
+    for exact, normalised_on in ((True, "meta"), (False, "cpu")):
+        dataset.normaliser._exact["meta"] = exact  # as if the batch path were exact, or not, on that device
+        seen.clear()
+        pixels = dataset.finish(crops, "meta")
+        assert pixels.device.type == "meta" and pixels.dtype == torch.float32
+        assert [device.type for device in seen] == [normalised_on]
 
 
 def test_main_process_threads_leave_the_decoding_workers_their_cores(tower_dir, mixed_images):
