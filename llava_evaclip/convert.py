@@ -1236,6 +1236,33 @@ def _read_blocks(source: Any, piece: _FileSlice, nbytes: int) -> Iterator[memory
         done += count
 
 
+def _cast_slice(source: Any, piece: _FileSlice, nbytes: int, fd: int) -> bool:
+    """Read, cast and write a source byte range block by block through two buffers allocated once per tensor (a new
+    output tensor per block costs fresh pages, and their page faults, every time); returns whether all cast values
+    are finite."""
+    element = torch.empty(0, dtype=piece.source_dtype).element_size()
+    capacity = max(1, min(nbytes, _READ_CHUNK) // element)
+    read = torch.empty(capacity, dtype=piece.source_dtype)
+    cast = torch.empty(capacity, dtype=piece.dtype)
+    read_view, cast_view = memoryview(read.view(torch.uint8).numpy()), memoryview(cast.view(torch.uint8).numpy())
+    cast_element = cast.element_size()
+    finite, done = True, 0
+    while done < nbytes:
+        count = min(capacity, (nbytes - done) // element)
+        filled = 0
+        while filled < count * element:  # whole elements only: a short read is continued, not cast in halves
+            got = os.preadv(source.fileno(), [read_view[filled: count * element]], piece.offset + done + filled)
+            if got <= 0:
+                raise ConversionError(f"{piece.path}: the file ends inside a tensor (truncated?).")
+            filled += got
+        values = cast[:count]
+        values.copy_(read[:count])
+        finite = finite and _all_finite(values)
+        _write_all(fd, cast_view[: count * cast_element])
+        done += filled
+    return finite
+
+
 def _copy_slice(piece: _FileSlice, fd: int) -> bool:
     """Write a source byte range into `fd`, checking that its values are finite (returned). Same dtype: read once
     for the check and copied with copy_file_range (in the kernel, like `cp`); another dtype: cast block by block."""
@@ -1244,11 +1271,7 @@ def _copy_slice(piece: _FileSlice, fd: int) -> bool:
     finite = True
     with open(piece.path, "rb", buffering=0) as source:
         if piece.source_dtype != piece.dtype:
-            for block in _read_blocks(source, piece, nbytes):
-                values = torch.frombuffer(block, dtype=piece.source_dtype).to(piece.dtype)
-                finite = finite and _all_finite(values)
-                _write_all(fd, memoryview(values.view(torch.uint8).numpy()))
-            return finite
+            return _cast_slice(source, piece, nbytes, fd)
         if piece.dtype.is_floating_point:
             for block in _read_blocks(source, piece, nbytes):
                 finite = finite and _all_finite(torch.frombuffer(block, dtype=piece.dtype))
@@ -1310,6 +1333,19 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[start : start + (1 << 22)]).all()) for start in range(0, flat.numel(), 1 << 22))
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """torch ops on one thread inside: the casts and checks here are a few MB each and memory-bound, and the checksum
+    pass (`_BackgroundVerification`) keeps a core busy beside them, so a team of intra-op threads spends most of each
+    op waiting for a member the OS has descheduled (on 2 cores, cast + check of a block took ~7x longer)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
                   max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """The weights as transformers writes them (`model.safetensors`, or `model-0000X-of-0000N.safetensors` plus
@@ -1341,9 +1377,11 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
             not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
         source.release(target.source_key)
 
-    for name, keys in zip(names, shards):
-        _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]), tuple(plan.targets[key].meta.shape))
-                                              for key in keys], produce, written)
+    with _one_intra_op_thread():
+        for name, keys in zip(names, shards):
+            _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]),
+                                                   tuple(plan.targets[key].meta.shape)) for key in keys],
+                               produce, written)
     if not_finite:
         cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
         raise _ValueError(
