@@ -86,6 +86,7 @@ _MAX_LISTED_KEYS = 25
 # fp16 release files store the rotary tables in half precision; a wrong grid or frequency is off by far more.
 _ROPE_TABLE_ATOL = 2e-3
 _READ_CHUNK = 8 << 20
+_SERIAL_ELEMENTS = 1 << 15  # at::internal::GRAIN_SIZE: torch splits no op this small across threads
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -1239,7 +1240,10 @@ def _read_blocks(source: Any, piece: _FileSlice, nbytes: int) -> Iterator[memory
 def _cast_slice(source: Any, piece: _FileSlice, nbytes: int, fd: int) -> bool:
     """Read, cast and write a source byte range block by block through two buffers allocated once per tensor (a new
     output tensor per block costs fresh pages, and their page faults, every time); returns whether all cast values
-    are finite."""
+    are finite. Cast and check run in pieces of `_SERIAL_ELEMENTS`, which torch runs on the calling thread: the
+    checksum pass keeps a core busy beside them, and a team of intra-op threads then spends most of each op waiting
+    for a member the OS has descheduled (on 2 cores, cast + check took ~7x longer; setting torch's thread count
+    instead would change it for the whole process, and can hang a forked one)."""
     element = torch.empty(0, dtype=piece.source_dtype).element_size()
     capacity = max(1, min(nbytes, _READ_CHUNK) // element)
     read = torch.empty(capacity, dtype=piece.source_dtype)
@@ -1255,9 +1259,10 @@ def _cast_slice(source: Any, piece: _FileSlice, nbytes: int, fd: int) -> bool:
             if got <= 0:
                 raise ConversionError(f"{piece.path}: the file ends inside a tensor (truncated?).")
             filled += got
-        values = cast[:count]
-        values.copy_(read[:count])
-        finite = finite and _all_finite(values)
+        for start in range(0, count, _SERIAL_ELEMENTS):  # each op below torch's grain size: one thread, no team
+            values = cast[start: min(start + _SERIAL_ELEMENTS, count)]
+            values.copy_(read[start: start + values.numel()])
+            finite = finite and _all_finite(values)
         _write_all(fd, cast_view[: count * cast_element])
         done += filled
     return finite
@@ -1333,19 +1338,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[start : start + (1 << 22)]).all()) for start in range(0, flat.numel(), 1 << 22))
 
 
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """torch ops on one thread inside: the casts and checks here are a few MB each and memory-bound, and the checksum
-    pass (`_BackgroundVerification`) keeps a core busy beside them, so a team of intra-op threads spends most of each
-    op waiting for a member the OS has descheduled (on 2 cores, cast + check of a block took ~7x longer)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
                   max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """The weights as transformers writes them (`model.safetensors`, or `model-0000X-of-0000N.safetensors` plus
@@ -1377,11 +1369,9 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
             not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
         source.release(target.source_key)
 
-    with _one_intra_op_thread():
-        for name, keys in zip(names, shards):
-            _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]),
-                                                   tuple(plan.targets[key].meta.shape)) for key in keys],
-                               produce, written)
+    for name, keys in zip(names, shards):
+        _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]), tuple(plan.targets[key].meta.shape))
+                                              for key in keys], produce, written)
     if not_finite:
         cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
         raise _ValueError(

@@ -394,6 +394,7 @@ def test_cast_in_blocks_equals_the_whole_tensor_cast(tmp_path, monkeypatch, dtyp
     many blocks and a short last one give exactly torch's cast of the whole tensor, and a value that overflows the
     target dtype only in the last block is still reported."""
     monkeypatch.setattr(convert_module, "_READ_CHUNK", 4096)  # 1024 fp32 values a block: 3 blocks, the last short
+    monkeypatch.setattr(convert_module, "_SERIAL_ELEMENTS", 300)  # cast in pieces of 300 within each block
     values = torch.randn(2500, generator=torch.Generator().manual_seed(0)) * 100
     source = tmp_path / "source.bin"
     source.write_bytes(b"x" * 24 + values.numpy().tobytes() + b"y" * 8)  # the range starts and ends inside the file
