@@ -4,13 +4,19 @@ The checkpoint (random values, fp32 like BAAI's release) has exactly the keys an
 `visual` tower — taken from BAAI's own code (`eva_clip` of the 18B release, built with empty weights) — at width
 4096, head width 128, MLP 20480, RMSNorm, no q/k/v bias, with the depth cut so the file is >= 6 GB (7 of 32 layers:
 6.6 GB). It is written tensor by tensor from file-backed storages, so the generator does not hold it in memory either.
-Then, in fresh child processes:
+Then, in fresh child processes, alternating so that both see the same machine (it is shared; a `cp` timed once and a
+conversion timed minutes later measured the load in between more than either):
 
 - `cp` of the checkpoint (the same page-cache state as the conversion that follows it);
 - `convert --vision-only` to fp32 and to bf16, whose peak RSS (`ru_maxrss`, including torch / transformers themselves)
   is compared with the checkpoint size. Goals: peak RSS <= 0.25x the checkpoint, wall time <= 3x the `cp`.
 
-    python -m benchmarks.convert_memory                    # results -> benchmarks/results/convert_memory.json
+Each of the `--repeats` rounds times, for each output dtype, a `cp` and then the conversion, with a `sync` (untimed)
+before every timed run and the written copy or output deleted right after it, so no run pays for the previous one's
+dirty pages. The time ratio is the median conversion over the median of all the `cp` runs; the peak RSS is the
+largest of the rounds.
+
+    python -m benchmarks.convert_memory --repeats 3        # results -> benchmarks/results/convert_memory.json
     python -m benchmarks.convert_memory --layers 1 --no-save   # a quick check (1 layer, ~1 GB)
 """
 
@@ -22,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,7 +108,13 @@ def run_child(*args: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def _settle() -> None:
+    """Write back what earlier runs left dirty, outside any timed run."""
+    os.sync()
+
+
 def time_cp(checkpoint: Path, target: Path) -> float:
+    _settle()
     start = time.perf_counter()
     subprocess.run(["cp", str(checkpoint), str(target)], check=True)
     wall = time.perf_counter() - start
@@ -109,15 +122,26 @@ def time_cp(checkpoint: Path, target: Path) -> float:
     return wall
 
 
+def time_convert(checkpoint: Path, out: Path, arch: Path, dtype: str) -> dict:
+    _settle()
+    try:
+        return run_child("convert", str(checkpoint), str(out), str(arch), dtype)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=7, help="vision layers kept of 32 (default 7: a 6.6 GB file)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="output dtypes to convert to")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of cp + conversions; medians are reported")
     parser.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file the results are written to")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     if args.child:
         kind, *rest = args.child
@@ -131,26 +155,34 @@ def main() -> None:
     arch = workdir / "arch.json"
     arch.write_text(json.dumps(baai_model_config(args.layers)))
     records = []
+    dtypes = args.dtypes.split(",")
     try:
         written = run_child("write", str(checkpoint), str(args.layers))
         checkpoint_bytes = checkpoint.stat().st_size
-        for dtype in args.dtypes.split(","):
-            out = workdir / f"converted-{dtype}"
-            cp_s = time_cp(checkpoint, workdir / "copy.pt")
-            converted = run_child("convert", str(checkpoint), str(out), str(arch), dtype)
-            shutil.rmtree(out, ignore_errors=True)
-            rss_ratio = converted["peak_rss_bytes"] / checkpoint_bytes
-            time_ratio = converted["wall_s"] / cp_s
+        cp_runs: list[float] = []
+        converts: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
+        for _ in range(args.repeats):  # cp and a conversion, alternating
+            for dtype in dtypes:
+                cp_runs.append(round(time_cp(checkpoint, workdir / "copy.pt"), 2))
+                converts[dtype].append(time_convert(checkpoint, workdir / f"converted-{dtype}", arch, dtype))
+        cp_s = statistics.median(cp_runs)
+        for dtype, runs in converts.items():
+            convert_s = statistics.median(run["wall_s"] for run in runs)
+            peak = max(run["peak_rss_bytes"] for run in runs)
+            rss_ratio = peak / checkpoint_bytes
+            time_ratio = convert_s / cp_s
             records.append({
                 "layout": f"{MODEL_CONFIG} visual, {args.layers} of 32 layers (BAAI key names and shapes)",
                 "parameters": written["parameters"], "tensors": written["tensors"], "checkpoint_dtype": "float32",
-                "output_dtype": dtype, "checkpoint_bytes": checkpoint_bytes, "output_bytes": converted["output_bytes"],
-                "output_files": converted["files"], "convert_wall_s": converted["wall_s"], "cp_wall_s": round(cp_s, 2),
+                "output_dtype": dtype, "checkpoint_bytes": checkpoint_bytes, "output_bytes": runs[0]["output_bytes"],
+                "output_files": runs[0]["files"], "repeats": args.repeats,
+                "convert_wall_s": round(convert_s, 2), "cp_wall_s": round(cp_s, 2),
+                "convert_runs_s": [run["wall_s"] for run in runs], "cp_runs_s": cp_runs,
                 "time_over_cp": round(time_ratio, 2), "goal_time_over_cp": GOAL_TIME_RATIO,
-                "peak_rss_bytes": converted["peak_rss_bytes"], "baseline_rss_bytes": converted["baseline_rss_bytes"],
+                "peak_rss_bytes": peak, "baseline_rss_bytes": max(run["baseline_rss_bytes"] for run in runs),
                 "peak_rss_over_checkpoint": round(rss_ratio, 3), "goal_rss_over_checkpoint": GOAL_RSS_RATIO,
                 "meets_goals": rss_ratio <= GOAL_RSS_RATIO and time_ratio <= GOAL_TIME_RATIO,
-                "transformers": converted["transformers"],
+                "transformers": runs[0]["transformers"],
             })
     finally:
         if args.workdir is None:
@@ -161,6 +193,7 @@ def main() -> None:
         print(f"{record['layout']}: {record['parameters'] / 1e9:.2f}B params, checkpoint "
               f"{record['checkpoint_bytes'] / gib:.2f} GiB -> {record['output_dtype']}: convert "
               f"{record['convert_wall_s']:.1f} s = {record['time_over_cp']:.2f}x cp ({record['cp_wall_s']:.1f} s; "
+              f"medians of {record['convert_runs_s']} and {record['cp_runs_s']}; "
               f"goal <= {GOAL_TIME_RATIO}x), peak RSS {record['peak_rss_bytes'] / gib:.2f} GiB = "
               f"{record['peak_rss_over_checkpoint']:.3f}x the checkpoint (goal <= {GOAL_RSS_RATIO}x; imports alone "
               f"{record['baseline_rss_bytes'] / gib:.2f} GiB)")

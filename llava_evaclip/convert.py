@@ -86,6 +86,7 @@ _MAX_LISTED_KEYS = 25
 # fp16 release files store the rotary tables in half precision; a wrong grid or frequency is off by far more.
 _ROPE_TABLE_ATOL = 2e-3
 _READ_CHUNK = 8 << 20
+_SERIAL_ELEMENTS = 1 << 15  # at::internal::GRAIN_SIZE: torch splits no op this small across threads
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -1236,6 +1237,37 @@ def _read_blocks(source: Any, piece: _FileSlice, nbytes: int) -> Iterator[memory
         done += count
 
 
+def _cast_slice(source: Any, piece: _FileSlice, nbytes: int, fd: int) -> bool:
+    """Read, cast and write a source byte range block by block through two buffers allocated once per tensor (a new
+    output tensor per block costs fresh pages, and their page faults, every time); returns whether all cast values
+    are finite. Cast and check run in pieces of `_SERIAL_ELEMENTS`, which torch runs on the calling thread: the
+    checksum pass keeps a core busy beside them, and a team of intra-op threads then spends most of each op waiting
+    for a member the OS has descheduled (on 2 cores, cast + check took ~7x longer; setting torch's thread count
+    instead would change it for the whole process, and can hang a forked one)."""
+    element = torch.empty(0, dtype=piece.source_dtype).element_size()
+    capacity = max(1, min(nbytes, _READ_CHUNK) // element)
+    read = torch.empty(capacity, dtype=piece.source_dtype)
+    cast = torch.empty(capacity, dtype=piece.dtype)
+    read_view, cast_view = memoryview(read.view(torch.uint8).numpy()), memoryview(cast.view(torch.uint8).numpy())
+    cast_element = cast.element_size()
+    finite, done = True, 0
+    while done < nbytes:
+        count = min(capacity, (nbytes - done) // element)
+        filled = 0
+        while filled < count * element:  # whole elements only: a short read is continued, not cast in halves
+            got = os.preadv(source.fileno(), [read_view[filled: count * element]], piece.offset + done + filled)
+            if got <= 0:
+                raise ConversionError(f"{piece.path}: the file ends inside a tensor (truncated?).")
+            filled += got
+        for start in range(0, count, _SERIAL_ELEMENTS):  # each op below torch's grain size: one thread, no team
+            values = cast[start: min(start + _SERIAL_ELEMENTS, count)]
+            values.copy_(read[start: start + values.numel()])
+            finite = finite and _all_finite(values)
+        _write_all(fd, cast_view[: count * cast_element])
+        done += filled
+    return finite
+
+
 def _copy_slice(piece: _FileSlice, fd: int) -> bool:
     """Write a source byte range into `fd`, checking that its values are finite (returned). Same dtype: read once
     for the check and copied with copy_file_range (in the kernel, like `cp`); another dtype: cast block by block."""
@@ -1244,11 +1276,7 @@ def _copy_slice(piece: _FileSlice, fd: int) -> bool:
     finite = True
     with open(piece.path, "rb", buffering=0) as source:
         if piece.source_dtype != piece.dtype:
-            for block in _read_blocks(source, piece, nbytes):
-                values = torch.frombuffer(block, dtype=piece.source_dtype).to(piece.dtype)
-                finite = finite and _all_finite(values)
-                _write_all(fd, memoryview(values.view(torch.uint8).numpy()))
-            return finite
+            return _cast_slice(source, piece, nbytes, fd)
         if piece.dtype.is_floating_point:
             for block in _read_blocks(source, piece, nbytes):
                 finite = finite and _all_finite(torch.frombuffer(block, dtype=piece.dtype))

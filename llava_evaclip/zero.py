@@ -568,10 +568,39 @@ def _resolve_dtype(requested: Any, config: Any, header: Mapping[str, tuple[str, 
     raise ValueError(f"dtype must be a torch.dtype, its name or 'auto', got {requested!r}.")
 
 
-def _build_partitioned(model_class: Any, config: Any, dtype: torch.dtype) -> nn.Module:
+@contextlib.contextmanager
+def _partitioned_without_broadcast() -> Iterator[None]:
+    """Inside: `zero.Init` partitions each new parameter without first broadcasting rank 0's full initial value.
+
+    DeepSpeed's `Init._zero_init_param` sends every parameter whole from rank 0 so that all ranks partition the same
+    random init; each receiving rank then writes the full tensor (a whole MLP matrix of the 8B tower, 160 MiB in bf16)
+    before keeping its slice, which puts their peak above 1/N of the tower. Only for builds whose every parameter is
+    overwritten from the checkpoint next (the streamed load, which raises on any missing weight): the skipped values
+    are never read. A no-op on a DeepSpeed without that hook."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    original = Init.__dict__.get("_zero_init_param")
+    if original is None or not hasattr(Init, "_convert_to_deepspeed_param"):
+        logger.debug("deepspeed.zero.Init has no _zero_init_param: building with its initial broadcast")
+        yield
+        return
+
+    def _zero_init_param(self: Any, param: nn.Parameter) -> None:
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    Init._zero_init_param = _zero_init_param
+    try:
+        yield
+    finally:
+        Init._zero_init_param = original
+
+
+def _build_partitioned(model_class: Any, config: Any, dtype: torch.dtype, broadcast_init: bool = True) -> nn.Module:
     """`model_class(config)` with every parameter partitioned as it is built (never a full tower on any rank), in
     `dtype`, skipping weight initialisation (every weight is loaded next). Inside an open `zero.Init` that one is used,
-    else one from transformers' live DeepSpeed config, as transformers' loader does."""
+    else one from transformers' live DeepSpeed config, as transformers' loader does. With `broadcast_init=False` the
+    ranks do not agree on the (skipped) initial values either: the caller must overwrite every parameter."""
     import deepspeed
 
     try:  # transformers 5
@@ -580,6 +609,8 @@ def _build_partitioned(model_class: Any, config: Any, dtype: torch.dtype) -> nn.
         from transformers.modeling_utils import no_init_weights
 
     contexts: list[contextlib.AbstractContextManager] = [no_init_weights()]
+    if not broadcast_init:
+        contexts.append(_partitioned_without_broadcast())
     if not is_zero_init_active():
         from transformers.integrations import deepspeed_config
 
@@ -659,16 +690,20 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
         config.torch_dtype = dtype
         # 4.x chooses the attention kernel (sdpa where supported) in from_pretrained, not in the model.
         config = model_class._autoset_attn_implementation(config, torch_dtype=dtype, check_device_map=False)
-    model = _build_partitioned(model_class, config, dtype)
+    # No initial broadcast: its values would be overwritten below, as every parameter is (strict: a weight missing
+    # from the checkpoint raises here on every rank), so the ranks' unsynchronised initial slices are never used.
+    model = _build_partitioned(model_class, config, dtype, broadcast_init=False)
 
     shapes = {key: torch.empty(shape, device="meta") for key, (_, shape, _) in header.items()}
     ignore = list(getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or [])
     report = _inspect_state_dict(model, shapes, ignore)
     error = report.error_message(strict=True, source=source)
+    expected = _expected_tensors(model)
+    if not error and set(report.loaded_keys) != set(expected):  # the guarantee the skipped broadcast relies on
+        error = f"Cannot load {source}: not loaded: {_format_keys(sorted(set(expected) - set(report.loaded_keys)))}."
     if error:
         raise ValueError(f"{error} Convert the checkpoint again (llava-evaclip convert) or point to the right directory.")
 
-    expected = _expected_tensors(model)
     is_source, broadcast_plain = get_rank() == 0, get_world_size() > 1
     buffers: dict[torch.dtype, torch.Tensor] = {}
     with torch.no_grad():

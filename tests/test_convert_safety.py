@@ -388,6 +388,32 @@ def test_non_finite_weights_are_refused(tmp_path, toy):
     assert sorted(os.listdir(tmp_path)) == ["nan.pt"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_in_blocks_equals_the_whole_tensor_cast(tmp_path, monkeypatch, dtype):
+    """The cast path reads, casts and writes a tensor's file range through two buffers reused block after block:
+    many blocks and a short last one give exactly torch's cast of the whole tensor, and a value that overflows the
+    target dtype only in the last block is still reported."""
+    monkeypatch.setattr(convert_module, "_READ_CHUNK", 4096)  # 1024 fp32 values a block: 3 blocks, the last short
+    monkeypatch.setattr(convert_module, "_SERIAL_ELEMENTS", 300)  # cast in pieces of 300 within each block
+    values = torch.randn(2500, generator=torch.Generator().manual_seed(0)) * 100
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 24 + values.numpy().tobytes() + b"y" * 8)  # the range starts and ends inside the file
+    piece = convert_module._FileSlice(str(source), 24, torch.float32, dtype, (50, 50))
+
+    def cast_through_file() -> tuple[bool, torch.Tensor]:
+        out = tmp_path / "out.bin"
+        with open(out, "wb", buffering=0) as handle:
+            finite = convert_module._copy_slice(piece, handle.fileno())
+        return finite, torch.frombuffer(bytearray(out.read_bytes()), dtype=dtype)
+
+    finite, written = cast_through_file()
+    assert finite and torch.equal(written, values.to(dtype))
+    values[-1] = torch.finfo(torch.float32).max  # finite in fp32, inf in bf16 and fp16
+    source.write_bytes(b"x" * 24 + values.numpy().tobytes() + b"y" * 8)
+    finite, written = cast_through_file()
+    assert not finite and torch.equal(written, values.to(dtype)) and torch.isinf(written[-1])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Wrong --arch: every differing dimension in one message
 # ----------------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,21 @@ def test_streamed_load_keeps_rank0_peak_near_its_share(run):
     assert ranks[1]["large"]["streamed_peak_growth_bytes"] < bound
 
 
+def test_no_rank_ever_receives_a_whole_parameter(run):
+    """zero.Init broadcasts each new parameter whole from rank 0 before partitioning it; the streamed load skips that
+    (every value is overwritten from the checkpoint), so no collective carries more than one rank's share, while the
+    weights still equal the checkpoint on every rank and DeepSpeed's own hook is back afterwards."""
+    ranks, _ = run
+    for rank in ranks:
+        large = rank["large"]
+        share = large["largest_param_bytes"] / NPROC
+        assert large["collective_calls"] > 0 and large["largest_collective_bytes"] < share, large
+        assert large["max_abs_difference"] == 0.0
+        assert large["zero_init_restored"]
+        # The same spy sees the whole parameters in transformers' own ZeRO-3 load of the same checkpoint.
+        assert rank["large_transformers_largest_collective_bytes"] >= large["largest_param_bytes"], rank
+
+
 def test_dtype_follows_transformers_rules(run):
     ranks, _ = run
     for rank in ranks:

@@ -9,9 +9,11 @@ and how far the gathered weights are from the checkpoint read by safetensors on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from common import Results, distributed_run, zero3_config
@@ -35,6 +37,40 @@ def _peak_growth(load) -> tuple[object, int]:
     before = _reset_peak()
     model = load()
     return model, _status_kib("VmHWM") * 1024 - before
+
+
+_COLLECTIVES = ("broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_reduce")
+
+
+@contextlib.contextmanager
+def _largest_collective_tensor() -> Iterator[dict[str, int]]:
+    """The most bytes any one tensor carried through a broadcast / all-gather / all-reduce of torch.distributed (what
+    DeepSpeed's comm layer ends in) inside the block: a whole parameter sent to the ranks shows here."""
+    from torch.distributed import distributed_c10d  # broadcast_object_list calls its own module's broadcast
+
+    record = {"bytes": 0, "calls": 0}
+    namespaces = (torch.distributed, distributed_c10d)
+    originals = {(namespace, name): getattr(namespace, name)
+                 for namespace in namespaces for name in _COLLECTIVES if hasattr(namespace, name)}
+
+    def spy(function):
+        def wrapper(*args, **kwargs):
+            tensors = [*args[:2], *kwargs.values()]
+            flat = [t for item in tensors for t in (item if isinstance(item, (list, tuple)) else [item])]
+            sizes = [t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)]
+            record["bytes"] = max([record["bytes"], *sizes])
+            record["calls"] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for (namespace, name), function in originals.items():
+        setattr(namespace, name, spy(function))
+    try:
+        yield record
+    finally:
+        for (namespace, name), function in originals.items():
+            setattr(namespace, name, function)
 
 
 def _max_differences(model: torch.nn.Module, checkpoint: Path, dtype: torch.dtype) -> dict[str, float]:
@@ -90,14 +126,25 @@ def main() -> None:
 
         # 2. The streamed load (what EvaCLIPVisionModel.from_pretrained does under ZeRO-3), then transformers' own
         # ZeRO-3 loader on the same checkpoint, each from a freshly reset peak.
-        model, streamed = _peak_growth(lambda: EvaCLIPVisionModel.from_pretrained(large))
+        from deepspeed.runtime.zero.partition_parameters import Init
+
+        zero_init_param = Init._zero_init_param
+        with _largest_collective_tensor() as streamed_collectives:
+            model, streamed = _peak_growth(lambda: EvaCLIPVisionModel.from_pretrained(large))
         stats = zero.partition_stats(model).as_dict()
         differences = _max_differences(model, large, torch.float32)
         results["large"] = {**stats, "streamed_peak_growth_bytes": streamed,
-                            "max_abs_difference": max(differences.values()), "num_tensors": len(differences)}
+                            "max_abs_difference": max(differences.values()), "num_tensors": len(differences),
+                            "largest_collective_bytes": streamed_collectives["bytes"],
+                            "collective_calls": streamed_collectives["calls"],
+                            "largest_param_bytes": max(zero.full_numel(p) * p.element_size()
+                                                       for p in model.parameters()),
+                            "zero_init_restored": Init._zero_init_param is zero_init_param}
         del model, differences
-        original, transformers_path = _peak_growth(lambda: original_load(EvaCLIPVisionModel, large))
+        with _largest_collective_tensor() as transformers_collectives:
+            original, transformers_path = _peak_growth(lambda: original_load(EvaCLIPVisionModel, large))
         results["large_transformers_peak_growth_bytes"] = transformers_path
+        results["large_transformers_largest_collective_bytes"] = transformers_collectives["bytes"]
         del original
 
         # 3. A checkpoint with a mis-shaped tensor: every rank raises the same ValueError, nobody hangs.
