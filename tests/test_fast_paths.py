@@ -298,6 +298,13 @@ def test_compiled_inference_alone_captures_the_aligned_op(monkeypatch):
     monkeypatch.setattr(modeling_evaclip, "COMPILED_ALIGNED_SWIGLU", True)
     gelu = _tiny_eva02(num_hidden_layers=1, hidden_act="gelu")
     assert not any(OP_NAME in target for target in _captured_ops(gelu, pixel_values))
+    try:
+        import peft
+    except ImportError:  # peft 0.21 needs a newer transformers than 4.37.2
+        peft = None
+    if peft is not None:  # LoRA on the gate: its layers are not plain nn.Linear, the adapters stay in the graph
+        lora = peft.get_peft_model(_tiny_eva02(num_hidden_layers=1), peft.LoraConfig(r=2, target_modules=["fc1"]))
+        assert not any(OP_NAME in target for target in _captured_ops(lora.eval(), pixel_values))
 
     for strict in (False, True):
         batch = torch.export.Dim("batch", min=1, max=64)
