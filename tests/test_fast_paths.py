@@ -5,6 +5,9 @@ the selected states), the per-grid RoPE table with an identity row for CLS appli
 SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
 run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
 against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
+Under torch.compile the aligned SwiGLU runs as the custom op `llava_evaclip::aligned_gated_linear`: checked with
+torch.library.opcheck and gradcheck, against `silu(F.linear) * F.linear`, in the graphs dynamo captures (compiled
+no-grad inference only, never in an exported program) and, compiled by inductor, against the eager module calls.
 fp32 tolerance: 1e-5 absolute.
 The benchmark is only smoke-tested (`--quick`): it must run and write valid results; no timing is asserted.
 """
@@ -495,6 +498,26 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--overwrite" in error
     assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
+
+
+def test_compiled_ablation_contender_runs_with_the_aligned_op_switched_off(monkeypatch):
+    """`--compile --ablations` adds `ours_eva02_compiled_module_mlp`, whose calls (compile included) see
+    `COMPILED_ALIGNED_SWIGLU` off and leave it on for the other contenders."""
+    args = bench.build_parser().parse_args(["--compile", "--ablations"])
+    assert {"ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp"} <= set(
+        bench.contenders_for(torch.float32, args))
+    assert "ours_eva02_compiled_module_mlp" not in bench.contenders_for(
+        torch.float32, bench.build_parser().parse_args(["--compile"]))
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: lambda pixel_values: seen.append(
+        modeling_evaclip.COMPILED_ALIGNED_SWIGLU) or module(pixel_values))
+    contender = bench.build_contender("ours_eva02_compiled_module_mlp", bench.build_shapes(True), torch.float32,
+                                      torch.device("cpu"), {})
+    assert contender.compiled and contender.peers == ("ours_eva02_compiled",)
+    with torch.inference_mode():
+        features = contender.run(torch.randn(1, 3, 56, 56))
+    assert seen == [False] and modeling_evaclip.COMPILED_ALIGNED_SWIGLU is True
+    assert features.shape == (1, 16, 64)
 
 
 def test_memory_child_measures_one_forward_in_a_fresh_process():
