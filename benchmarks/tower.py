@@ -247,13 +247,24 @@ def build_contender(
 
         return Contender(name, label, "eva02", tower_layers, run, dtype, True, ("ours_eva02",),
                          "shares ours_eva02's weights", model)
-    if name == "ours_eva02_compiled":
+    if name in ("ours_eva02_compiled", "ours_eva02_compiled_module_mlp"):
         source = built.get("ours_eva02")
         model = _shared_copy(source.model) if source is not None else _our_model(eva02, dtype, device)
         tower, note = _tower(model)
-        label = "ours: EvaCLIPVisionTower under torch.compile(fullgraph=True)"
-        return Contender(name, label, "eva02", tower_layers, torch.compile(tower, fullgraph=True), dtype, True,
-                         ("timm_eva02_compiled", "ours_eva02"), "shares ours_eva02's weights; inductor", model,
+        compiled = torch.compile(tower, fullgraph=True)
+        note = "shares ours_eva02's weights; inductor"
+        if name == "ours_eva02_compiled":
+            label = "ours: EvaCLIPVisionTower under torch.compile(fullgraph=True)"
+            return Contender(name, label, "eva02", tower_layers, compiled, dtype, True,
+                             ("timm_eva02_compiled", "ours_eva02"), note, model, compiled=True)
+        from llava_evaclip import modeling_evaclip
+
+        def run(pixel_values: torch.Tensor) -> torch.Tensor:
+            with _patched(modeling_evaclip, "COMPILED_ALIGNED_SWIGLU", False):  # dynamo guards on it: own graphs
+                return compiled(pixel_values)
+
+        label = "ours: tower under torch.compile, SwiGLU's matmuls left to inductor (ablation)"
+        return Contender(name, label, "eva02", tower_layers, run, dtype, True, ("ours_eva02_compiled",), note, model,
                          compiled=True)
     if name == "timm_eva02_compiled":
         source = built.get("timm_eva02")
@@ -337,7 +348,7 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
-COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled")
+COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp")
 OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_flash", "ours_eva02_full", *ABLATIONS,
                        *COMPILED_CONTENDERS)
 ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
@@ -354,6 +365,8 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
         names += ["ours_eva02_full", *(name for name in ABLATIONS if cpu_bf16 or "bf16" not in name)]
     if args.compile and "ours_eva02" in names:
         names += ["timm_eva02_compiled", "ours_eva02_compiled"]
+        if args.ablations:
+            names.append("ours_eva02_compiled_module_mlp")
     if args.device == "cuda" and dtype != torch.float32 and "ours_eva02" in names:
         from llava_evaclip._compat import is_flash_attn_available
 
@@ -855,7 +868,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(CPU bf16) torch's fused attention kernel")
     parser.add_argument("--compile", action="store_true",
                         help="also time our tower and timm's EVA-02 under torch.compile (inductor), reporting the "
-                             "compile time of each (slow: minutes on CPU)")
+                             "compile time of each (slow: minutes on CPU); with --ablations also our compiled tower "
+                             "with SwiGLU's matmuls left to inductor")
     parser.add_argument("--memory-batch-sizes", type=_int_list, default=None, metavar="N[,N]",
                         help="batch sizes of the memory measurement (default: the largest batch size)")
     parser.add_argument("--memory-dtypes", type=_dtype_list, default=None, metavar="fp32[,bf16]",

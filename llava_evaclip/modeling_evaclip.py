@@ -500,13 +500,103 @@ def _autocast_enabled(device_type: str) -> bool:
 # Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
 INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
 
+# Under torch.compile (inference, no export) SwiGLU's two input matmuls run as the opaque op
+# `llava_evaclip::aligned_gated_linear`, so inductor's graph keeps the row-aligned buffer of the eager path; False
+# leaves them to inductor (module calls), for ablations.
+COMPILED_ALIGNED_SWIGLU = True
+
+
+def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride)."""
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out)
+
 
 def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
     """`layer(rows)` written into `out` (a [N, out_features] view with unit column stride)."""
-    if layer.bias is None:
-        torch.mm(rows, layer.weight.t(), out=out)
-    else:
-        torch.addmm(layer.bias, rows, layer.weight.t(), out=out)
+    _addmm_into(rows, layer.weight, layer.bias, out)
+
+
+def _aligned_gate_up(
+    rows: torch.Tensor, gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections of [N, C] rows, both matmuls writing into one buffer whose rows start on 64-byte
+    boundaries. EVA02-L's 2730-wide outputs otherwise leave every row misaligned, which costs the fp32 CPU GEMM
+    ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made."""
+    inner = gate_weight.shape[0]
+    align = max(1, 64 // rows.element_size())
+    row_stride = -(-inner // align) * align
+    buffer = rows.new_empty(rows.shape[0], 2 * row_stride)
+    gate, up = buffer[:, :inner], buffer[:, row_stride : row_stride + inner]
+    _addmm_into(rows, gate_weight, gate_bias, gate)
+    _addmm_into(rows, up_weight, up_bias, up)
+    return gate, up
+
+
+def _aligned_gated_linear(
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """`silu(x @ gate_weight.T + gate_bias) * (x @ up_weight.T + up_bias)` over the last dimension of `x`, through
+    the row-aligned buffer of `_aligned_gate_up`."""
+    rows = x.reshape(-1, x.shape[-1])
+    gate, up = _aligned_gate_up(rows, gate_weight, gate_bias, up_weight, up_bias)
+    return F.silu(gate).mul_(up).view(*x.shape[:-1], gate_weight.shape[0])
+
+
+def _aligned_gated_linear_fake(
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The output's shape and dtype for fake / meta tensors (torch.compile traces with them)."""
+    return x.new_empty(*x.shape[:-1], gate_weight.shape[0])
+
+
+def _aligned_gated_linear_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _aligned_gated_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """Recomputes the two projections (nothing but the inputs is kept) and differentiates `silu(gate) * up`."""
+    x, gate_weight, gate_bias, up_weight, up_bias = ctx.saved_tensors
+    gate, up = F.linear(x, gate_weight, gate_bias), F.linear(x, up_weight, up_bias)
+    sigmoid = torch.sigmoid(gate)
+    grad_up = grad * gate * sigmoid
+    grad_gate = grad * up * sigmoid * (1 + gate * (1 - sigmoid))
+    needs = ctx.needs_input_grad
+    grad_x = grad_gate @ gate_weight + grad_up @ up_weight if needs[0] else None
+    rows = x.reshape(-1, x.shape[-1])
+    grad_gate_rows, grad_up_rows = (g.reshape(-1, g.shape[-1]) for g in (grad_gate, grad_up))
+    return (
+        grad_x,
+        grad_gate_rows.t() @ rows if needs[1] else None,
+        grad_gate_rows.sum(0) if needs[2] else None,
+        grad_up_rows.t() @ rows if needs[3] else None,
+        grad_up_rows.sum(0) if needs[4] else None,
+    )
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4; before it compiled SwiGLU stays with inductor
+    aligned_gated_linear = torch.library.custom_op(
+        "llava_evaclip::aligned_gated_linear",
+        _aligned_gated_linear,
+        mutates_args=(),
+        schema="(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias) -> Tensor",
+    )
+    aligned_gated_linear.register_fake(_aligned_gated_linear_fake)
+    aligned_gated_linear.register_autograd(
+        _aligned_gated_linear_backward, setup_context=_aligned_gated_linear_setup_context
+    )
+else:  # pragma: no cover - torch < 2.4
+    aligned_gated_linear = None
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
 
 
 class EvaCLIPMLP(nn.Module):
@@ -533,7 +623,25 @@ class EvaCLIPMLP(nn.Module):
         input's dtype on its device (no hooks of torch or accelerate, whose offload fills weights only for a called
         module; no adapters, quantized layers or autocast), and never under ZeRO-3, where only a called module's
         weights are gathered."""
-        if is_tracing() or torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
+        return not is_tracing() and self._plain_inference(hidden_states)
+
+    def _use_compiled_aligned_swiglu(self, hidden_states: torch.Tensor) -> bool:
+        """Whether SwiGLU's input matmuls run as `aligned_gated_linear` (an op inductor calls as is): under
+        torch.compile only, never while exporting (exported programs stay aten-only), with the conditions of the
+        eager path (no grad, no autocast, plain layers)."""
+        return (
+            COMPILED_ALIGNED_SWIGLU
+            and aligned_gated_linear is not None
+            and self.fc1_up is not None
+            and self.config.hidden_act in ("silu", "swish")
+            and torch.compiler.is_compiling()
+            and not _is_exporting()
+            and not torch.jit.is_tracing()
+            and self._plain_inference(hidden_states)
+        )
+
+    def _plain_inference(self, hidden_states: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
             return False
         layers = [layer for layer in (self.fc1, self.fc1_up, self.fc2) if layer is not None]
         return all(
@@ -546,16 +654,8 @@ class EvaCLIPMLP(nn.Module):
         )
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
-        """`silu(fc1(x)) * fc1_up(x)` for [N, C] rows, both matmuls writing into one buffer whose rows start on 64-byte
-        boundaries. EVA02-L's 2730-wide outputs otherwise leave every row misaligned, which costs the fp32 CPU GEMM
-        ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made."""
-        inner = self.fc1.out_features
-        align = max(1, 64 // rows.element_size())
-        row_stride = -(-inner // align) * align
-        buffer = rows.new_empty(rows.shape[0], 2 * row_stride)
-        gate, up = buffer[:, :inner], buffer[:, row_stride : row_stride + inner]
-        for layer, out in ((self.fc1, gate), (self.fc1_up, up)):
-            _linear_into(rows, layer, out)
+        """`act(fc1(x)) * fc1_up(x)` for [N, C] rows through `_aligned_gate_up`'s row-aligned buffer."""
+        gate, up = _aligned_gate_up(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         return self.activation_fn(gate).mul_(up)
 
     def _hidden(self, hidden_states: torch.Tensor, aligned: bool = False) -> torch.Tensor:
@@ -584,6 +684,11 @@ class EvaCLIPMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self._use_inference_path(hidden_states):
             return self._inference_forward(hidden_states)
+        if self._use_compiled_aligned_swiglu(hidden_states):
+            hidden = aligned_gated_linear(
+                hidden_states, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias
+            )
+            return self.fc2(self.ffn_ln(hidden) if self.ffn_ln is not None else hidden)
         return self.fc2(self._hidden(hidden_states))
 
 

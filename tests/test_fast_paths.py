@@ -5,6 +5,9 @@ the selected states), the per-grid RoPE table with an identity row for CLS appli
 SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
 run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
 against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
+Under torch.compile the aligned SwiGLU runs as the custom op `llava_evaclip::aligned_gated_linear`: checked with
+torch.library.opcheck and gradcheck, against `silu(F.linear) * F.linear`, in the graphs dynamo captures (compiled
+no-grad inference only, never in an exported program) and, compiled by inductor, against the eager module calls.
 fp32 tolerance: 1e-5 absolute.
 The benchmark is only smoke-tested (`--quick`): it must run and write valid results; no timing is asserted.
 """
@@ -213,6 +216,139 @@ def test_aligned_swiglu_sees_weight_updates():
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Compiled inference: SwiGLU's aligned matmuls as the custom op `llava_evaclip::aligned_gated_linear`
+# --------------------------------------------------------------------------------------------------------------------
+
+needs_custom_op = pytest.mark.skipif(modeling_evaclip.aligned_gated_linear is None, reason="torch < 2.4")
+OP_NAME = "llava_evaclip.aligned_gated_linear"
+
+
+def _gated_inputs(dtype: torch.dtype, inner: int = 43, bias: bool = True, shape=(2, 5), requires_grad=False):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, 16, dtype=dtype)
+    tensors = [x, torch.randn(inner, 16, dtype=dtype), torch.randn(inner, dtype=dtype) if bias else None,
+               torch.randn(inner, 16, dtype=dtype), torch.randn(inner, dtype=dtype) if bias else None]
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in tensors]
+
+
+def _gated_reference(x, gate_weight, gate_bias, up_weight, up_bias):
+    return F.silu(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
+
+
+@needs_custom_op
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7,), (2, 5)], ids=["rows", "batch"])
+def test_aligned_gated_linear_op_passes_opcheck_and_equals_the_reference(bias, shape):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOT dispatch with dynamic shapes) and the
+    values against `silu(F.linear) * F.linear`, with 43 outputs (rows padded to 48 floats in the buffer)."""
+    op = torch.ops.llava_evaclip.aligned_gated_linear.default
+    for requires_grad in (False, True):
+        inputs = _gated_inputs(torch.float32, bias=bias, shape=shape, requires_grad=requires_grad)
+        torch.library.opcheck(op, tuple(inputs))
+        got = op(*inputs)
+        assert got.shape == (*shape, 43) and got.is_contiguous()
+        torch.testing.assert_close(got, _gated_reference(*inputs), atol=ATOL, rtol=0)
+    half = [t.bfloat16() if t is not None else None for t in _gated_inputs(torch.float32, bias=bias, shape=shape)]
+    torch.testing.assert_close(op(*half), _gated_reference(*half))  # bf16 tolerances; rows padded to 64 values
+
+
+@needs_custom_op
+@pytest.mark.parametrize("bias", [True, False])
+def test_aligned_gated_linear_gradients_pass_gradcheck(bias):
+    inputs = _gated_inputs(torch.float64, inner=5, bias=bias, shape=(2, 3), requires_grad=True)
+    assert torch.autograd.gradcheck(modeling_evaclip.aligned_gated_linear, tuple(inputs))
+    # and against autograd through the reference, in fp32 at the real call's layout
+    inputs = _gated_inputs(torch.float32, bias=bias, requires_grad=True)
+    params = [t for t in inputs if t is not None]
+    got = torch.autograd.grad(modeling_evaclip.aligned_gated_linear(*inputs).square().sum(), params)
+    expected = torch.autograd.grad(_gated_reference(*inputs).square().sum(), params)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def _op_targets(graphs) -> set[str]:
+    return {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+
+
+def _captured_ops(model: nn.Module, pixel_values: torch.Tensor, grad: bool = False) -> set[str]:
+    """The call targets of the graph dynamo captures for `model` (no codegen: the eager backend)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=counter, fullgraph=True, dynamic=True)(pixel_values)
+    torch._dynamo.reset()
+    return _op_targets(counter.graphs)
+
+
+@needs_custom_op
+def test_compiled_inference_alone_captures_the_aligned_op(monkeypatch):
+    """The op is in the graph of compiled no-grad inference only: not with grad on, not under autocast, not with a
+    hooked (adapter / offloaded) layer, not with `COMPILED_ALIGNED_SWIGLU` off, not for a GELU SwiGLU, and never in
+    an exported program (aten only, equal to eager)."""
+    model = _tiny_eva02(num_hidden_layers=2, intermediate_size=43)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    assert any(OP_NAME in target for target in _captured_ops(model, pixel_values))
+    assert not any(OP_NAME in target for target in _captured_ops(model, pixel_values, grad=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not any(OP_NAME in target for target in _captured_ops(model, pixel_values))
+    handle = model.vision_model.encoder.layers[0].mlp.fc1.register_forward_hook(lambda *args: None)
+    targets = _captured_ops(model, pixel_values)
+    handle.remove()
+    assert sum(OP_NAME in target for target in targets) == 1  # the second layer keeps it
+    monkeypatch.setattr(modeling_evaclip, "COMPILED_ALIGNED_SWIGLU", False)
+    assert not any(OP_NAME in target for target in _captured_ops(model, pixel_values))
+    monkeypatch.setattr(modeling_evaclip, "COMPILED_ALIGNED_SWIGLU", True)
+    gelu = _tiny_eva02(num_hidden_layers=1, hidden_act="gelu")
+    assert not any(OP_NAME in target for target in _captured_ops(gelu, pixel_values))
+    try:
+        import peft
+    except ImportError:  # peft 0.21 needs a newer transformers than 4.37.2
+        peft = None
+    if peft is not None:  # LoRA on the gate: its layers are not plain nn.Linear, the adapters stay in the graph
+        lora = peft.get_peft_model(_tiny_eva02(num_hidden_layers=1), peft.LoraConfig(r=2, target_modules=["fc1"]))
+        assert not any(OP_NAME in target for target in _captured_ops(lora.eval(), pixel_values))
+
+    for strict in (False, True):
+        batch = torch.export.Dim("batch", min=1, max=64)
+        with torch.no_grad():
+            program = torch.export.export(model, (pixel_values,), dynamic_shapes=({0: batch},), strict=strict)
+            targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+            assert targets and all(target.startswith(("aten.", "<built-in")) for target in targets), targets
+            other = torch.randn(3, 3, 28, 28)
+            torch.testing.assert_close(program.module()(other).last_hidden_state,
+                                       model(other).last_hidden_state, atol=ATOL, rtol=0)
+
+
+@needs_custom_op
+def test_compiled_aligned_op_equals_eager_without_recompiling(monkeypatch):
+    """inductor, fullgraph, dynamic: every SwiGLU of the tower runs through the aligned buffer (counted at run time),
+    the outputs equal the eager module calls (grad on) within 1e-5, and a new batch size does not recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _tiny_eva02(num_hidden_layers=2, intermediate_size=43)
+    calls = []
+    gate_up = modeling_evaclip._aligned_gate_up
+    monkeypatch.setattr(modeling_evaclip, "_aligned_gate_up", lambda *args: calls.append(1) or gate_up(*args))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    try:
+        for batch in (2, 3):
+            pixel_values = torch.randn(batch, 3, 28, 28)
+            expected = _eager_states(model, pixel_values)
+            calls.clear()
+            with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=batch != 2):
+                got = compiled(pixel_values, output_hidden_states=True).hidden_states
+            assert len(calls) == 2, calls  # one per layer, inside inductor's code
+            for index, (state, reference) in enumerate(zip(got, expected)):
+                torch.testing.assert_close(state, reference, atol=ATOL, rtol=0, msg=f"batch {batch} state {index}")
+    finally:
+        torch._dynamo.reset()
+    assert any(OP_NAME in target for target in _op_targets(counter.graphs))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Whole tower: fast path == eager path
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -362,6 +498,26 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--overwrite" in error
     assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
+
+
+def test_compiled_ablation_contender_runs_with_the_aligned_op_switched_off(monkeypatch):
+    """`--compile --ablations` adds `ours_eva02_compiled_module_mlp`, whose calls (compile included) see
+    `COMPILED_ALIGNED_SWIGLU` off and leave it on for the other contenders."""
+    args = bench.build_parser().parse_args(["--compile", "--ablations"])
+    assert {"ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp"} <= set(
+        bench.contenders_for(torch.float32, args))
+    assert "ours_eva02_compiled_module_mlp" not in bench.contenders_for(
+        torch.float32, bench.build_parser().parse_args(["--compile"]))
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: lambda pixel_values: seen.append(
+        modeling_evaclip.COMPILED_ALIGNED_SWIGLU) or module(pixel_values))
+    contender = bench.build_contender("ours_eva02_compiled_module_mlp", bench.build_shapes(True), torch.float32,
+                                      torch.device("cpu"), {})
+    assert contender.compiled and contender.peers == ("ours_eva02_compiled",)
+    with torch.inference_mode():
+        features = contender.run(torch.randn(1, 3, 56, 56))
+    assert seen == [False] and modeling_evaclip.COMPILED_ALIGNED_SWIGLU is True
+    assert features.shape == (1, 16, 64)
 
 
 def test_memory_child_measures_one_forward_in_a_fresh_process():
