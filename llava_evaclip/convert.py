@@ -1051,6 +1051,12 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
     """Refuse, before anything is read, an OUT that cannot be written or whose replacement could lose user data:
     --overwrite replaces only a previous convert output, never SRC or a folder holding it, the current directory or
     an ancestor of it, or the home directory. Symlinks and `.` are resolved first."""
+    for role, path in (("SRC", src), ("OUT", out)):
+        try:  # torch.load, safetensors and the tokenizers backend all refuse, deep inside, names that are not UTF-8
+            os.path.realpath(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConversionError(f"{role} {str(path)!r} is not a UTF-8 path, which torch, safetensors and "
+                                  "transformers cannot read or write; rename it (or a folder above it).") from None
     out_abs = Path(os.path.abspath(out))
     ancestor = out_abs.parent
     while not ancestor.exists() and ancestor != ancestor.parent:

@@ -109,6 +109,20 @@ def test_overwrite_refuses_symlink_to_src_folder(tmp_path, workspace, capsys):
     assert link.is_symlink() and snapshot(tmp_path) == before
 
 
+def test_non_utf8_paths_are_refused_before_anything_is_read(tmp_path, workspace, capsys):
+    """torch.load, safetensors and the tokenizers backend each fail deep inside on such names; convert says so first."""
+    src, arch, _ = workspace
+    odd = os.fsdecode(b"odd-\xff\xfe")
+    odd_src = src.parent / odd
+    os.link(src, odd_src)
+    before = snapshot(tmp_path)
+    for role, source, out in (("OUT", src, tmp_path / odd), ("SRC", odd_src, tmp_path / "out")):
+        assert cli_main(["convert", str(source), str(out), "--arch", str(arch)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{role} " in err and "is not a UTF-8 path" in err, err
+    assert snapshot(tmp_path) == before
+
+
 def test_overwrite_refuses_current_directory_and_ancestors(tmp_path, workspace, capsys, monkeypatch):
     src, arch, converted = workspace
     monkeypatch.chdir(src.parent)  # the issue's case: `convert toy.pt . --overwrite` beside toy.pt
