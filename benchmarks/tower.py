@@ -340,12 +340,20 @@ def _fused_cpu_bf16_attention() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "_use_cpu_bf16_attention", lambda *args: False, label
 
 
+def _whole_gemms() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = "ours: tower, inference matmuls of 513-1023 rows whole instead of split after 512 rows (ablation)"
+    return modeling_evaclip, "CPU_HALF_GEMM_ROWS", 1 << 62, label
+
+
 # Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
 ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_module_mlp": _module_mlp,
     "ours_eva02_mlp_whole_batch": _mlp_whole_batch,
     "ours_eva02_rope_5pass": _five_pass_rotary,
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
+    "ours_eva02_whole_gemms_bf16": _whole_gemms,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
 COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp")

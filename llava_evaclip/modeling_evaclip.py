@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Optional, Union
+from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +248,82 @@ class EvaCLIPTextEmbeddings(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Inference matmuls: direct `out=` writes in row blocks, for eager no-grad runs on plain layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type without autocast (meta): nothing is autocast there
+        return False
+
+
+# Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
+INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
+
+# Where the inference paths split a half-precision matmul on CPU. oneDNN's bf16 GEMM runs 8-14% slower on 577 or 578
+# rows (ViT-L/14-336's patches + CLS at batch 1) than as 512 + 65 rows, so a matmul of fewer than twice this many rows
+# is split after it; larger ones run whole (in 512-row blocks, batch 8's 4616 rows ran ~4% slower in the tower). fp32
+# (MKL) and GPUs always run whole (ablation `ours_eva02_whole_gemms_bf16` in benchmarks/tower.py).
+CPU_HALF_GEMM_ROWS = 512
+
+
+def _gemm_row_block(rows: torch.Tensor) -> int:
+    """Rows per matmul in `_addmm_into` (see `CPU_HALF_GEMM_ROWS`)."""
+    count, block = rows.shape[0], max(1, CPU_HALF_GEMM_ROWS)
+    if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and count < 2 * block:
+        return block
+    return max(1, count)
+
+
+def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride), in
+    blocks of `_gemm_row_block` rows. Each output row depends on its input row alone, and the kernels sum over the
+    inner dimension in the same order whatever the row count, so the split gives one matmul's bits (tested)."""
+    step = _gemm_row_block(rows)
+    for start in range(0, rows.shape[0], step):
+        block, target = rows[start : start + step], out[start : start + step]
+        if bias is None:
+            torch.mm(block, weight.t(), out=target)
+        else:
+            torch.addmm(bias, block, weight.t(), out=target)
+
+
+def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
+    """`layer(rows)` written into `out` (a [N, out_features] view with unit column stride)."""
+    _addmm_into(rows, layer.weight, layer.bias, out)
+
+
+def _linear_rows(hidden_states: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """`layer(hidden_states)` through `_addmm_into` (row blocks), for the inference paths."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = rows.new_empty(rows.shape[0], layer.out_features)
+    _linear_into(rows, layer, out)
+    return out.view(*hidden_states.shape[:-1], layer.out_features)
+
+
+def plain_inference_linears(hidden_states: torch.Tensor, layers: Sequence[Optional[nn.Linear]]) -> bool:
+    """Whether `layers` may run as direct matmuls (`out=` writes, row blocks) instead of module calls: no grad and
+    no autocast; plain `nn.Linear`s whose weights sit in the input's dtype on its device (no hooks of torch or
+    accelerate, whose offload fills weights only for a called module; no adapters or quantized layers); never under
+    ZeRO-3, where only a called module's weights are gathered."""
+    if torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
+        return False
+    return all(
+        type(layer) is nn.Linear
+        and layer.weight.dtype == hidden_states.dtype
+        and layer.weight.device == hidden_states.device
+        and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+        and not is_partitioned(layer.weight)
+        for layer in layers
+        if layer is not None
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -444,14 +520,20 @@ class EvaCLIPAttention(nn.Module):
             self.inner_attn_ln = None
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
 
+    def _linear(self, layer: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`layer(hidden_states)`; in eager inference on plain layers, as the MLP's row-blocked matmuls."""
+        if not is_tracing() and plain_inference_linears(hidden_states, (layer,)):
+            return _linear_rows(hidden_states, layer)
+        return layer(hidden_states)
+
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, H, N, D]."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        return query, key, value
+        return tuple(
+            self._linear(layer, hidden_states).view(shape).transpose(1, 2)
+            for layer in (self.q_proj, self.k_proj, self.v_proj)
+        )
 
     def forward(
         self,
@@ -476,7 +558,7 @@ class EvaCLIPAttention(nn.Module):
         attn_output = attn_output.reshape(batch, length, self.embed_dim)
         if self.inner_attn_ln is not None:
             attn_output = self.inner_attn_ln(attn_output)
-        return self.out_proj(attn_output), attn_weights
+        return self._linear(self.out_proj, attn_output), attn_weights
 
 
 class EvaCLIPTextAttention(EvaCLIPAttention):
@@ -488,35 +570,10 @@ class EvaCLIPTextAttention(EvaCLIPAttention):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device type without autocast (meta): nothing is autocast there
-        return False
-
-
-# Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
-INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
-
 # Under torch.compile (inference, no export) SwiGLU's two input matmuls run as the opaque op
 # `llava_evaclip::aligned_gated_linear`, so inductor's graph keeps the row-aligned buffer of the eager path; False
 # leaves them to inductor (module calls), for ablations.
 COMPILED_ALIGNED_SWIGLU = True
-
-
-def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride)."""
-    if bias is None:
-        torch.mm(rows, weight.t(), out=out)
-    else:
-        torch.addmm(bias, rows, weight.t(), out=out)
-
-
-def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
-    """`layer(rows)` written into `out` (a [N, out_features] view with unit column stride)."""
-    _addmm_into(rows, layer.weight, layer.bias, out)
 
 
 def _aligned_gate_up(
@@ -619,10 +676,7 @@ class EvaCLIPMLP(nn.Module):
 
     def _use_inference_path(self, hidden_states: torch.Tensor) -> bool:
         """Whether `_inference_forward` may replace the module calls: eager inference only (it writes with `out=`,
-        which autograd, torch.compile and torch.export do not take), plain `nn.Linear`s whose weights sit in the
-        input's dtype on its device (no hooks of torch or accelerate, whose offload fills weights only for a called
-        module; no adapters, quantized layers or autocast), and never under ZeRO-3, where only a called module's
-        weights are gathered."""
+        which autograd, torch.compile and torch.export do not take), under `plain_inference_linears`."""
         return not is_tracing() and self._plain_inference(hidden_states)
 
     def _use_compiled_aligned_swiglu(self, hidden_states: torch.Tensor) -> bool:
@@ -641,17 +695,7 @@ class EvaCLIPMLP(nn.Module):
         )
 
     def _plain_inference(self, hidden_states: torch.Tensor) -> bool:
-        if torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
-            return False
-        layers = [layer for layer in (self.fc1, self.fc1_up, self.fc2) if layer is not None]
-        return all(
-            type(layer) is nn.Linear
-            and layer.weight.dtype == hidden_states.dtype
-            and layer.weight.device == hidden_states.device
-            and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
-            and not is_partitioned(layer.weight)
-            for layer in layers
-        )
+        return plain_inference_linears(hidden_states, (self.fc1, self.fc1_up, self.fc2))
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
         """`act(fc1(x)) * fc1_up(x)` for [N, C] rows through `_aligned_gate_up`'s row-aligned buffer."""

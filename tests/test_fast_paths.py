@@ -2,7 +2,8 @@
 
 The fast path is what LLaVA runs: sdpa, `select_hidden_states` (stops after the deepest selected layer and keeps only
 the selected states), the per-grid RoPE table with an identity row for CLS applied as one pair swap (three passes), and
-SwiGLU's two input matmuls writing into one row-aligned buffer for inference. It is checked against the same weights
+SwiGLU's two input matmuls writing into one row-aligned buffer for inference, and (bf16 / fp16 on CPU) every
+inference matmul of 513-1023 rows split after 512. It is checked against the same weights
 run the slow way (eager attention, every layer, every hidden state, SwiGLU as two module calls because grad is on) and
 against timm's EVA-02, an independent implementation (CLS split off for RoPE, its own rotation, unfused SwiGLU).
 Under torch.compile the aligned SwiGLU runs as the custom op `llava_evaclip::aligned_gated_linear`: checked with
@@ -213,6 +214,80 @@ def test_aligned_swiglu_sees_weight_updates():
         after = mlp(x)
         torch.testing.assert_close(after, _swiglu_reference(mlp, x), atol=ATOL, rtol=0)
     assert (after - before).abs().max() > 1e-2
+
+
+def _matmul_calls(fn) -> int:
+    """How many matmul kernels (`aten::addmm` / `aten::mm`) `fn()` runs."""
+    with torch.profiler.profile() as profile:
+        fn()
+    return sum(event.name in ("aten::addmm", "aten::mm") for event in profile.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_half_precision_matmuls_split_in_row_blocks_equal_one_matmul(monkeypatch, dtype, bias):
+    """Each output row is computed alone: 17 rows split after 10 give exactly `F.linear`'s bits; 17 rows run whole
+    once the split point is below half of them, and so does fp32."""
+    torch.manual_seed(0)
+    rows, weight = torch.randn(17, 24, dtype=dtype), torch.randn(40, 24, dtype=dtype)
+    bias_tensor = torch.randn(40, dtype=dtype) if bias else None
+    out = torch.empty(17, 40, dtype=dtype)
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 10)
+    assert _matmul_calls(lambda: modeling_evaclip._addmm_into(rows, weight, bias_tensor, out)) == 2
+    assert torch.equal(out, F.linear(rows, weight, bias_tensor))
+    fp32 = torch.empty(17, 40)
+    assert _matmul_calls(lambda: modeling_evaclip._addmm_into(rows.float(), weight.float(), None, fp32)) == 1
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 8)
+    out.zero_()
+    assert _matmul_calls(lambda: modeling_evaclip._addmm_into(rows, weight, bias_tensor, out)) == 1
+    assert torch.equal(out, F.linear(rows, weight, bias_tensor))
+
+
+def test_bf16_tower_with_split_matmuls_equals_whole_matmuls(monkeypatch):
+    """The EVA-02 tower in bf16 inference with every matmul (attention projections and MLP over 2 x 17 tokens)
+    split after 20 rows gives every hidden state bit for bit as with each matmul whole, and really splits."""
+    model = _tiny_eva02().to(torch.bfloat16)
+    pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
+    tokens = torch.randn(2, 17, 32).bfloat16()
+    layer = model.vision_model.encoder.layers[0]
+    with torch.no_grad():
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 1 << 40)
+        expected = model(pixel_values, output_hidden_states=True).hidden_states
+        whole_calls = _matmul_calls(lambda: layer(tokens))
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
+        got = model(pixel_values, output_hidden_states=True).hidden_states
+        split_calls = _matmul_calls(lambda: layer(tokens))
+    assert (whole_calls, split_calls) == (7, 2 * 7)  # q, k, v, out, fc1, fc1_up, fc2; 34 rows as 20 + 14
+    assert len(got) == len(expected) == 4
+    for state, reference in zip(got, expected):
+        assert torch.equal(state, reference)
+
+
+def test_attention_projections_keep_module_calls_for_hooks_offload_zero3_and_grad():
+    """The attention projections take the direct matmuls only where the MLP does: a hooked layer (adapters,
+    profilers), one that accelerate manages (`_hf_hook`), a ZeRO-3 partitioned weight, grad or autocast keep the
+    module calls, and the hook sees the call."""
+    model = _tiny_eva02()
+    attention = model.vision_model.encoder.layers[0].self_attn
+    x = torch.randn(1, 5, 32)
+    expected = attention(x)[0].detach()
+    with torch.no_grad():
+        assert modeling_evaclip.plain_inference_linears(x, (attention.q_proj, attention.out_proj))
+        calls = []
+        handle = attention.k_proj.register_forward_hook(lambda *args: calls.append(1))
+        torch.testing.assert_close(attention(x)[0], expected, atol=ATOL, rtol=0)
+        assert calls == [1]
+        handle.remove()
+        attention.v_proj._hf_hook = object()
+        assert not modeling_evaclip.plain_inference_linears(x, (attention.v_proj,))
+        del attention.v_proj._hf_hook
+        attention.out_proj.weight.ds_id = 0  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+        assert not modeling_evaclip.plain_inference_linears(x, (attention.out_proj,))
+        del attention.out_proj.weight.ds_id
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not modeling_evaclip.plain_inference_linears(x, (attention.q_proj,))
+        torch.testing.assert_close(attention(x)[0], expected, atol=ATOL, rtol=0)
+    assert not modeling_evaclip.plain_inference_linears(x, (attention.q_proj,))  # grad on
 
 
 # --------------------------------------------------------------------------------------------------------------------
