@@ -520,18 +520,19 @@ class EvaCLIPAttention(nn.Module):
             self.inner_attn_ln = None
         self.out_proj = nn.Linear(self.embed_dim, self.embed_dim, bias=True)
 
-    def _linear(self, layer: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`layer(hidden_states)`; in eager inference on plain layers, as the MLP's row-blocked matmuls."""
-        if not is_tracing() and plain_inference_linears(hidden_states, (layer,)):
-            return _linear_rows(hidden_states, layer)
-        return layer(hidden_states)
+    @staticmethod
+    def _linear(layer: nn.Linear, hidden_states: torch.Tensor, direct: bool) -> torch.Tensor:
+        """`layer(hidden_states)`, as the inference path's direct (split) matmuls when `direct`."""
+        return _linear_rows(hidden_states, layer) if direct else layer(hidden_states)
 
-    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, hidden_states: torch.Tensor, direct: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, H, N, D]."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         return tuple(
-            self._linear(layer, hidden_states).view(shape).transpose(1, 2)
+            self._linear(layer, hidden_states, direct).view(shape).transpose(1, 2)
             for layer in (self.q_proj, self.k_proj, self.v_proj)
         )
 
@@ -543,7 +544,11 @@ class EvaCLIPAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, length, _ = hidden_states.shape
-        query, key, value = self._project(hidden_states)
+        # Eager inference on plain layers (the MLP's conditions): the four projections as direct matmuls; decided once.
+        direct = not is_tracing() and plain_inference_linears(
+            hidden_states, (self.q_proj, self.k_proj, self.v_proj, self.out_proj)
+        )
+        query, key, value = self._project(hidden_states, direct)
         if rotary is not None:
             cos, sin = rotary
             query = apply_rotary(query, cos, sin).type_as(value)
@@ -558,7 +563,7 @@ class EvaCLIPAttention(nn.Module):
         attn_output = attn_output.reshape(batch, length, self.embed_dim)
         if self.inner_attn_ln is not None:
             attn_output = self.inner_attn_ln(attn_output)
-        return self._linear(self.out_proj, attn_output), attn_weights
+        return self._linear(self.out_proj, attn_output, direct), attn_weights
 
 
 class EvaCLIPTextAttention(EvaCLIPAttention):

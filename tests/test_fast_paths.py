@@ -518,6 +518,26 @@ def test_tower_fast_path_matches_timm_eva02():
     torch.testing.assert_close(last[model.config.num_hidden_layers], blocks[-1], atol=ATOL, rtol=0)
 
 
+def test_bf16_tower_with_split_matmuls_matches_timm_eva02(monkeypatch):
+    """bf16 inference with every matmul split (34 rows as 20 + 14) against timm's independent EVA-02 holding the same
+    bf16-rounded weights in fp32: every layer within bf16 rounding."""
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
+    model = _tiny_eva02(intermediate_size=85).to(torch.bfloat16)  # timm's SwiGLU width: int(32 * 4 * 2 / 3)
+    reference = _timm_twin(model.float()).float()
+    model.to(torch.bfloat16)
+    pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
+    with torch.no_grad():
+        x, rope = reference._pos_embed(reference.patch_embed(pixel_values.float()))
+        expected = []
+        for block in reference.blocks:
+            x = block(x, rope=rope)
+            expected.append(x)
+        got = model(pixel_values, output_hidden_states=True).hidden_states[1:]
+    for index, (state, reference_state) in enumerate(zip(got, expected)):
+        error = (state.float() - reference_state).norm() / reference_state.norm()
+        assert state.dtype == torch.bfloat16 and 0 < error < 2e-2, (index, error)
+
+
 def test_cpu_bf16_autocast_tower_is_close_to_fp32():
     """fp32 weights under CPU autocast: bf16 matmuls, features back in the input dtype, near the fp32 features."""
     model = _tiny_eva02()
