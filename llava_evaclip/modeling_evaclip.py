@@ -898,6 +898,8 @@ class EvaCLIPVisionTransformer(nn.Module):
                 f"pixel_values must have 4 dimensions [batch, {config.num_channels}, {config.image_size}, "
                 f"{config.image_size}], got shape {tuple(pixel_values.shape)}."
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no images (batch size 0); pass at least one image.")
         if pixel_values.shape[1] != config.num_channels:
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[1]} channels; this model expects {config.num_channels} "
@@ -1000,6 +1002,9 @@ class EvaCLIPTextTransformer(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor of token ids (the tokenizer's output), got {kind}.")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}); pass at least one text of at "
+                             "least one token.")
         if input_ids.shape[-1] > limit:
             raise ValueError(
                 f"input_ids has {input_ids.shape[-1]} tokens but the text tower has {limit} positions "

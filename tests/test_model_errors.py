@@ -4,6 +4,7 @@ shape error from deep inside the model."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -277,6 +278,15 @@ def test_pixel_values_wrong_size(vision_model: EvaCLIPVisionModel, size) -> None
         vision_model(torch.randn(1, 3, *size))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_image_batch_is_refused(vision_model: EvaCLIPVisionModel, dtype) -> None:
+    """Zero images: transformers' CLIP fails deep in a reshape, and our bf16 attention divided by zero."""
+    with pytest.raises(ValueError, match=r"pixel_values holds no images \(batch size 0\); pass at least one image"):
+        with torch.no_grad():
+            vision_model.to(dtype)(torch.randn(0, 3, 28, 28, dtype=dtype))
+    vision_model.float()
+
+
 def test_interpolate_needs_a_multiple_of_the_patch_size(vision_model: EvaCLIPVisionModel) -> None:
     pattern = r"interpolate_pos_encoding=True .*multiple of the patch size \(7\); got 30x30"
     with pytest.raises(ValueError, match=pattern):
@@ -313,6 +323,12 @@ def test_input_ids_missing_or_wrong_rank(text_model: EvaCLIPTextModel) -> None:
         text_model(None)
     with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, seq_len\], got \(5,\)"):
         text_model(torch.randint(1, 90, (5,)))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty_input_ids_are_refused(text_model: EvaCLIPTextModel, shape) -> None:
+    with pytest.raises(ValueError, match=rf"input_ids holds no tokens \(shape {re.escape(str(shape))}\)"):
+        text_model(torch.zeros(*shape, dtype=torch.long))
 
 
 def test_attention_mask_shape_mismatch(text_model: EvaCLIPTextModel) -> None:
