@@ -96,13 +96,31 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sin table with `rotate_pairs`' sign folded in, so that `rotate_pairs(x) * sin == swap(x) * signed_sin`."""
+    return torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`x * cos + rotate_pairs(x) * sin` for EVA's tables, whose channel pairs share one angle: each pair is swapped
     and the sign of `rotate_pairs` folded into the small per-position sin table, so eager makes three passes over x
     instead of five, and the real arithmetic traces into one fused kernel under torch.compile / torch.export."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    signed_sin = torch.stack((-sin[..., 0::2], sin[..., 1::2]), dim=-1).flatten(-2)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    return torch.addcmul(x * cos, _swap_pairs(x), _signed_sin(sin))
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` written over `x` ([B, H, N, D], tables in x's dtype) one image at a time, for the inference
+    path's own projection buffers: no new batch-sized tensors (at batch 8 their fresh pages made the three passes
+    ~3x slower than at batch 1) and a swapped copy that stays in cache. Bit for bit `apply_rotary` (tested)."""
+    signed_sin = _signed_sin(sin)
+    for image in x.unbind(0):
+        swapped = _swap_pairs(image)
+        image.mul_(cos).addcmul_(swapped, signed_sin)
+    return x
 
 
 class EvaCLIPRotaryEmbedding(nn.Module):
@@ -353,22 +371,29 @@ CPU_SCORES_CHUNK_BYTES = 2 * 2**20
 
 
 def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Unmasked bf16 inference attention on CPU as two batched matmuls over groups of heads whose scores fit in
-    cache. torch's CPU flash kernel takes ~1.5x as long in bf16 at ViT sequence lengths
-    (benchmarks/tower.py); the probabilities are rounded to the input dtype before `@ v`, as in eager attention and
-    GPU flash attention."""
-    batch, heads, length, head_dim = query.shape
-    rows = batch * heads
-    query, key, value = (tensor.reshape(rows, length, head_dim) for tensor in (query, key, value))
-    out = torch.empty_like(query)
-    chunks = -(-rows // max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size())))
-    bounds = [rows * index // chunks for index in range(chunks + 1)]  # balanced: 16 heads as 2,3,3,2,3,3
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        chunk = slice(start, stop)
-        scores = query.new_empty(stop - start, length, length)
-        torch.baddbmm(scores, query[chunk], key[chunk].transpose(1, 2), beta=0, alpha=scale, out=scores)
-        torch.bmm(scores.softmax(dim=-1), value[chunk], out=out[chunk])
-    return out.view(batch, heads, length, head_dim)
+    """Unmasked bf16 inference attention on CPU, returned as [B, N, H, D]. One matmul per head reads q, k and v in
+    place (the projections' [B, N, H * D] rows, no layout copies) and writes its output columns straight into the
+    result; the softmax runs in place over groups of heads whose scores fit in cache. torch's CPU flash kernel takes
+    ~1.5x as long in bf16 at ViT sequence lengths (benchmarks/tower.py). The probabilities are rounded to the input
+    dtype before `@ v`, as in eager attention and GPU flash attention."""
+    batch, heads, length, _ = query.shape
+    out = query.new_empty(batch, length, heads, query.shape[-1])
+    per_group = max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size()))
+    groups = -(-heads // per_group)
+    bounds = [heads * index // groups for index in range(groups + 1)]  # balanced: 16 heads as 2,3,3,2,3,3
+    scores = query.new_empty(max(stop - start for start, stop in zip(bounds[:-1], bounds[1:])), length, length)
+    for image in range(batch):
+        queries, keys, values = query[image].unbind(0), key[image].transpose(1, 2).unbind(0), value[image].unbind(0)
+        outputs = out[image].unbind(1)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            group = scores[: stop - start]
+            heads_scores = list(zip(range(start, stop), group.unbind(0)))
+            for head, head_scores in heads_scores:
+                torch.addmm(head_scores, queries[head], keys[head], beta=0, alpha=scale, out=head_scores)
+            torch.softmax(group, dim=-1, out=group)
+            for head, head_probs in heads_scores:
+                torch.mm(head_probs, values[head], out=outputs[head])
+    return out
 
 
 def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
@@ -397,7 +422,7 @@ def sdpa_attention(
     """torch's fused attention (through transformers' `AttentionInterface` where it exists), except for bf16
     inference on CPU (see `cpu_bf16_attention`)."""
     if _use_cpu_bf16_attention(query, attention_mask, dropout):
-        return cpu_bf16_attention(query, key, value, scaling).transpose(1, 2), None
+        return cpu_bf16_attention(query, key, value, scaling), None
     if ALL_ATTENTION_FUNCTIONS is not None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
@@ -551,8 +576,10 @@ class EvaCLIPAttention(nn.Module):
         query, key, value = self._project(hidden_states, direct)
         if rotary is not None:
             cos, sin = rotary
-            query = apply_rotary(query, cos, sin).type_as(value)
-            key = apply_rotary(key, cos, sin).type_as(value)
+            # The direct path owns its fresh q and k buffers, so it rotates them in place.
+            rotate = apply_rotary_ if direct and cos.dtype == sin.dtype == value.dtype else apply_rotary
+            query = rotate(query, cos, sin).type_as(value)
+            key = rotate(key, cos, sin).type_as(value)
         implementation = "eager" if output_attentions else resolve_attn_implementation(self.config)
         if attention_mask is not None and implementation.startswith("flash_attention"):
             implementation = "sdpa"  # flash kernels take padding masks only; the text tower's mask is causal + padding

@@ -103,6 +103,20 @@ def test_rotary_in_bfloat16_matches_timm_rotation():
     torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_equals_rotary(dtype):
+    """The inference path's in-place rotation of its own q/k buffers ([B, N, H * D] rows seen as [B, H, N, D])
+    gives `apply_rotary`'s bits and writes into the buffer it was given."""
+    torch.manual_seed(0)
+    cos, sin = (table.to(dtype) for table in _pair_shared_table(17, 16))
+    rows = torch.randn(3, 17, 4 * 16, dtype=dtype)
+    heads = rows.view(3, 17, 4, 16).transpose(1, 2)
+    original = heads.clone()
+    expected = apply_rotary(heads, cos, sin)
+    assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
+    assert torch.equal(heads, expected) and not torch.equal(heads, original)
+
+
 @pytest.mark.parametrize("chunk_bytes", [None, 3 * 17 * 17 * 2])  # default: one group; then 7 groups of <= 3 heads
 def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
     """The grouped-matmul bf16 kernel against torch's sdpa in fp64 on the same bf16 inputs, for a head dim whose
@@ -113,9 +127,12 @@ def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
     query, key, value = (torch.randn(2, 17, 10, 24).transpose(1, 2).bfloat16() for _ in range(3))
     scale = 24**-0.5
     expected = F.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=scale)
-    got = modeling_evaclip.cpu_bf16_attention(query, key, value, scale)
-    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
-    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=2e-2)  # bf16: 8 mantissa bits
+    got = modeling_evaclip.cpu_bf16_attention(query, key, value, scale)  # [B, N, H, D]
+    assert got.dtype == torch.bfloat16 and got.is_contiguous() and got.shape == (2, 17, 10, 24)
+    torch.testing.assert_close(got.double(), expected.transpose(1, 2), atol=2e-2, rtol=2e-2)  # bf16: 8 mantissa bits
+    # q, k, v in any layout (here contiguous [B, H, N, D]) give the same bits as the projections' rows read in place
+    assert torch.equal(modeling_evaclip.cpu_bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
+                                                           scale), got)
 
 
 def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
@@ -216,11 +233,16 @@ def test_aligned_swiglu_sees_weight_updates():
     assert (after - before).abs().max() > 1e-2
 
 
-def _matmul_calls(fn) -> int:
-    """How many matmul kernels (`aten::addmm` / `aten::mm`) `fn()` runs."""
-    with torch.profiler.profile() as profile:
+def _matmul_calls(fn, width: int | None = None) -> int:
+    """How many matmul kernels (`aten::addmm` / `aten::mm`) `fn()` runs; with `width`, only those whose second
+    operand has a dimension of that size (the projections of a model that wide, not the attention's per-head
+    matmuls)."""
+    with torch.profiler.profile(record_shapes=width is not None) as profile:
         fn()
-    return sum(event.name in ("aten::addmm", "aten::mm") for event in profile.events())
+    calls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm")]
+    if width is None:
+        return len(calls)
+    return sum(width in event.input_shapes[1 if event.name == "aten::mm" else 2] for event in calls)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -253,10 +275,10 @@ def test_bf16_tower_with_split_matmuls_equals_whole_matmuls(monkeypatch):
     with torch.no_grad():
         monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 1 << 40)
         expected = model(pixel_values, output_hidden_states=True).hidden_states
-        whole_calls = _matmul_calls(lambda: layer(tokens))
+        whole_calls = _matmul_calls(lambda: layer(tokens), width=32)
         monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
         got = model(pixel_values, output_hidden_states=True).hidden_states
-        split_calls = _matmul_calls(lambda: layer(tokens))
+        split_calls = _matmul_calls(lambda: layer(tokens), width=32)
     assert (whole_calls, split_calls) == (7, 2 * 7)  # q, k, v, out, fc1, fc1_up, fc2; 34 rows as 20 + 14
     assert len(got) == len(expected) == 4
     for state, reference in zip(got, expected):
@@ -593,6 +615,21 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--overwrite" in error
     assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
+
+
+def test_ablation_contenders_patch_existing_attributes_and_keep_the_features():
+    """Each ablation patches an attribute the model really has, and its bf16 features equal the tower's within
+    bf16 rounding (the same arithmetic by another route), so a ratio in the benchmark compares like with like."""
+    shapes = bench.build_shapes(True)
+    built = {"ours_eva02": bench.build_contender("ours_eva02", shapes, torch.bfloat16, torch.device("cpu"), {})}
+    pixel_values = torch.randn(1, 3, 56, 56).bfloat16()
+    with torch.no_grad():
+        expected = built["ours_eva02"].run(pixel_values).float()
+        for name, ablation in bench.ABLATIONS.items():
+            target, attribute, _, _ = ablation()
+            assert hasattr(target, attribute), name
+            got = bench.build_contender(name, shapes, torch.bfloat16, torch.device("cpu"), built).run(pixel_values)
+            torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=3e-2, msg=name)
 
 
 def test_compiled_ablation_contender_runs_with_the_aligned_op_switched_off(monkeypatch):
