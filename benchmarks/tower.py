@@ -355,6 +355,14 @@ def _whole_gemms() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "CPU_HALF_GEMM_ROWS", 1 << 62, label
 
 
+def _addmm_bias() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = ("ours: tower, whole bf16 matmuls as addmm (bias copied into the output first) instead of oneDNN's "
+             "fused bias (ablation)")
+    return modeling_evaclip, "CPU_BF16_FUSED_BIAS", False, label
+
+
 # Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
 ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_module_mlp": _module_mlp,
@@ -363,6 +371,7 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_rope_out_of_place": _out_of_place_rotary,
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
     "ours_eva02_whole_gemms_bf16": _whole_gemms,
+    "ours_eva02_addmm_bias_bf16": _addmm_bias,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
 COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp")

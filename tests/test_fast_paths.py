@@ -119,7 +119,7 @@ def test_rotary_in_place_equals_rotary(dtype):
 
 @pytest.mark.parametrize("chunk_bytes", [None, 3 * 17 * 17 * 2])  # default: one group; then 7 groups of <= 3 heads
 def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
-    """The grouped-matmul bf16 kernel against torch's sdpa in fp64 on the same bf16 inputs, for a head dim whose
+    """The per-head-matmul bf16 kernel against torch's sdpa in fp64 on the same bf16 inputs, for a head dim whose
     scale is not a power of two; groups of heads (also unequal ones) give the same result."""
     if chunk_bytes is not None:
         monkeypatch.setattr(modeling_evaclip, "CPU_SCORES_CHUNK_BYTES", chunk_bytes)
@@ -133,6 +133,16 @@ def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
     # q, k, v in any layout (here contiguous [B, H, N, D]) give the same bits as the projections' rows read in place
     assert torch.equal(modeling_evaclip.cpu_bf16_attention(query.contiguous(), key.contiguous(), value.contiguous(),
                                                            scale), got)
+
+
+def test_cpu_bf16_attention_equals_unfused_bf16_attention_at_vit_length():
+    """At ViT-L/14-336's 577 tokens (vector tails included), the per-head matmuls and the in-place softmax give the
+    bits of the textbook bf16 computation: scaled scores, softmax, probabilities @ v, each rounded to bf16."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 577, 3, 64).transpose(1, 2).bfloat16() for _ in range(3))
+    scores = torch.baddbmm(query.new_zeros(3, 577, 577), query[0], key[0].transpose(1, 2), beta=0, alpha=0.125)
+    expected = torch.bmm(scores.softmax(dim=-1), value[0]).transpose(0, 1).unsqueeze(0)  # [1, N, H, D]
+    assert torch.equal(modeling_evaclip.cpu_bf16_attention(query, key, value, 0.125), expected)
 
 
 def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
@@ -239,10 +249,43 @@ def _matmul_calls(fn, width: int | None = None) -> int:
     matmuls)."""
     with torch.profiler.profile(record_shapes=width is not None) as profile:
         fn()
-    calls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm")]
+    calls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm", FUSED_LINEAR)]
     if width is None:
         return len(calls)
-    return sum(width in event.input_shapes[1 if event.name == "aten::mm" else 2] for event in calls)
+    return sum(width in event.input_shapes[1 if event.name != "aten::addmm" else 2] for event in calls)
+
+
+FUSED_LINEAR = "mkldnn::_linear_pointwise"  # `_fused_bias_linear`: oneDNN's linear with the bias in its epilogue
+
+
+@pytest.mark.parametrize("rows", [34, 2100])  # whole below 2 x CPU_HALF_GEMM_ROWS when it fits one block, and above
+def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkeypatch, rows):
+    """CPU bf16 matmuls that run whole take oneDNN's linear with the bias in its epilogue: the bits of `F.linear`
+    (addmm); split matmuls, fp32, bias-free layers, the switch off and a torch without oneDNN keep `addmm`."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48).bfloat16()
+    x = torch.randn(rows, 64).bfloat16()
+    with torch.no_grad():
+        expected = F.linear(x, layer.weight, layer.bias)
+        fused = modeling_evaclip._fused_bias_linear(x, layer.weight, layer.bias)
+        assert fused is not None and torch.equal(fused, expected)
+        assert _matmul_calls(lambda: modeling_evaclip._linear_rows(x, layer)) == 1
+        assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
+        assert modeling_evaclip._fused_bias_linear(x.float(), layer.weight.float(), layer.bias.float()) is None
+        assert modeling_evaclip._fused_bias_linear(x, layer.weight, None) is None
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", rows // 2 + 1)  # now split in two
+        assert modeling_evaclip._fused_bias_linear(x, layer.weight, layer.bias) is None
+        monkeypatch.undo()
+        for switch_off in (
+            lambda: monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", False),
+            lambda: monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False),
+        ):
+            switch_off()
+            assert modeling_evaclip._fused_bias_linear(x, layer.weight, layer.bias) is None
+            assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
+            monkeypatch.undo()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -282,6 +325,25 @@ def test_bf16_tower_with_split_matmuls_equals_whole_matmuls(monkeypatch):
     assert (whole_calls, split_calls) == (7, 2 * 7)  # q, k, v, out, fc1, fc1_up, fc2; 34 rows as 20 + 14
     assert len(got) == len(expected) == 4
     for state, reference in zip(got, expected):
+        assert torch.equal(state, reference)
+
+
+def test_bf16_tower_with_fused_bias_linears_equals_addmm(monkeypatch):
+    """The EVA-02 tower in bf16 inference, its whole matmuls through oneDNN's fused-bias linear, gives every hidden
+    state bit for bit as with `addmm` (itself checked against timm above), and really takes the fused op."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN linear")
+    model = _tiny_eva02().to(torch.bfloat16)
+    pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
+    with torch.no_grad():
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", False)
+        expected = model(pixel_values, output_hidden_states=True).hidden_states
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", True)
+        with torch.profiler.profile() as profile:
+            got = model(pixel_values, output_hidden_states=True).hidden_states
+    fused = sum(event.name == FUSED_LINEAR for event in profile.events())
+    assert fused == 5 * model.config.num_hidden_layers  # q, v, out, fc1, fc1_up per layer (k has no bias)
+    for state, reference in zip(got, expected, strict=True):
         assert torch.equal(state, reference)
 
 
