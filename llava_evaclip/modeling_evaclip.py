@@ -315,26 +315,34 @@ def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> Non
     _addmm_into(rows, layer.weight, layer.bias, out)
 
 
-# CPU bf16 matmuls that run whole into a new tensor go through oneDNN's linear with the bias added in the GEMM's
-# epilogue (the op inductor's CPU backend calls): `addmm` first copies the broadcast bias into the output and reads it
-# back, a whole extra pass over batch-sized outputs (~5% of the matmul at batch 8; same bits, tested). False, or a
-# torch built without oneDNN, keeps `addmm` (ablation `ours_eva02_addmm_bias_bf16` in benchmarks/tower.py).
+# CPU bf16 matmuls whose output is a new tensor go through oneDNN's linear with the bias added in the GEMM's epilogue
+# (the op inductor's CPU backend calls): `addmm` first copies the broadcast bias into the output and reads it back, an
+# extra pass that costs ~5% of the matmul (same bits, tested). Split matmuls (`CPU_HALF_GEMM_ROWS`) are concatenated,
+# which costs less than that pass. False, or a torch built without oneDNN, keeps `addmm` (ablation
+# `ours_eva02_addmm_bias_bf16` in benchmarks/tower.py).
 CPU_BF16_FUSED_BIAS = True
 
 
-def _fused_bias_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`F.linear(rows, weight, bias)` as one oneDNN call on CPU in bf16 when the matmul runs whole, else None."""
+def _fused_bias_linear(
+    rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """`F.linear(rows, weight, bias)` for [N, C] rows through oneDNN's fused-bias linear (in `_gemm_row_block`
+    blocks) on CPU in bf16; None where it does not apply."""
     if not (
         CPU_BF16_FUSED_BIAS
         and bias is not None
         and rows.device.type == "cpu"
         and rows.dtype == torch.bfloat16
-        and _gemm_row_block(rows) >= rows.shape[0]
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
         return None
-    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    step = _gemm_row_block(rows)
+    blocks = [
+        torch.ops.mkldnn._linear_pointwise(rows[start : start + step], weight, bias, "none", [], "")
+        for start in range(0, rows.shape[0], step)
+    ]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def _linear_rows(hidden_states: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -639,10 +647,12 @@ def _aligned_gate_up(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate and up projections of [N, C] rows, both matmuls writing into one buffer whose rows start on 64-byte
     boundaries. EVA02-L's 2730-wide outputs otherwise leave every row misaligned, which costs the fp32 CPU GEMM
-    ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made."""
-    gate, up = _fused_bias_linear(rows, gate_weight, gate_bias), _fused_bias_linear(rows, up_weight, up_bias)
-    if gate is not None and up is not None:  # bf16 GEMMs do not mind unaligned rows (measured); no bias pass
-        return gate, up
+    ~30% (benchmarks/tower.py); the weights are used in place, no fused copy is made. Where `_fused_bias_linear`
+    applies (CPU bf16, whose GEMM does not mind unaligned rows) each projection is its own tensor instead."""
+    if gate_bias is not None and up_bias is not None:
+        gate = _fused_bias_linear(rows, gate_weight, gate_bias)
+        if gate is not None:
+            return gate, _fused_bias_linear(rows, up_weight, up_bias)
     inner = gate_weight.shape[0]
     align = max(1, 64 // rows.element_size())
     row_stride = -(-inner // align) * align

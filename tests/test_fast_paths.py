@@ -258,10 +258,11 @@ def _matmul_calls(fn, width: int | None = None) -> int:
 FUSED_LINEAR = "mkldnn::_linear_pointwise"  # `_fused_bias_linear`: oneDNN's linear with the bias in its epilogue
 
 
-@pytest.mark.parametrize("rows", [34, 2100])  # whole below 2 x CPU_HALF_GEMM_ROWS when it fits one block, and above
+@pytest.mark.parametrize("rows", [34, 2100])  # one block: below CPU_HALF_GEMM_ROWS and above twice it
 def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkeypatch, rows):
-    """CPU bf16 matmuls that run whole take oneDNN's linear with the bias in its epilogue: the bits of `F.linear`
-    (addmm); split matmuls, fp32, bias-free layers, the switch off and a torch without oneDNN keep `addmm`."""
+    """CPU bf16 matmuls into new tensors take oneDNN's linear with the bias in its epilogue, split ones block by
+    block: the bits of `F.linear` (addmm); fp32, bias-free layers, the switch off and a torch without oneDNN keep
+    `addmm`."""
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN linear")
     torch.manual_seed(0)
@@ -276,7 +277,8 @@ def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkey
         assert modeling_evaclip._fused_bias_linear(x.float(), layer.weight.float(), layer.bias.float()) is None
         assert modeling_evaclip._fused_bias_linear(x, layer.weight, None) is None
         monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", rows // 2 + 1)  # now split in two
-        assert modeling_evaclip._fused_bias_linear(x, layer.weight, layer.bias) is None
+        assert _matmul_calls(lambda: modeling_evaclip._linear_rows(x, layer)) == 2
+        assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
         monkeypatch.undo()
         for switch_off in (
             lambda: monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", False),
