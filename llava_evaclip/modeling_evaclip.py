@@ -772,12 +772,12 @@ class EvaCLIPMLP(nn.Module):
         gate, up = _aligned_gate_up(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         return self.activation_fn(gate).mul_(up)
 
-    def _hidden(self, hidden_states: torch.Tensor, aligned: bool = False) -> torch.Tensor:
-        """The activation (SwiGLU-gated or not) and the optional sub-LayerNorm; `aligned` takes `_aligned_swiglu`
-        for [N, C] rows in inference."""
+    def _hidden(self, hidden_states: torch.Tensor, direct: bool = False) -> torch.Tensor:
+        """The activation (SwiGLU-gated or not) and the optional sub-LayerNorm; `direct` takes the inference path's
+        direct matmuls (`_aligned_swiglu`, `_linear_rows`) for [N, C] rows."""
         if self.fc1_up is None:
-            hidden = self.activation_fn(self.fc1(hidden_states))
-        elif aligned:
+            hidden = self.activation_fn(_linear_rows(hidden_states, self.fc1) if direct else self.fc1(hidden_states))
+        elif direct:
             hidden = self._aligned_swiglu(hidden_states)
         else:
             hidden = self.activation_fn(self.fc1(hidden_states)) * self.fc1_up(hidden_states)
@@ -787,11 +787,14 @@ class EvaCLIPMLP(nn.Module):
         """The MLP over blocks of tokens whose hidden activations fit in cache (`INFERENCE_MLP_BLOCK_BYTES`), so the
         activation, gating and sub-LayerNorm passes of a batch do not each stream the whole hidden through memory."""
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-        out = rows.new_empty(rows.shape[0], self.fc2.out_features)
         hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
         step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
+        if step >= rows.shape[0]:  # one block: fc2 into a new tensor, with the fused bias where it applies
+            out = _linear_rows(self._hidden(rows, direct=True), self.fc2)
+            return out.view(*hidden_states.shape[:-1], self.fc2.out_features)
+        out = rows.new_empty(rows.shape[0], self.fc2.out_features)
         for start in range(0, rows.shape[0], step):
-            hidden = self._hidden(rows[start : start + step], aligned=True)
+            hidden = self._hidden(rows[start : start + step], direct=True)
             _linear_into(hidden, self.fc2, out[start : start + step])
         return out.view(*hidden_states.shape[:-1], self.fc2.out_features)
 

@@ -207,14 +207,18 @@ def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediat
         assert not mlp._use_inference_path(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_tokens", [3, None])
 @pytest.mark.parametrize("family", ["eva02", "eva01"])
-def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, family):
-    """Blocks of 3 tokens over 2 x 17 (the last block short), for SwiGLU + sub-LN and for the plain GELU MLP."""
+def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, family, block_tokens, dtype):
+    """Blocks of 3 tokens over 2 x 17 (the last block short), or one block (fc2 into a new tensor), for SwiGLU +
+    sub-LN and for the plain GELU MLP; in bf16 the direct matmuls give the module calls' bits."""
     torch.manual_seed(0)
-    mlp = _randomize(EvaCLIPMLP(tiny_vision_config(family, intermediate_size=43)))
-    x = torch.randn(2, 17, 32)
-    hidden_bytes = 43 * 4 * (2 if family == "eva02" else 1)
-    monkeypatch.setattr(modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 3 * hidden_bytes)
+    mlp = _randomize(EvaCLIPMLP(tiny_vision_config(family, intermediate_size=43))).to(dtype)
+    x = torch.randn(2, 17, 32).to(dtype)
+    hidden_bytes = 43 * x.element_size() * (2 if family == "eva02" else 1)
+    if block_tokens is not None:
+        monkeypatch.setattr(modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", block_tokens * hidden_bytes)
     with torch.enable_grad():
         expected = mlp(x).detach()  # grad on: the module calls
     calls = []
@@ -226,7 +230,10 @@ def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, fami
         assert mlp._use_inference_path(x)
         got = mlp(x)
     assert got.shape == expected.shape and got.is_contiguous()
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def test_aligned_swiglu_sees_weight_updates():
@@ -344,7 +351,7 @@ def test_bf16_tower_with_fused_bias_linears_equals_addmm(monkeypatch):
         with torch.profiler.profile() as profile:
             got = model(pixel_values, output_hidden_states=True).hidden_states
     fused = sum(event.name == FUSED_LINEAR for event in profile.events())
-    assert fused == 5 * model.config.num_hidden_layers  # q, v, out, fc1, fc1_up per layer (k has no bias)
+    assert fused == 6 * model.config.num_hidden_layers  # q, v, out, fc1, fc1_up, fc2 per layer (k has no bias)
     for state, reference in zip(got, expected, strict=True):
         assert torch.equal(state, reference)
 
