@@ -327,12 +327,15 @@ def _fused_bias_linear(
     rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
     """`F.linear(rows, weight, bias)` for [N, C] rows through oneDNN's fused-bias linear (in `_gemm_row_block`
-    blocks) on CPU in bf16; None where it does not apply."""
+    blocks) on CPU in bf16; None where it does not apply (oneDNN refuses strided rows or bias)."""
     if not (
         CPU_BF16_FUSED_BIAS
         and bias is not None
         and rows.device.type == "cpu"
         and rows.dtype == torch.bfloat16
+        and rows.is_contiguous()
+        and weight.is_contiguous()
+        and bias.is_contiguous()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):

@@ -283,6 +283,17 @@ def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkey
         assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
         assert modeling_evaclip._fused_bias_linear(x.float(), layer.weight.float(), layer.bias.float()) is None
         assert modeling_evaclip._fused_bias_linear(x, layer.weight, None) is None
+        # strided rows, weight or bias (which oneDNN's linear refuses) keep addmm
+        strided_rows, strided_weight, strided_bias = (
+            torch.stack((tensor, tensor), dim=-1).flatten(-2)[..., ::2] for tensor in (x, layer.weight, layer.bias)
+        )
+        assert not strided_rows.is_contiguous() and torch.equal(strided_rows, x)
+        for args in ((strided_rows, layer.weight, layer.bias), (x, strided_weight, layer.bias),
+                     (x, layer.weight, strided_bias)):
+            assert modeling_evaclip._fused_bias_linear(*args) is None
+        assert torch.equal(modeling_evaclip._linear_rows(strided_rows, layer), expected)
+        layer.bias = nn.Parameter(strided_bias)
+        assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
         monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", rows // 2 + 1)  # now split in two
         assert _matmul_calls(lambda: modeling_evaclip._linear_rows(x, layer)) == 2
         assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
