@@ -289,25 +289,24 @@ INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
 CPU_HALF_GEMM_ROWS = 512
 
 
-def _gemm_row_block(rows: torch.Tensor) -> int:
-    """Rows per matmul in `_addmm_into` (see `CPU_HALF_GEMM_ROWS`)."""
-    count, block = rows.shape[0], max(1, CPU_HALF_GEMM_ROWS)
-    if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and count < 2 * block:
-        return block
-    return max(1, count)
+def _gemm_row_blocks(rows: torch.Tensor) -> list[slice]:
+    """The row blocks the inference matmuls over [N, C] `rows` run as (see `CPU_HALF_GEMM_ROWS`). Each output row
+    depends on its input row alone, and the kernels sum over the inner dimension in the same order whatever the row
+    count, so the blocks give one matmul's bits (tested)."""
+    count, step = rows.shape[0], max(1, CPU_HALF_GEMM_ROWS)
+    if not (rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and count < 2 * step):
+        step = max(1, count)
+    return [slice(start, start + step) for start in range(0, count, step)]
 
 
 def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride), in
-    blocks of `_gemm_row_block` rows. Each output row depends on its input row alone, and the kernels sum over the
-    inner dimension in the same order whatever the row count, so the split gives one matmul's bits (tested)."""
-    step = _gemm_row_block(rows)
-    for start in range(0, rows.shape[0], step):
-        block, target = rows[start : start + step], out[start : start + step]
+    `_gemm_row_blocks`."""
+    for block in _gemm_row_blocks(rows):
         if bias is None:
-            torch.mm(block, weight.t(), out=target)
+            torch.mm(rows[block], weight.t(), out=out[block])
         else:
-            torch.addmm(bias, block, weight.t(), out=target)
+            torch.addmm(bias, rows[block], weight.t(), out=out[block])
 
 
 def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
@@ -326,13 +325,14 @@ CPU_BF16_FUSED_BIAS = True
 def _fused_bias_linear(
     rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
-    """`F.linear(rows, weight, bias)` for [N, C] rows through oneDNN's fused-bias linear (in `_gemm_row_block`
-    blocks) on CPU in bf16; None where it does not apply (oneDNN refuses strided rows or bias)."""
+    """`F.linear(rows, weight, bias)` for [N, C] rows through oneDNN's fused-bias linear (in `_gemm_row_blocks`) on
+    CPU in bf16; None where it does not apply (oneDNN refuses strided rows or bias)."""
     if not (
         CPU_BF16_FUSED_BIAS
         and bias is not None
         and rows.device.type == "cpu"
         and rows.dtype == torch.bfloat16
+        and rows.shape[0] > 0
         and rows.is_contiguous()
         and weight.is_contiguous()
         and bias.is_contiguous()
@@ -340,10 +340,8 @@ def _fused_bias_linear(
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     ):
         return None
-    step = _gemm_row_block(rows)
     blocks = [
-        torch.ops.mkldnn._linear_pointwise(rows[start : start + step], weight, bias, "none", [], "")
-        for start in range(0, rows.shape[0], step)
+        torch.ops.mkldnn._linear_pointwise(rows[block], weight, bias, "none", [], "") for block in _gemm_row_blocks(rows)
     ]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
@@ -434,11 +432,12 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
     """Unmasked bf16 inference on CPU in eager mode; training keeps sdpa's memory-saving backward, and traced graphs
-    (compile, export) keep the fused op, which the `out=` writes and the Python loop would break."""
+    (compile, export) keep the fused op, which the `out=` writes and the Python loop would break; empty inputs too."""
     return (
         not is_tracing()
         and query.device.type == "cpu"
         and query.dtype == torch.bfloat16
+        and query.numel() > 0
         and attention_mask is None
         and dropout == 0.0
         and not torch.is_grad_enabled()

@@ -145,6 +145,15 @@ def test_cpu_bf16_attention_equals_unfused_bf16_attention_at_vit_length():
     assert torch.equal(modeling_evaclip.cpu_bf16_attention(query, key, value, 0.125), expected)
 
 
+def test_bf16_inference_mlp_takes_zero_tokens():
+    """The MLP called directly with no tokens (the model refuses empty inputs before) returns an empty result, as
+    `nn.Linear` does, instead of failing in the fused-bias matmul."""
+    mlp = _tiny_eva02().to(torch.bfloat16).vision_model.encoder.layers[0].mlp
+    with torch.no_grad():
+        assert mlp._use_inference_path(torch.zeros(0, 5, 32).bfloat16())
+        assert mlp(torch.zeros(0, 5, 32).bfloat16()).shape == (0, 5, 32)
+
+
 def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
     calls = []
     kernel = modeling_evaclip.cpu_bf16_attention
