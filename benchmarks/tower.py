@@ -363,6 +363,22 @@ def _addmm_bias() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "CPU_BF16_FUSED_BIAS", False, label
 
 
+def _unfused_swiglu() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = ("ours: tower, bf16 SwiGLU's SiLU and gating as separate passes instead of in the matmuls' epilogues "
+             "(ablation)")
+    return modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", False, label
+
+
+def _avx512_paths_on_amx() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = ("ours: tower, the AVX-512 CPU paths (row splits, per-head attention, MLP token blocks) also on an AMX CPU "
+             "(ablation; a no-op without AMX)")
+    return modeling_evaclip, "cpu_has_amx", lambda: False, label
+
+
 # Speed-ups switched off one at a time in the ablation contenders: name -> (object, attribute, replacement, label).
 ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_module_mlp": _module_mlp,
@@ -372,6 +388,8 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
     "ours_eva02_whole_gemms_bf16": _whole_gemms,
     "ours_eva02_addmm_bias_bf16": _addmm_bias,
+    "ours_eva02_unfused_swiglu_bf16": _unfused_swiglu,
+    "ours_eva02_avx512_paths_bf16": _avx512_paths_on_amx,
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
 COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp")
@@ -615,6 +633,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     with contextlib.suppress(ImportError):
+        from llava_evaclip.modeling_evaclip import cpu_has_amx
+
+        info["cpu_amx"] = cpu_has_amx()  # which CPU half-precision paths the tower takes
+    with contextlib.suppress(ImportError):
         import timm
 
         info["timm"] = timm.__version__
@@ -707,7 +729,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# EVA-CLIP tower benchmark ({report['device']})",
         "",
-        f"Machine: {where} ({machine.get('cpu_capability', '')}); torch {machine['torch']} "
+        f"Machine: {where} ({machine.get('cpu_capability', '')}{', AMX' if machine.get('cpu_amx') else ''}); "
+        f"torch {machine['torch']} "
         f"({machine['torch_threads']} threads), transformers "
         f"{machine['transformers']}, timm {machine.get('timm', 'n/a')}. Load average at start: "
         f"{', '.join(f'{x:.1f}' for x in machine.get('load_average', ()))}.",

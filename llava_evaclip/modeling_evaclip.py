@@ -279,22 +279,42 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-# Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache.
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs half-precision matmuls.
+    The CPU half-precision paths marked "AVX-512 CPUs only" below were measured where bf16 runs on AVX-512 (AMD Zen 4)
+    and step aside on AMX, where whole matmuls, torch's fused attention and the MLP over the whole batch are faster
+    (ablation `ours_eva02_avx512_paths_bf16` in benchmarks/tower.py)."""
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def _avx512_half(tensor: torch.Tensor) -> bool:
+    """A half-precision CPU tensor on a CPU without AMX: where the "AVX-512 CPUs only" paths pay."""
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16) and not cpu_has_amx()
+
+
+# Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache (fp32,
+# and half precision on AVX-512 CPUs only; on AMX the MLP of a batch runs whole).
 INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
 
-# Where the inference paths split a half-precision matmul on CPU. oneDNN's bf16 GEMM runs 8-14% slower on 577 or 578
-# rows (ViT-L/14-336's patches + CLS at batch 1) than as 512 + 65 rows, so a matmul of fewer than twice this many rows
-# is split after it; larger ones run whole (in 512-row blocks, batch 8's 4616 rows ran ~4% slower in the tower). fp32
-# (MKL) and GPUs always run whole (ablation `ours_eva02_whole_gemms_bf16` in benchmarks/tower.py).
+# Where the inference paths split a half-precision matmul on AVX-512 CPUs only. There oneDNN's bf16 GEMM runs 8-14%
+# slower on 577 or 578 rows (ViT-L/14-336's patches + CLS at batch 1) than as 512 + 65 rows, so a matmul of fewer than
+# twice this many rows is split after it; larger ones run whole (in 512-row blocks, batch 8's 4616 rows ran ~4% slower
+# in the tower). fp32 (MKL), AMX CPUs (where the split costs ~13%) and GPUs always run whole (ablation
+# `ours_eva02_whole_gemms_bf16` in benchmarks/tower.py).
 CPU_HALF_GEMM_ROWS = 512
 
 
 def _gemm_row_blocks(rows: torch.Tensor) -> list[slice]:
     """The row blocks the inference matmuls over [N, C] `rows` run as (see `CPU_HALF_GEMM_ROWS`). Each output row
-    depends on its input row alone, and the kernels sum over the inner dimension in the same order whatever the row
-    count, so the blocks give one matmul's bits (tested)."""
+    depends on its input row alone, and the AVX-512 kernels sum over the inner dimension in the same order whatever the
+    row count, so the blocks give one matmul's bits (tested)."""
     count, step = rows.shape[0], max(1, CPU_HALF_GEMM_ROWS)
-    if not (rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16) and count < 2 * step):
+    if not (_avx512_half(rows) and count < 2 * step):
         step = max(1, count)
     return [slice(start, start + step) for start in range(0, count, step)]
 
@@ -322,23 +342,26 @@ def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> Non
 CPU_BF16_FUSED_BIAS = True
 
 
+def _onednn_linear_applies(rows: torch.Tensor, *parameters: Optional[torch.Tensor]) -> bool:
+    """Whether oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) takes [N, C] `rows` with these weights and
+    biases (None for none): CPU bf16, a non-empty batch, contiguous tensors of one dtype (it refuses strided ones)."""
+    return (
+        rows.device.type == "cpu"
+        and rows.dtype == torch.bfloat16
+        and rows.shape[0] > 0
+        and rows.is_contiguous()
+        and all(p is None or (p.dtype == rows.dtype and p.is_contiguous()) for p in parameters)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
 def _fused_bias_linear(
     rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
     """`F.linear(rows, weight, bias)` for [N, C] rows through oneDNN's fused-bias linear (in `_gemm_row_blocks`) on
-    CPU in bf16; None where it does not apply (oneDNN refuses strided rows or bias)."""
-    if not (
-        CPU_BF16_FUSED_BIAS
-        and bias is not None
-        and rows.device.type == "cpu"
-        and rows.dtype == torch.bfloat16
-        and rows.shape[0] > 0
-        and rows.is_contiguous()
-        and weight.is_contiguous()
-        and bias.is_contiguous()
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    ):
+    CPU in bf16; None where it does not apply (`_onednn_linear_applies`, or no bias)."""
+    if not (CPU_BF16_FUSED_BIAS and bias is not None and _onednn_linear_applies(rows, weight, bias)):
         return None
     blocks = [
         torch.ops.mkldnn._linear_pointwise(rows[block], weight, bias, "none", [], "") for block in _gemm_row_blocks(rows)
@@ -407,9 +430,9 @@ CPU_SCORES_CHUNK_BYTES = 2 * 2**20
 def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """Unmasked bf16 inference attention on CPU, returned as [B, N, H, D]. One matmul per head reads q, k and v in
     place (the projections' [B, N, H * D] rows, no layout copies) and writes its output columns straight into the
-    result; the softmax runs in place over groups of heads whose scores fit in cache. torch's CPU flash kernel takes
-    ~1.5x as long in bf16 at ViT sequence lengths (benchmarks/tower.py). The probabilities are rounded to the input
-    dtype before `@ v`, as in eager attention and GPU flash attention."""
+    result; the softmax runs in place over groups of heads whose scores fit in cache. On AVX-512 CPUs torch's CPU flash
+    kernel takes ~1.5x as long in bf16 at ViT sequence lengths (benchmarks/tower.py; on AMX it is the faster one). The
+    probabilities are rounded to the input dtype before `@ v`, as in eager attention and GPU flash attention."""
     batch, heads, length, _ = query.shape
     out = query.new_empty(batch, length, heads, query.shape[-1])
     per_group = max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size()))
@@ -431,12 +454,13 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
-    """Unmasked bf16 inference on CPU in eager mode; training keeps sdpa's memory-saving backward, and traced graphs
-    (compile, export) keep the fused op, which the `out=` writes and the Python loop would break; empty inputs too."""
+    """Unmasked bf16 inference on AVX-512 CPUs only (on AMX torch's fused kernel is ~12% faster in the tower) in eager
+    mode; training keeps sdpa's memory-saving backward, and traced graphs (compile, export) keep the fused op, which
+    the `out=` writes and the Python loop would break; empty inputs too."""
     return (
         not is_tracing()
-        and query.device.type == "cpu"
         and query.dtype == torch.bfloat16
+        and _avx512_half(query)
         and query.numel() > 0
         and attention_mask is None
         and dropout == 0.0
@@ -665,15 +689,42 @@ def _aligned_gate_up(
     return gate, up
 
 
+# CPU bf16 SwiGLU runs its SiLU and its gating multiply in the epilogues of the two input matmuls (oneDNN's "swish"
+# and binary "mul" post-ops), block by block (`_gemm_row_blocks`): two passes over the hidden activations fewer,
+# ~12% off the MLP's input half at EVA02-L's batch-1 shape. The gate is rounded to bf16 once (after the SiLU) instead
+# of twice, so the result is not the module calls' bits but at least as close to an fp64 reference (tested). False
+# keeps the separate passes (ablation `ours_eva02_unfused_swiglu_bf16` in benchmarks/tower.py).
+CPU_BF16_FUSED_SWIGLU = True
+
+
+def _fused_swiglu(
+    rows: torch.Tensor, gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+) -> Optional[torch.Tensor]:
+    """`silu(rows @ gate_weight.T + gate_bias) * (rows @ up_weight.T + up_bias)` for [N, C] rows with the SiLU and
+    the multiply in oneDNN's epilogues; None where `_onednn_linear_applies` does not hold."""
+    if not (CPU_BF16_FUSED_SWIGLU and _onednn_linear_applies(rows, gate_weight, gate_bias, up_weight, up_bias)):
+        return None
+    linear = torch.ops.mkldnn._linear_pointwise
+    blocks = []
+    for block in _gemm_row_blocks(rows):
+        gate = linear(rows[block], gate_weight, gate_bias, "swish", [], "")
+        blocks.append(linear.binary(rows[block], gate, up_weight, up_bias, "mul"))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
 def _aligned_gated_linear(
     x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], up_weight: torch.Tensor,
     up_bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """`silu(x @ gate_weight.T + gate_bias) * (x @ up_weight.T + up_bias)` over the last dimension of `x`, through
-    the row-aligned buffer of `_aligned_gate_up`."""
+    the row-aligned buffer of `_aligned_gate_up` (or `_fused_swiglu` where it applies)."""
     rows = x.reshape(-1, x.shape[-1])
-    gate, up = _aligned_gate_up(rows, gate_weight, gate_bias, up_weight, up_bias)
-    return F.silu(gate).mul_(up).view(*x.shape[:-1], gate_weight.shape[0])
+    hidden = _fused_swiglu(rows, gate_weight, gate_bias, up_weight, up_bias)
+    if hidden is None:
+        gate, up = _aligned_gate_up(rows, gate_weight, gate_bias, up_weight, up_bias)
+        hidden = F.silu(gate).mul_(up)
+    return hidden.view(*x.shape[:-1], gate_weight.shape[0])
 
 
 def _aligned_gated_linear_fake(
@@ -770,7 +821,12 @@ class EvaCLIPMLP(nn.Module):
         return plain_inference_linears(hidden_states, (self.fc1, self.fc1_up, self.fc2))
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
-        """`act(fc1(x)) * fc1_up(x)` for [N, C] rows through `_aligned_gate_up`'s row-aligned buffer."""
+        """`act(fc1(x)) * fc1_up(x)` for [N, C] rows: `_fused_swiglu` for SiLU where it applies, else through
+        `_aligned_gate_up`'s row-aligned buffer."""
+        if self.config.hidden_act in ("silu", "swish"):
+            hidden = _fused_swiglu(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
+            if hidden is not None:
+                return hidden
         gate, up = _aligned_gate_up(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         return self.activation_fn(gate).mul_(up)
 
@@ -791,6 +847,8 @@ class EvaCLIPMLP(nn.Module):
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
         step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
+        if rows.dtype in (torch.bfloat16, torch.float16) and rows.device.type == "cpu" and cpu_has_amx():
+            step = rows.shape[0]  # whole: blocks cost ~10% at batch 8 on AMX
         if step >= rows.shape[0]:  # one block: fc2 into a new tensor, with the fused bias where it applies
             out = _linear_rows(self._hidden(rows, direct=True), self.fc2)
             return out.view(*hidden_states.shape[:-1], self.fc2.out_features)

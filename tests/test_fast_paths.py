@@ -38,6 +38,15 @@ sys.path.insert(0, REPO_ROOT)
 from benchmarks import tower as bench  # noqa: E402
 
 ATOL = 1e-5
+AMX_PROBE = modeling_evaclip.cpu_has_amx  # the real probe; `avx512_cpu` below patches the module attribute
+
+
+@pytest.fixture(autouse=True)
+def avx512_cpu(monkeypatch):
+    """The CPU half-precision paths tuned for AVX-512 CPUs (row splits, per-head attention, MLP token blocks) step
+    aside on AMX CPUs; these tests exercise them as an AVX-512 CPU runs them, whatever this machine has.
+    `test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp` covers the AMX dispatch."""
+    monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: False)
 
 
 def _eager_twin(model: EvaCLIPVisionModel) -> EvaCLIPVisionModel:
@@ -154,6 +163,41 @@ def test_bf16_inference_mlp_takes_zero_tokens():
         assert mlp(torch.zeros(0, 5, 32).bfloat16()).shape == (0, 5, 32)
 
 
+def test_amx_probe_is_torchs():
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    assert AMX_PROBE() is (bool(probe()) if probe is not None else False)
+
+
+def test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp(monkeypatch):
+    """On an AMX CPU the AVX-512 paths step aside: a 34-row bf16 matmul runs whole even below the split point, sdpa
+    takes torch's fused kernel, and the MLP runs the batch as one block whatever `INFERENCE_MLP_BLOCK_BYTES` says,
+    with the same results as the AVX-512 paths (fused and per-head attention within bf16 rounding)."""
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
+    model = _tiny_eva02(intermediate_size=43).to(torch.bfloat16)
+    layer = model.vision_model.encoder.layers[0]
+    tokens = torch.randn(2, 17, 32).bfloat16()
+    rows = tokens.reshape(-1, 32)
+    calls = []
+    kernel = modeling_evaclip.cpu_bf16_attention
+    monkeypatch.setattr(modeling_evaclip, "cpu_bf16_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 3 * 43 * 2 * 2)  # 3-token blocks
+    with torch.no_grad():
+        assert len(modeling_evaclip._gemm_row_blocks(rows)) == 2
+        avx512_mlp_calls = _matmul_calls(lambda: layer.mlp(tokens), width=32)
+        avx512 = layer(tokens)[0]
+        assert calls == [1]
+        monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: True)
+        assert modeling_evaclip._gemm_row_blocks(rows) == [slice(0, 34)]
+        assert modeling_evaclip._gemm_row_blocks(rows.float()) == [slice(0, 34)]
+        amx_mlp_calls = _matmul_calls(lambda: layer.mlp(tokens), width=32)
+        amx = layer(tokens)[0]
+        assert calls == [1]  # the fused kernel, not the per-head one
+        exact = copy.deepcopy(layer).double()(tokens.double())[0]
+    assert (avx512_mlp_calls, amx_mlp_calls) == (3 * 12, 3)  # gate, up, fc2 per 3-token block (2 x 17 = 12 blocks)
+    errors = _relative_error(amx, exact), _relative_error(avx512, exact)
+    assert max(errors) < 2**-7, errors  # both ~1 bf16 unit roundoff (2**-8) from the fp64 layer
+
+
 def test_sdpa_uses_the_cpu_bf16_kernel_only_for_unmasked_inference(monkeypatch):
     calls = []
     kernel = modeling_evaclip.cpu_bf16_attention
@@ -177,6 +221,18 @@ def _swiglu_reference(mlp: EvaCLIPMLP, x: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(mlp.ffn_ln(hidden))
 
 
+def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).norm() / exact.norm()).item()
+
+
+def _assert_as_exact(got: torch.Tensor, baseline: torch.Tensor, exact: torch.Tensor) -> None:
+    """`got` (a fused bf16 path, which rounds fewer intermediates) is no farther from the fp64 result `exact` than
+    `baseline` (the module calls in bf16)."""
+    assert got.shape == baseline.shape == exact.shape and got.dtype == baseline.dtype
+    assert _relative_error(got, exact) <= _relative_error(baseline, exact), (
+        _relative_error(got, exact), _relative_error(baseline, exact))
+
+
 @pytest.mark.parametrize("intermediate_size", [64, 43])  # 43: rows padded to 48 floats, as EVA02-L's 2730 to 2736
 def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediate_size):
     torch.manual_seed(0)
@@ -188,7 +244,8 @@ def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediat
         torch.testing.assert_close(mlp(x), expected, atol=ATOL, rtol=0)
         half = copy.deepcopy(mlp).to(torch.bfloat16)
         assert half._use_inference_path(x.bfloat16())
-        torch.testing.assert_close(half(x.bfloat16()), _swiglu_reference(half, x.bfloat16()))  # bf16 tolerances
+        exact = _swiglu_reference(copy.deepcopy(mlp).double(), x.double())
+        _assert_as_exact(half(x.bfloat16()), _swiglu_reference(half, x.bfloat16()), exact)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not mlp._use_inference_path(x)  # out= matmuls are not autocast
         assert not mlp._use_inference_path(x.double())  # weights in another dtype keep the module calls
@@ -221,7 +278,8 @@ def test_aligned_swiglu_equals_two_matmuls_and_stays_out_of_training(intermediat
 @pytest.mark.parametrize("family", ["eva02", "eva01"])
 def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, family, block_tokens, dtype):
     """Blocks of 3 tokens over 2 x 17 (the last block short), or one block (fc2 into a new tensor), for SwiGLU +
-    sub-LN and for the plain GELU MLP; in bf16 the direct matmuls give the module calls' bits."""
+    sub-LN and for the plain GELU MLP; in bf16 the direct matmuls give the module calls' bits, except the fused
+    SwiGLU, which is at least as exact."""
     torch.manual_seed(0)
     mlp = _randomize(EvaCLIPMLP(tiny_vision_config(family, intermediate_size=43))).to(dtype)
     x = torch.randn(2, 17, 32).to(dtype)
@@ -238,8 +296,15 @@ def test_inference_mlp_in_token_blocks_equals_the_module_calls(monkeypatch, fami
         mlp.fc2._forward_pre_hooks.clear()
         assert mlp._use_inference_path(x)
         got = mlp(x)
+        if family == "eva02" and dtype == torch.bfloat16:  # `_fused_swiglu`; the separate passes give the bits
+            monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", False)
+            unfused = mlp(x)
+            exact = copy.deepcopy(mlp).double()(x.double())
     assert got.shape == expected.shape and got.is_contiguous()
-    if dtype == torch.bfloat16:
+    if family == "eva02" and dtype == torch.bfloat16:
+        assert torch.equal(unfused, expected)
+        _assert_as_exact(got, expected, exact)
+    elif dtype == torch.bfloat16:
         assert torch.equal(got, expected)
     else:
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
@@ -268,7 +333,14 @@ def _matmul_calls(fn, width: int | None = None) -> int:
     calls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm", FUSED_LINEAR)]
     if width is None:
         return len(calls)
-    return sum(width in event.input_shapes[1 if event.name != "aten::addmm" else 2] for event in calls)
+    return sum(width in _weight_shape(event) for event in calls)
+
+
+def _weight_shape(event) -> list[int]:
+    """The weight's (second operand's) shape in a profiled matmul: after the bias of `addmm`, after `other` in the
+    fused linear's binary overload (X, other, W, B, attr)."""
+    binary = event.name == FUSED_LINEAR and len(event.input_shapes) == 5
+    return event.input_shapes[2 if event.name == "aten::addmm" or binary else 1]
 
 
 FUSED_LINEAR = "mkldnn::_linear_pointwise"  # `_fused_bias_linear`: oneDNN's linear with the bias in its epilogue
@@ -315,6 +387,44 @@ def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkey
             assert modeling_evaclip._fused_bias_linear(x, layer.weight, layer.bias) is None
             assert torch.equal(modeling_evaclip._linear_rows(x, layer), expected)
             monkeypatch.undo()
+
+
+@pytest.mark.parametrize("rows", [34, 2100])  # one block: below CPU_HALF_GEMM_ROWS and above twice it
+def test_fused_swiglu_rounds_once_and_steps_aside_where_it_must(monkeypatch, rows):
+    """CPU bf16 SwiGLU with the SiLU and the gating multiply in oneDNN's epilogues: no separate pass, each product
+    rounded to bf16 once (the gate after its SiLU, the output after the multiply), never farther from fp64 than the
+    module calls, the same bits when split in row blocks; fp32, strided inputs, the switch off and a torch without
+    oneDNN get None (the caller's separate passes)."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN linear")
+    torch.manual_seed(0)
+    x, gate_weight, gate_bias, up_weight, up_bias = (
+        tensor.bfloat16()
+        for tensor in (torch.randn(rows, 64), torch.randn(48, 64) / 8, torch.randn(48), torch.randn(48, 64) / 8,
+                       torch.randn(48))
+    )
+    args = (x, gate_weight, gate_bias, up_weight, up_bias)
+    with torch.no_grad():
+        with torch.profiler.profile() as profile:
+            fused = modeling_evaclip._fused_swiglu(*args)
+        names = {event.name for event in profile.events()}
+        assert FUSED_LINEAR in names and not names & {"aten::silu", "aten::mul", "aten::mul_", "aten::addmm"}
+        gate = F.silu(F.linear(x.float(), gate_weight.float(), gate_bias.float())).bfloat16()
+        once = (F.linear(x.float(), up_weight.float(), up_bias.float()) * gate.float()).bfloat16()
+        torch.testing.assert_close(fused, once)  # bf16 tolerances: the fp32 sums run in another order
+        exact = _gated_reference(*(tensor.double() for tensor in args))
+        _assert_as_exact(fused, _gated_reference(*args), exact)
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", rows // 2 + 1)  # split in two (AVX-512 CPUs)
+        assert len(modeling_evaclip._gemm_row_blocks(x)) == 2
+        assert torch.equal(modeling_evaclip._fused_swiglu(*args), fused)
+        assert modeling_evaclip._fused_swiglu(*(tensor.float() for tensor in args)) is None
+        strided = torch.stack((x, x), dim=-1).flatten(-2)[..., ::2]
+        assert torch.equal(strided, x) and modeling_evaclip._fused_swiglu(strided, *args[1:]) is None
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", False)
+        assert modeling_evaclip._fused_swiglu(*args) is None
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", True)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        assert modeling_evaclip._fused_swiglu(*args) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -437,7 +547,8 @@ def test_aligned_gated_linear_op_passes_opcheck_and_equals_the_reference(bias, s
         assert got.shape == (*shape, 43) and got.is_contiguous()
         torch.testing.assert_close(got, _gated_reference(*inputs), atol=ATOL, rtol=0)
     half = [t.bfloat16() if t is not None else None for t in _gated_inputs(torch.float32, bias=bias, shape=shape)]
-    torch.testing.assert_close(op(*half), _gated_reference(*half))  # bf16 tolerances; rows padded to 64 values
+    exact = _gated_reference(*(t.double() if t is not None else None for t in half))
+    _assert_as_exact(op(*half), _gated_reference(*half), exact)  # CPU bf16: `_fused_swiglu`, which rounds once
 
 
 @needs_custom_op
