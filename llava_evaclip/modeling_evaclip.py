@@ -283,8 +283,9 @@ def _autocast_enabled(device_type: str) -> bool:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs half-precision matmuls.
     The CPU half-precision paths marked "AVX-512 CPUs only" below were measured where bf16 runs on AVX-512 (AMD Zen 4)
-    and step aside on AMX, where whole matmuls, torch's fused attention and the MLP over the whole batch are faster
-    (ablation `ours_eva02_avx512_paths_bf16` in benchmarks/tower.py)."""
+    and run on every CPU without AMX, as before AMX was measured; they step aside on AMX, where whole matmuls, torch's
+    fused attention and the MLP over the whole batch are faster (ablation `ours_eva02_avx512_paths_bf16` in
+    benchmarks/tower.py)."""
     probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     try:
         return bool(probe()) if probe is not None else False
@@ -293,7 +294,7 @@ def cpu_has_amx() -> bool:
 
 
 def _avx512_half(tensor: torch.Tensor) -> bool:
-    """A half-precision CPU tensor on a CPU without AMX: where the "AVX-512 CPUs only" paths pay."""
+    """A half-precision CPU tensor on a CPU without AMX: where the "AVX-512 CPUs only" paths run."""
     return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16) and not cpu_has_amx()
 
 
