@@ -293,9 +293,13 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def _cpu_half(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
+
+
 def _avx512_half(tensor: torch.Tensor) -> bool:
     """A half-precision CPU tensor on a CPU without AMX: where the "AVX-512 CPUs only" paths run."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16) and not cpu_has_amx()
+    return _cpu_half(tensor) and not cpu_has_amx()
 
 
 # Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache (fp32,
@@ -822,12 +826,10 @@ class EvaCLIPMLP(nn.Module):
         return plain_inference_linears(hidden_states, (self.fc1, self.fc1_up, self.fc2))
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
-        """`act(fc1(x)) * fc1_up(x)` for [N, C] rows: `_fused_swiglu` for SiLU where it applies, else through
-        `_aligned_gate_up`'s row-aligned buffer."""
+        """`act(fc1(x)) * fc1_up(x)` for [N, C] rows: `_aligned_gated_linear` for SiLU (fused where it applies), else
+        through `_aligned_gate_up`'s row-aligned buffer."""
         if self.config.hidden_act in ("silu", "swish"):
-            hidden = _fused_swiglu(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
-            if hidden is not None:
-                return hidden
+            return _aligned_gated_linear(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         gate, up = _aligned_gate_up(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         return self.activation_fn(gate).mul_(up)
 
@@ -848,7 +850,7 @@ class EvaCLIPMLP(nn.Module):
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
         step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
-        if rows.dtype in (torch.bfloat16, torch.float16) and rows.device.type == "cpu" and cpu_has_amx():
+        if _cpu_half(rows) and cpu_has_amx():
             step = rows.shape[0]  # whole: blocks cost ~10% at batch 8 on AMX
         if step >= rows.shape[0]:  # one block: fc2 into a new tensor, with the fused bias where it applies
             out = _linear_rows(self._hidden(rows, direct=True), self.fc2)
