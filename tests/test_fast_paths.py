@@ -742,10 +742,13 @@ def test_tower_fast_path_matches_timm_eva02():
     torch.testing.assert_close(last[model.config.num_hidden_layers], blocks[-1], atol=ATOL, rtol=0)
 
 
-def test_bf16_tower_with_split_matmuls_matches_timm_eva02(monkeypatch):
-    """bf16 inference with every matmul split (34 rows as 20 + 14) against timm's independent EVA-02 holding the same
-    bf16-rounded weights in fp32: every layer within bf16 rounding."""
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, amx):
+    """bf16 inference against timm's independent EVA-02 holding the same bf16-rounded weights in fp32, every layer
+    within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14; per-head attention) and
+    as an AMX CPU does (whole matmuls, torch's fused attention); both with the fused SwiGLU."""
     monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
+    monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: amx)
     model = _tiny_eva02(intermediate_size=85).to(torch.bfloat16)  # timm's SwiGLU width: int(32 * 4 * 2 / 3)
     reference = _timm_twin(model.float()).float()
     model.to(torch.bfloat16)
