@@ -347,9 +347,24 @@ def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> Non
 CPU_BF16_FUSED_BIAS = True
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16, AMX, or AVX-512 BW/VL/DQ; torch's own check, the one
+    inductor's CPU backend asks). Without them (AVX2-only CPUs such as AMD Zen 3) oneDNN refuses bf16 linears
+    ("could not create a primitive descriptor") and torch's bf16 matmuls run its portable kernels."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def _onednn_linear_applies(rows: torch.Tensor, *parameters: Optional[torch.Tensor]) -> bool:
     """Whether oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) takes [N, C] `rows` with these weights and
-    biases (None for none): CPU bf16, a non-empty batch, contiguous tensors of one dtype (it refuses strided ones)."""
+    biases (None for none): CPU bf16 on a CPU oneDNN has bf16 kernels for, a non-empty batch, contiguous tensors of
+    one dtype (it refuses strided ones)."""
     return (
         rows.device.type == "cpu"
         and rows.dtype == torch.bfloat16
@@ -357,7 +372,7 @@ def _onednn_linear_applies(rows: torch.Tensor, *parameters: Optional[torch.Tenso
         and rows.is_contiguous()
         and all(p is None or (p.dtype == rows.dtype and p.is_contiguous()) for p in parameters)
         and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and cpu_has_onednn_bf16()
     )
 
 

@@ -344,6 +344,35 @@ def _weight_shape(event) -> list[int]:
 
 
 FUSED_LINEAR = "mkldnn::_linear_pointwise"  # `_fused_bias_linear`: oneDNN's linear with the bias in its epilogue
+ONEDNN_BF16 = modeling_evaclip.cpu_has_onednn_bf16()
+NO_ONEDNN_BF16 = "oneDNN has no bf16 kernels for this CPU (AVX2 only), or this torch has no oneDNN linear"
+
+
+def test_onednn_bf16_probe_is_torchs():
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert ONEDNN_BF16 is bool(usable and probe is not None and probe())
+
+
+def test_cpus_without_onednn_bf16_keep_addmm(monkeypatch):
+    """On a CPU oneDNN has no bf16 kernels for (AVX2 only: its linear refuses bf16 there), the fused-bias linear and
+    the fused SwiGLU step aside and bf16 inference gives the bits of the module calls, through `addmm` alone."""
+    monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_bf16", lambda: False)
+    model = _tiny_eva02(intermediate_size=43).to(torch.bfloat16)
+    pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
+    rows = torch.randn(34, 32).bfloat16()
+    mlp = model.vision_model.encoder.layers[0].mlp
+    with torch.no_grad():
+        assert modeling_evaclip._fused_bias_linear(rows, mlp.fc1.weight, mlp.fc1.bias) is None
+        assert modeling_evaclip._fused_swiglu(rows, mlp.fc1.weight, mlp.fc1.bias, mlp.fc1_up.weight, mlp.fc1_up.bias) is None
+        with torch.profiler.profile() as profile:
+            got = model(pixel_values, output_hidden_states=True).hidden_states
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", False)
+        monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", False)
+        expected = model(pixel_values, output_hidden_states=True).hidden_states
+    assert not any(event.name == FUSED_LINEAR for event in profile.events())
+    for state, reference in zip(got, expected, strict=True):
+        assert torch.equal(state, reference)
 
 
 @pytest.mark.parametrize("rows", [34, 2100])  # one block: below CPU_HALF_GEMM_ROWS and above twice it
@@ -351,8 +380,8 @@ def test_fused_bias_linear_gives_addmm_bits_and_steps_aside_where_it_must(monkey
     """CPU bf16 matmuls into new tensors take oneDNN's linear with the bias in its epilogue, split ones block by
     block: the bits of `F.linear` (addmm); fp32, bias-free layers, the switch off and a torch without oneDNN keep
     `addmm`."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN linear")
+    if not ONEDNN_BF16:
+        pytest.skip(NO_ONEDNN_BF16)
     torch.manual_seed(0)
     layer = nn.Linear(64, 48).bfloat16()
     x = torch.randn(rows, 64).bfloat16()
@@ -395,8 +424,8 @@ def test_fused_swiglu_rounds_once_and_steps_aside_where_it_must(monkeypatch, row
     rounded to bf16 once (the gate after its SiLU, the output after the multiply), never farther from fp64 than the
     module calls, the same bits when split in row blocks; fp32, strided inputs, the switch off and a torch without
     oneDNN get None (the caller's separate passes)."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN linear")
+    if not ONEDNN_BF16:
+        pytest.skip(NO_ONEDNN_BF16)
     torch.manual_seed(0)
     x, gate_weight, gate_bias, up_weight, up_bias = (
         tensor.bfloat16()
@@ -470,8 +499,8 @@ def test_bf16_tower_with_split_matmuls_equals_whole_matmuls(monkeypatch):
 def test_bf16_tower_with_fused_bias_linears_equals_addmm(monkeypatch):
     """The EVA-02 tower in bf16 inference, its whole matmuls through oneDNN's fused-bias linear, gives every hidden
     state bit for bit as with `addmm` (itself checked against timm above), and really takes the fused op."""
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN linear")
+    if not ONEDNN_BF16:
+        pytest.skip(NO_ONEDNN_BF16)
     model = _tiny_eva02().to(torch.bfloat16)
     pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
     with torch.no_grad():
