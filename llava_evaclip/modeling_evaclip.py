@@ -283,9 +283,8 @@ def _autocast_enabled(device_type: str) -> bool:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs half-precision matmuls.
     The CPU half-precision paths marked "AVX-512 CPUs only" below were measured where bf16 runs on AVX-512 (AMD Zen 4)
-    and run on every CPU without AMX, as before AMX was measured; they step aside on AMX, where whole matmuls, torch's
-    fused attention and the MLP over the whole batch are faster (ablation `ours_eva02_avx512_paths_bf16` in
-    benchmarks/tower.py)."""
+    and step aside on AMX, where whole matmuls, torch's fused attention and the MLP over the whole batch are faster
+    (`cpu_half_kernels`; ablation `ours_eva02_avx512_paths_bf16` in benchmarks/tower.py)."""
     probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     try:
         return bool(probe()) if probe is not None else False
@@ -297,13 +296,41 @@ def _cpu_half(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_half_kernels(dtype: torch.dtype) -> str:
+    """Which kernels run this CPU's matmuls in half-precision `dtype`, which decides the CPU inference paths:
+    "amx" (oneDNN on AMX tiles: whole matmuls, torch's fused attention, the MLP over the whole batch), "avx512"
+    (oneDNN on AVX-512: the paths marked "AVX-512 CPUs only" below, measured on AMD Zen 4), or "portable" (no oneDNN
+    kernels for `dtype`, e.g. bf16 on AVX2-only CPUs: torch's portable kernels, which the inference paths replace by
+    fp32 matmuls, `_half_matmul_in_fp32`)."""
+    native = cpu_has_onednn_bf16() if dtype == torch.bfloat16 else cpu_has_onednn_fp16()
+    if not native:
+        return "portable"
+    return "amx" if cpu_has_amx() else "avx512"
+
+
 def _avx512_half(tensor: torch.Tensor) -> bool:
-    """A half-precision CPU tensor on a CPU without AMX: where the "AVX-512 CPUs only" paths run."""
-    return _cpu_half(tensor) and not cpu_has_amx()
+    """A half-precision CPU tensor whose matmuls run on oneDNN's AVX-512 kernels: where the "AVX-512 CPUs only" paths
+    run."""
+    return _cpu_half(tensor) and cpu_half_kernels(tensor.dtype) == "avx512"
+
+
+# On CPUs oneDNN has no kernels for in a half-precision dtype (bf16 on AVX2-only CPUs such as AMD Zen 3; fp16 without
+# AVX512-FP16 or AMX-FP16), torch runs half-precision matmuls in its portable kernels: measured on a Zen 3, 6.6x (bf16)
+# and 5.3x (fp16) the time of MKL's fp32 GEMM on the same operands. There the inference paths compute them in fp32 and
+# round once into the half-precision output: the same products summed in fp32 as torch's kernel sums them (in
+# another order), as close to fp64 (tested). False keeps torch's kernels (ablation `ours_eva02_half_matmuls_native_bf16`
+# in benchmarks/tower.py).
+CPU_HALF_MATMULS_IN_FP32 = True
+
+
+def _half_matmul_in_fp32(rows: torch.Tensor) -> bool:
+    """Whether the inference matmuls over half-precision CPU `rows` run in fp32 (`CPU_HALF_MATMULS_IN_FP32`)."""
+    return CPU_HALF_MATMULS_IN_FP32 and _cpu_half(rows) and cpu_half_kernels(rows.dtype) == "portable"
 
 
 # Hidden activations per block of tokens in the MLP's inference path: small enough to stay in the CPU's cache (fp32,
-# and half precision on AVX-512 CPUs only; on AMX the MLP of a batch runs whole).
+# and half precision on AVX-512 CPUs only; elsewhere the MLP of a half-precision batch runs whole).
 INFERENCE_MLP_BLOCK_BYTES = 16 * 2**20
 
 # Where the inference paths split a half-precision matmul on AVX-512 CPUs only. There oneDNN's bf16 GEMM runs 8-14%
@@ -326,7 +353,10 @@ def _gemm_row_blocks(rows: torch.Tensor) -> list[slice]:
 
 def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride), in
-    `_gemm_row_blocks`."""
+    `_gemm_row_blocks`, or as one fp32 matmul where `_half_matmul_in_fp32` holds."""
+    if _half_matmul_in_fp32(rows):
+        out.copy_(F.linear(rows.float(), weight.float(), None if bias is None else bias.float()))
+        return
     for block in _gemm_row_blocks(rows):
         if bias is None:
             torch.mm(rows[block], weight.t(), out=out[block])
@@ -347,18 +377,28 @@ def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> Non
 CPU_BF16_FUSED_BIAS = True
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_onednn_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BF16, AMX, or AVX-512 BW/VL/DQ; torch's own check, the one
-    inductor's CPU backend asks). Without them (AVX2-only CPUs such as AMD Zen 3) oneDNN refuses bf16 linears
-    ("could not create a primitive descriptor") and torch's bf16 matmuls run its portable kernels."""
+def _onednn_probe(name: str) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    probe = getattr(torch.ops.mkldnn, name, None)
     try:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 BW/VL/DQ, AVX-512 BF16 or AMX; torch's own check, the one
+    inductor's CPU backend asks). Without them (AVX2-only CPUs such as AMD Zen 3) oneDNN refuses bf16 linears
+    ("could not create a primitive descriptor") and torch's bf16 matmuls run its portable kernels."""
+    return _onednn_probe("_is_mkldnn_bf16_supported")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_onednn_fp16() -> bool:
+    """Whether oneDNN has fp16 kernels for this CPU (AVX512-FP16 or AMX-FP16; torch's own check)."""
+    return _onednn_probe("_is_mkldnn_fp16_supported")
 
 
 def _onednn_linear_applies(rows: torch.Tensor, *parameters: Optional[torch.Tensor]) -> bool:
@@ -865,8 +905,8 @@ class EvaCLIPMLP(nn.Module):
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         hidden_bytes = self.fc1.out_features * rows.element_size() * (2 if self.fc1_up is not None else 1)
         step = max(1, INFERENCE_MLP_BLOCK_BYTES // hidden_bytes)
-        if _cpu_half(rows) and cpu_has_amx():
-            step = rows.shape[0]  # whole: blocks cost ~10% at batch 8 on AMX
+        if _cpu_half(rows) and not _avx512_half(rows):
+            step = rows.shape[0]  # whole: blocks cost ~10% at batch 8 on AMX; in fp32 each would widen the weights
         if step >= rows.shape[0]:  # one block: fc2 into a new tensor, with the fused bias where it applies
             out = _linear_rows(self._hidden(rows, direct=True), self.fc2)
             return out.view(*hidden_states.shape[:-1], self.fc2.out_features)

@@ -16,6 +16,7 @@ The benchmark is only smoke-tested (`--quick`): it must run and write valid resu
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import sys
@@ -38,15 +39,18 @@ sys.path.insert(0, REPO_ROOT)
 from benchmarks import tower as bench  # noqa: E402
 
 ATOL = 1e-5
-AMX_PROBE = modeling_evaclip.cpu_has_amx  # the real probe; `avx512_cpu` below patches the module attribute
+AMX_PROBE = modeling_evaclip.cpu_has_amx  # the real probes; `avx512_cpu` below patches the dispatch
+HALF_KERNELS = modeling_evaclip.cpu_half_kernels
 
 
 @pytest.fixture(autouse=True)
 def avx512_cpu(monkeypatch):
     """The CPU half-precision paths tuned for AVX-512 CPUs (row splits, per-head attention, MLP token blocks) step
-    aside on AMX CPUs; these tests exercise them as an AVX-512 CPU runs them, whatever this machine has.
-    `test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp` covers the AMX dispatch."""
-    monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: False)
+    aside on AMX CPUs and where torch has only portable half-precision kernels (AVX2); these tests exercise them as an
+    AVX-512 CPU runs them, whatever this machine has (oneDNN's fused ops still ask the real probe).
+    `test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp` and
+    `test_cpus_with_portable_half_kernels_run_matmuls_in_fp32` cover the other dispatches."""
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "avx512")
 
 
 def _eager_twin(model: EvaCLIPVisionModel) -> EvaCLIPVisionModel:
@@ -168,6 +172,62 @@ def test_amx_probe_is_torchs():
     assert AMX_PROBE() is (bool(probe()) if probe is not None else False)
 
 
+def test_half_kernel_dispatch_follows_torchs_probes(monkeypatch):
+    """bf16 runs on oneDNN's AMX or AVX-512 kernels where torch says oneDNN has bf16 kernels, fp16 where it says so for
+    fp16; otherwise on torch's portable kernels."""
+    for bf16, fp16, amx in itertools.product((False, True), repeat=3):
+        monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_bf16", lambda: bf16)
+        monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_fp16", lambda: fp16)
+        monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: amx)
+        HALF_KERNELS.cache_clear()
+        native = "amx" if amx else "avx512"
+        assert (HALF_KERNELS(torch.bfloat16), HALF_KERNELS(torch.float16)) == (
+            native if bf16 else "portable", native if fp16 else "portable")
+    HALF_KERNELS.cache_clear()
+    monkeypatch.undo()
+    mkldnn = torch.ops.mkldnn
+    bf16, fp16 = (bool(torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+                       and getattr(mkldnn, name, lambda: False)())
+                  for name in ("_is_mkldnn_bf16_supported", "_is_mkldnn_fp16_supported"))
+    assert (modeling_evaclip.cpu_has_onednn_bf16(), modeling_evaclip.cpu_has_onednn_fp16()) == (bf16, fp16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpus_with_portable_half_kernels_run_matmuls_in_fp32(monkeypatch, dtype):
+    """Where torch has only portable kernels for a half-precision dtype (no oneDNN kernels: bf16 on AVX2), the
+    inference matmuls run as one fp32 matmul rounded once: exactly `F.linear` in fp32 rounded to `dtype`, within half
+    a unit in the last place of the fp64 result (plus the fp32 sum's error), never split; switched off they are torch's
+    kernel's bits again."""
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "portable")
+    monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_bf16", lambda: False)
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 10)
+    torch.manual_seed(0)
+    rows, weight, bias = torch.randn(300, 96), torch.randn(80, 96) / 10, torch.randn(80)
+    exact = F.linear(rows.to(dtype).double(), weight.to(dtype).double(), bias.to(dtype).double())
+    rows, weight, bias = rows.to(dtype), weight.to(dtype), bias.to(dtype)
+    for layer_bias in (bias, None):
+        out = torch.empty(300, 80, dtype=dtype)
+        with torch.profiler.profile(record_shapes=True) as profile:
+            modeling_evaclip._addmm_into(rows, weight, layer_bias, out)
+        matmuls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm")]
+        row_operands = [event.input_shapes[0 if event.name == "aten::mm" else 1] for event in matmuls]
+        assert row_operands == [[300, 96]]  # one matmul, not 30 blocks of 10 rows
+        wide = F.linear(rows.float(), weight.float(), None if layer_bias is None else layer_bias.float())
+        assert torch.equal(out, wide.to(dtype))
+    assert modeling_evaclip._half_matmul_in_fp32(rows) and not modeling_evaclip._half_matmul_in_fp32(rows.float())
+    # rounded once from an fp32 sum: within half a unit in the last place of `dtype` of the fp64 result, plus the fp32
+    # accumulation's own error bound (96 products: 96 * 2**-24 of the sum of their magnitudes)
+    out = torch.empty(300, 80, dtype=dtype)
+    modeling_evaclip._addmm_into(rows, weight, bias, out)
+    _, exponent = torch.frexp(exact)
+    half_ulp = torch.ldexp(torch.ones_like(exact), exponent - (8 if dtype == torch.bfloat16 else 11) - 1)
+    magnitude = F.linear(rows.double().abs(), weight.double().abs(), bias.double().abs())
+    assert ((out.double() - exact).abs() <= half_ulp + 96 * 2**-24 * magnitude).all()
+    monkeypatch.setattr(modeling_evaclip, "CPU_HALF_MATMULS_IN_FP32", False)
+    modeling_evaclip._addmm_into(rows, weight, bias, out)
+    assert torch.equal(out, F.linear(rows, weight, bias))
+
+
 def test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp(monkeypatch):
     """On an AMX CPU the AVX-512 paths step aside: a 34-row bf16 matmul runs whole even below the split point, sdpa
     takes torch's fused kernel, and the MLP runs the batch as one block whatever `INFERENCE_MLP_BLOCK_BYTES` says,
@@ -186,7 +246,7 @@ def test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp(monkeypatch):
         avx512_mlp_calls = _matmul_calls(lambda: layer.mlp(tokens), width=32)
         avx512 = layer(tokens)[0]
         assert calls == [1]
-        monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: True)
+        monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "amx")
         assert modeling_evaclip._gemm_row_blocks(rows) == [slice(0, 34)]
         assert modeling_evaclip._gemm_row_blocks(rows.float()) == [slice(0, 34)]
         amx_mlp_calls = _matmul_calls(lambda: layer.mlp(tokens), width=32)
@@ -364,7 +424,8 @@ def test_cpus_without_onednn_bf16_keep_addmm(monkeypatch):
     mlp = model.vision_model.encoder.layers[0].mlp
     with torch.no_grad():
         assert modeling_evaclip._fused_bias_linear(rows, mlp.fc1.weight, mlp.fc1.bias) is None
-        assert modeling_evaclip._fused_swiglu(rows, mlp.fc1.weight, mlp.fc1.bias, mlp.fc1_up.weight, mlp.fc1_up.bias) is None
+        gate_up = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc1_up.weight, mlp.fc1_up.bias)
+        assert modeling_evaclip._fused_swiglu(rows, *gate_up) is None
         with torch.profiler.profile() as profile:
             got = model(pixel_values, output_hidden_states=True).hidden_states
         monkeypatch.setattr(modeling_evaclip, "CPU_BF16_FUSED_BIAS", False)
@@ -771,13 +832,20 @@ def test_tower_fast_path_matches_timm_eva02():
     torch.testing.assert_close(last[model.config.num_hidden_layers], blocks[-1], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
-def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, amx):
+@pytest.mark.parametrize("kernels", ["avx512", "amx", "portable"])
+def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, kernels):
     """bf16 inference against timm's independent EVA-02 holding the same bf16-rounded weights in fp32, every layer
-    within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14; per-head attention) and
-    as an AMX CPU does (whole matmuls, torch's fused attention); both with the fused SwiGLU."""
+    within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14; per-head attention), as
+    an AMX CPU does (whole matmuls, torch's fused attention), both with the fused SwiGLU where oneDNN has bf16
+    kernels, and as an AVX2 CPU does (every projection an fp32 matmul rounded once)."""
     monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
-    monkeypatch.setattr(modeling_evaclip, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: kernels)
+    in_fp32 = []
+    if kernels == "portable":  # fp32 matmuls; oneDNN's fused ops are for CPUs with its bf16 kernels
+        monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_bf16", lambda: False)
+        probe = modeling_evaclip._half_matmul_in_fp32
+        monkeypatch.setattr(modeling_evaclip, "_half_matmul_in_fp32",
+                            lambda rows: in_fp32.append(probe(rows)) or in_fp32[-1])
     model = _tiny_eva02(intermediate_size=85).to(torch.bfloat16)  # timm's SwiGLU width: int(32 * 4 * 2 / 3)
     reference = _timm_twin(model.float()).float()
     model.to(torch.bfloat16)
@@ -789,6 +857,7 @@ def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, amx):
             x = block(x, rope=rope)
             expected.append(x)
         got = model(pixel_values, output_hidden_states=True).hidden_states[1:]
+    assert in_fp32 == ([True] * 7 * len(got) if kernels == "portable" else [])  # q, k, v, out, gate, up, fc2
     for index, (state, reference_state) in enumerate(zip(got, expected)):
         error = (state.float() - reference_state).norm() / reference_state.norm()
         assert state.dtype == torch.bfloat16 and 0 < error < 2e-2, (index, error)
