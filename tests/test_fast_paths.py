@@ -832,12 +832,38 @@ def test_tower_fast_path_matches_timm_eva02():
     torch.testing.assert_close(last[model.config.num_hidden_layers], blocks[-1], atol=ATOL, rtol=0)
 
 
+def test_portable_half_patch_embedding_runs_in_fp32_where_the_module_call_is_not_needed(monkeypatch):
+    """Where half-precision kernels are portable (AVX2), eager bf16 inference embeds patches as one fp32 convolution
+    rounded once; a hooked convolution (offload, adapters), grad and the switch off keep the module call and its
+    bits."""
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "portable")
+    model = _tiny_eva02().to(torch.bfloat16)
+    embeddings = model.vision_model.embeddings
+    conv = embeddings.patch_embedding
+    pixel_values = torch.randn(2, 3, 28, 28).bfloat16()
+    wide = F.conv2d(pixel_values.float(), conv.weight.float(), conv.bias.float(), stride=conv.stride).bfloat16()
+    with torch.no_grad():
+        module_call = conv(pixel_values)
+        assert torch.equal(embeddings._embed_patches(pixel_values), wide)
+        calls = []
+        handle = conv.register_forward_hook(lambda *args: calls.append(1))
+        assert torch.equal(embeddings._embed_patches(pixel_values), module_call) and calls == [1]
+        handle.remove()
+    assert torch.equal(embeddings._embed_patches(pixel_values).detach(), module_call)  # grad: the module call
+    with torch.no_grad():
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_MATMULS_IN_FP32", False)
+        assert torch.equal(embeddings._embed_patches(pixel_values), module_call)
+        monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "avx512")
+        monkeypatch.setattr(modeling_evaclip, "CPU_HALF_MATMULS_IN_FP32", True)
+        assert torch.equal(embeddings._embed_patches(pixel_values), module_call)
+
+
 @pytest.mark.parametrize("kernels", ["avx512", "amx", "portable"])
 def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, kernels):
     """bf16 inference against timm's independent EVA-02 holding the same bf16-rounded weights in fp32, every layer
     within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14; per-head attention), as
     an AMX CPU does (whole matmuls, torch's fused attention), both with the fused SwiGLU where oneDNN has bf16
-    kernels, and as an AVX2 CPU does (every projection an fp32 matmul rounded once)."""
+    kernels, and as an AVX2 CPU does (the patch embedding and every projection in fp32, rounded once)."""
     monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
     monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: kernels)
     in_fp32 = []
@@ -857,7 +883,8 @@ def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, kernels):
             x = block(x, rope=rope)
             expected.append(x)
         got = model(pixel_values, output_hidden_states=True).hidden_states[1:]
-    assert in_fp32 == ([True] * 7 * len(got) if kernels == "portable" else [])  # q, k, v, out, gate, up, fc2
+    # the patch embedding, then q, k, v, out, gate, up, fc2 in each layer
+    assert in_fp32 == ([True] * (1 + 7 * len(got)) if kernels == "portable" else [])
     for index, (state, reference_state) in enumerate(zip(got, expected)):
         error = (state.float() - reference_state).norm() / reference_state.norm()
         assert state.dtype == torch.bfloat16 and 0 < error < 2e-2, (index, error)
