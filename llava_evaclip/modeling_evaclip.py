@@ -366,17 +366,33 @@ def _gemm_row_blocks(rows: torch.Tensor) -> list[slice]:
     return [slice(start, start + step) for start in range(0, count, step)]
 
 
+def _aligned_row_stride(columns: int, dtype: torch.dtype) -> int:
+    """`columns` rounded up so that each row of a [N, columns] buffer starts on a 64-byte boundary (a cache line):
+    the CPU GEMM writes its output rows in place, and misaligned rows (EVA02-L's 2730 columns) cost MKL's fp32 GEMM
+    ~30% on AMD CPUs (benchmarks/tower.py); the inputs it packs itself, so their alignment does not matter."""
+    align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    return -(-columns // align) * align
+
+
+def _gemm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out)
+
+
 def _addmm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """`F.linear(rows, weight, bias)` written into `out` (a [N, out_features] view with unit column stride), in
-    `_gemm_row_blocks`, or as one fp32 matmul where `_half_matmul_in_fp32` holds."""
+    `_gemm_row_blocks`, or where `_half_matmul_in_fp32` holds as one fp32 matmul (into a row-aligned fp32 buffer)
+    rounded once into `out`."""
     if _half_matmul_in_fp32(rows):
-        out.copy_(F.linear(rows.float(), weight.float(), None if bias is None else bias.float()))
+        count, columns = rows.shape[0], weight.shape[0]
+        wide = rows.new_empty(count, _aligned_row_stride(columns, torch.float32), dtype=torch.float32)[:, :columns]
+        _gemm_into(rows.float(), weight.float(), None if bias is None else bias.float(), wide)
+        out.copy_(wide)
         return
     for block in _gemm_row_blocks(rows):
-        if bias is None:
-            torch.mm(rows[block], weight.t(), out=out[block])
-        else:
-            torch.addmm(bias, rows[block], weight.t(), out=out[block])
+        _gemm_into(rows[block], weight, bias, out[block])
 
 
 def _linear_into(rows: torch.Tensor, layer: nn.Linear, out: torch.Tensor) -> None:
@@ -755,8 +771,7 @@ def _aligned_gate_up(
         if gate is not None:
             return gate, _fused_bias_linear(rows, up_weight, up_bias)
     inner = gate_weight.shape[0]
-    align = max(1, 64 // rows.element_size())
-    row_stride = -(-inner // align) * align
+    row_stride = _aligned_row_stride(inner, rows.dtype)
     buffer = rows.new_empty(rows.shape[0], 2 * row_stride)
     gate, up = buffer[:, :inner], buffer[:, row_stride : row_stride + inner]
     _addmm_into(rows, gate_weight, gate_bias, gate)

@@ -202,22 +202,27 @@ def test_cpus_with_portable_half_kernels_run_matmuls_in_fp32(monkeypatch, dtype)
     monkeypatch.setattr(modeling_evaclip, "cpu_has_onednn_bf16", lambda: False)
     monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 10)
     torch.manual_seed(0)
-    rows, weight, bias = torch.randn(300, 96), torch.randn(80, 96) / 10, torch.randn(80)
+    rows, weight, bias = torch.randn(300, 96), torch.randn(85, 96) / 10, torch.randn(85)
     exact = F.linear(rows.to(dtype).double(), weight.to(dtype).double(), bias.to(dtype).double())
     rows, weight, bias = rows.to(dtype), weight.to(dtype), bias.to(dtype)
+    gemm, outputs = modeling_evaclip._gemm_into, []
+    monkeypatch.setattr(modeling_evaclip, "_gemm_into", lambda *args: outputs.append(args[-1]) or gemm(*args))
     for layer_bias in (bias, None):
-        out = torch.empty(300, 80, dtype=dtype)
+        out = torch.empty(300, 85, dtype=dtype)
         with torch.profiler.profile(record_shapes=True) as profile:
             modeling_evaclip._addmm_into(rows, weight, layer_bias, out)
         matmuls = [event for event in profile.events() if event.name in ("aten::addmm", "aten::mm")]
         row_operands = [event.input_shapes[0 if event.name == "aten::mm" else 1] for event in matmuls]
         assert row_operands == [[300, 96]]  # one matmul, not 30 blocks of 10 rows
+        # into fp32 rows that start on cache lines (85 columns would leave them misaligned, ~30% of an AMD GEMM)
+        wide_out = outputs.pop()
+        assert wide_out.dtype == torch.float32 and wide_out.stride() == (96, 1) and wide_out.data_ptr() % 64 == 0
         wide = F.linear(rows.float(), weight.float(), None if layer_bias is None else layer_bias.float())
         assert torch.equal(out, wide.to(dtype))
     assert modeling_evaclip._half_matmul_in_fp32(rows) and not modeling_evaclip._half_matmul_in_fp32(rows.float())
     # rounded once from an fp32 sum: within half a unit in the last place of `dtype` of the fp64 result, plus the fp32
     # accumulation's own error bound (96 products: 96 * 2**-24 of the sum of their magnitudes)
-    out = torch.empty(300, 80, dtype=dtype)
+    out = torch.empty(300, 85, dtype=dtype)
     modeling_evaclip._addmm_into(rows, weight, bias, out)
     _, exponent = torch.frexp(exact)
     half_ulp = torch.ldexp(torch.ones_like(exact), exponent - (8 if dtype == torch.bfloat16 else 11) - 1)
