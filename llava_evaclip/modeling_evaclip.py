@@ -370,11 +370,12 @@ def _aligned_row_stride(columns: int, dtype: torch.dtype) -> int:
     """`columns` rounded up so that each row of a [N, columns] buffer starts on a 64-byte boundary (a cache line):
     the CPU GEMM writes its output rows in place, and misaligned rows (EVA02-L's 2730 columns) cost MKL's fp32 GEMM
     ~30% on AMD CPUs (benchmarks/tower.py); the inputs it packs itself, so their alignment does not matter."""
-    align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    align = max(1, 64 // dtype.itemsize)
     return -(-columns // align) * align
 
 
 def _gemm_into(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """`rows @ weight.T (+ bias)` as one GEMM writing `out` in place (no new tensor)."""
     if bias is None:
         torch.mm(rows, weight.t(), out=out)
     else:
