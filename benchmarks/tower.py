@@ -13,7 +13,11 @@ Contenders (random weights; speed does not depend on the values):
 * ``timm_eva02``: timm's ``eva02_large_patch14_clip_336`` ``forward_features``;
 * ``ours_eager``: our EVA-02 model forced to eager attention with all hidden states (the baseline; shares weights
   with ``ours_eva02``);
-* with bf16, ``ours_eva02_autocast``: fp32 weights under ``torch.autocast`` instead of a bf16 cast.
+* with bf16, ``ours_eva02_autocast``: fp32 weights under ``torch.autocast`` instead of a bf16 cast;
+* ``ours_eva02_kernels`` / ``ours_plain_kernels`` (ceiling references, ``--no-ceiling`` skips them): the towers'
+  ``nn.Linear`` matmuls and attention alone, in torch's kernels (``torch.mm`` with the same weights and rows, and
+  ``scaled_dot_product_attention``), nothing else. From their time the report derives each tower's ceiling: the
+  fraction of the matmul peak no implementation built on torch's kernels can exceed at these shapes.
 
 All contenders of one dtype are built once and timed round-robin, the order rotated every repetition, so background
 load falls on all of them alike: the ratios from one run are the numbers to read, not absolute seconds. FLOPs are
@@ -101,16 +105,22 @@ def build_shapes(quick: bool) -> Shapes:
     return Shapes(eva02, plain, dict(intermediate_size=4096, **size), {}, matmul_size=4096)
 
 
+def tokens_per_image(config: Any) -> int:
+    return (config.image_size // config.patch_size) ** 2 + 1  # patches + CLS
+
+
+def layer_flops(config: Any, layers: int, batch: int) -> float:
+    """Multiply-adds x 2 of `layers` encoder layers: the `nn.Linear` matmuls (q, k, v, out, MLP) and attention."""
+    tokens, width, inner = tokens_per_image(config), config.hidden_size, config.intermediate_size
+    linears = 2 * tokens * (width * 4 * width + width * inner * (3 if config.use_swiglu else 2))
+    attention = 4 * tokens * tokens * width  # q @ k^T and probs @ v over all heads
+    return float(batch * layers * (linears + attention))
+
+
 def tower_flops(config: Any, layers: int, batch: int) -> float:
     """Multiply-adds x 2 of the patch embedding and `layers` encoder layers (matmuls and attention only)."""
-    width, inner = config.hidden_size, config.intermediate_size
-    patches = (config.image_size // config.patch_size) ** 2
-    tokens = patches + 1
-    embed = 2 * patches * config.num_channels * config.patch_size**2 * width
-    projections = 2 * tokens * width * 4 * width  # q, k, v and out
-    attention = 4 * tokens * tokens * width  # q @ k^T and probs @ v over all heads
-    mlp = 2 * tokens * width * inner * (3 if config.use_swiglu else 2)
-    return float(batch * (embed + layers * (projections + attention + mlp)))
+    embed = 2 * (tokens_per_image(config) - 1) * config.num_channels * config.patch_size**2 * config.hidden_size
+    return float(batch * embed) + layer_flops(config, layers, batch)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -131,6 +141,7 @@ class Contender:
     note: str = ""
     model: Any = None
     compiled: bool = False  # run once per new input shape before timing; that call's wall time is the compile time
+    kernels_only: bool = False  # FLOPs are the encoder layers' alone (`layer_flops`), no patch embedding
 
 
 def _seed() -> None:
@@ -266,6 +277,8 @@ def build_contender(
         label = "ours: tower under torch.compile, SwiGLU's matmuls left to inductor (ablation)"
         return Contender(name, label, "eva02", tower_layers, run, dtype, True, ("ours_eva02_compiled",), note, model,
                          compiled=True)
+    if name in CEILING_CONTENDERS:
+        return _kernels_contender(name, shapes, dtype, device, built)
     if name == "timm_eva02_compiled":
         source = built.get("timm_eva02")
         model = source.model if source is not None else _timm_eva02(shapes, dtype, device)
@@ -298,6 +311,48 @@ def build_contender(
         return Contender(name, label, "eva02", len(model.blocks), run, dtype, note=f"timm {timm.__version__}",
                          model=model)
     raise BenchmarkError(f"unknown contender {name!r}; known: {', '.join(ALL_CONTENDERS)}")
+
+
+def _kernels_contender(
+    name: str, shapes: Shapes, dtype: torch.dtype, device: torch.device, built: dict[str, Contender]
+) -> Contender:
+    """The matmuls and attention of the layers the tower runs, alone: its `nn.Linear` weights multiplied by as many
+    rows with `torch.mm` (the peak reference's op, without the bias every implementation also adds) into
+    preallocated outputs, and one `scaled_dot_product_attention` per layer on preallocated q, k, v; no norms,
+    activations, RoPE, residuals or copies. Its time bounds what any implementation on torch's kernels can reach at
+    these shapes (`ceiling_fraction`)."""
+    import torch
+    import torch.nn.functional as F
+
+    tower_name = name[: -len("_kernels")]
+    source = built.get(tower_name) or build_contender(tower_name, shapes, dtype, device, {})
+    config = shapes.config(source.shape)
+    layers = source.model.vision_model.encoder.layers[: source.layers]
+    linears = [module for layer in layers for module in layer.modules() if isinstance(module, torch.nn.Linear)]
+    buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def buffer(rows: int, width: int) -> torch.Tensor:
+        if (rows, width) not in buffers:
+            buffers[(rows, width)] = torch.randn(rows, width, device=device).to(dtype)
+        return buffers[(rows, width)]
+
+    per_layer = len(linears) // len(layers)
+    heads, tokens = config.num_attention_heads, tokens_per_image(config)
+
+    def run(pixel_values: torch.Tensor) -> torch.Tensor:
+        batch = pixel_values.shape[0]
+        rows = batch * tokens
+        qkv = buffer(3 * batch * heads, tokens * config.hidden_size // heads).view(3, batch, heads, tokens, -1)
+        for start in range(0, len(linears), per_layer):
+            for linear in linears[start : start + per_layer]:
+                out = buffer(rows, linear.out_features)
+                torch.mm(buffer(rows, linear.in_features), linear.weight.t(), out=out)
+            F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return out
+
+    label = f"{tower_name}'s nn.Linear matmuls (torch.mm) and sdpa alone (ceiling reference)"
+    return Contender(name, label, source.shape, source.layers, run, dtype, note=f"shares {tower_name}'s weights",
+                     model=source.model, kernels_only=True)
 
 
 @contextlib.contextmanager
@@ -403,8 +458,9 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
 }
 BASE_CONTENDERS = ("ours_eva02", "ours_plain", "hf_clip", "timm_eva02", "ours_eager")
 COMPILED_CONTENDERS = ("ours_eva02_compiled", "timm_eva02_compiled", "ours_eva02_compiled_module_mlp")
+CEILING_CONTENDERS = ("ours_eva02_kernels", "ours_plain_kernels")
 OPTIONAL_CONTENDERS = ("ours_eva02_autocast", "ours_eva02_flash", "ours_eva02_full", *ABLATIONS,
-                       *COMPILED_CONTENDERS)
+                       *COMPILED_CONTENDERS, *CEILING_CONTENDERS)
 ALL_CONTENDERS = BASE_CONTENDERS + OPTIONAL_CONTENDERS
 
 
@@ -421,6 +477,8 @@ def contenders_for(dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
         names += ["timm_eva02_compiled", "ours_eva02_compiled"]
         if args.ablations:
             names.append("ours_eva02_compiled_module_mlp")
+    if args.ceiling:
+        names += [f"{name}_kernels" for name in ("ours_eva02", "ours_plain") if name in names]
     if args.device == "cuda" and dtype != torch.float32 and "ours_eva02" in names:
         from llava_evaclip._compat import is_flash_attn_available
 
@@ -448,6 +506,8 @@ def matmul_contender(size: int, dtype: torch.dtype, device: torch.device) -> Con
 def contender_flops(contender: Contender, shapes: Shapes, batch: int) -> float:
     if contender.shape == "matmul":
         return 2.0 * shapes.matmul_size**3
+    if contender.kernels_only:
+        return layer_flops(shapes.config(contender.shape), contender.layers, batch)
     return tower_flops(shapes.config(contender.shape), contender.layers, batch)
 
 
@@ -684,14 +744,30 @@ def compute_ratios(results: dict[str, dict[str, Any]], times: dict[str, list[flo
     return ratios
 
 
+def add_ceilings(results: dict[str, dict[str, Any]], peak: float) -> None:
+    """`ceiling_fraction` of each tower timed beside its `_kernels` contender: the fraction of the matmul peak the
+    tower would reach if its matmuls and attention took the time measured for them alone in torch's kernels, its
+    patch embedding ran at the peak, and everything else (norms, activations, RoPE, residuals, bias, copies) took
+    no time. No implementation on torch's kernels gets above it: a peak-fraction goal above it is out of reach."""
+    for name, entry in results.items():
+        kernels = results.get(f"{name}_kernels")
+        if kernels is None or entry["shape"] == "matmul":
+            continue
+        seconds = kernels["median_s"] + (entry["gflop"] - kernels["gflop"]) / peak
+        entry["ceiling_fraction"] = entry["gflop"] / seconds / peak
+
+
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each goal of issue 6 per setting where it can be measured, with `met` true/false."""
     goals = []
     settings = report["settings"]
 
-    def add(goal: str, setting: str, value: float, target: float, better: str) -> None:
+    def add(goal: str, setting: str, value: float, target: float, better: str,
+            ceiling: Optional[float] = None) -> None:
         met = value <= target if better == "lower" else value >= target
         goals.append({"goal": goal, "setting": setting, "value": value, "target": target, "met": bool(met)})
+        if ceiling is not None:
+            goals[-1]["ceiling"] = ceiling
 
     for key, setting in settings.items():
         by = {(r["ours"], r["peer"]): r["ratio"] for r in setting["ratios"]}
@@ -709,13 +785,13 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             entry = setting["results"].get("ours_eva02")
             if entry and entry.get("fraction_of_peak") is not None:
                 add("ours_eva02 bf16 GFLOP/s / bf16 matmul peak", key, entry["fraction_of_peak"],
-                    GOAL_BF16_PEAK_FRACTION, "higher")
+                    GOAL_BF16_PEAK_FRACTION, "higher", entry.get("ceiling_fraction"))
         if setting["dtype"] == "fp32":
             for name in ("ours_eva02", "ours_plain"):
                 entry = setting["results"].get(name)
                 if entry and entry.get("fraction_of_peak") is not None:
                     add(f"{name} fp32 GFLOP/s / matmul peak", key, entry["fraction_of_peak"], GOAL_PEAK_FRACTION,
-                        "higher")
+                        "higher", entry.get("ceiling_fraction"))
     for key, setting in settings.items():
         if setting["dtype"] == "fp32":
             continue
@@ -800,11 +876,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{entry['weights_mib']:.0f} | {entry['peak_above_weights_mib']:.0f} | {versus} |")
         lines += ["", f"Method: {memory[0]['method'] if memory else 'n/a'}.", ""]
     if report["goals"]:
-        lines += ["## Goals (issues 6 and 13)", "", "| goal | setting | measured | target | met |", "|---|---|---:|---:|---|"]
+        lines += ["## Goals (issues 6 and 13)", "", "| goal | setting | measured | target | met | ceiling |",
+                  "|---|---|---:|---:|---|---:|"]
         for goal in report["goals"]:
+            ceiling = f"{goal['ceiling']:.3f}" if "ceiling" in goal else ""
             lines.append(f"| {goal['goal']} | {goal['setting']} | {goal['value']:.3f} | {goal['target']} | "
-                         f"{'yes' if goal['met'] else 'no'} |")
-        lines.append("")
+                         f"{'yes' if goal['met'] else 'no'} | {ceiling} |")
+        lines += ["", "Ceiling: the fraction of the peak the tower would reach if its matmuls and attention took the "
+                  "time measured for them alone in torch's kernels (`*_kernels`: same weights and rows, no bias), "
+                  "the patch embedding ran at the peak and everything else were free; no implementation on torch's "
+                  "kernels gets above it.", ""]
     return "\n".join(lines)
 
 
@@ -940,6 +1021,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes of the memory measurement (default: the largest batch size)")
     parser.add_argument("--memory-dtypes", type=_dtype_list, default=None, metavar="fp32[,bf16]",
                         help="dtypes of the memory measurement (default: the first of --dtypes on cpu, all on cuda)")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                        help="skip timing the towers' matmuls and attention alone (the ceiling reported beside the "
+                             "peak-fraction goals)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and two repetitions: checks the script end to end (numbers meaningless)")
@@ -1065,6 +1149,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
             peak_samples.append(peak)
             for entry in results.values():
                 entry["fraction_of_peak"] = entry["gflops"] / peak if entry["shape"] != "matmul" else None
+            add_ceilings(results, peak)
             report["settings"][setting_key(dtype_name, batch)] = {
                 "dtype": dtype_name, "batch": batch, "reps": reps, "warmup": warmup, "timer": args.timer,
                 "results": results,
@@ -1080,7 +1165,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
         for dtype_name in args.memory_dtypes:
             for batch in args.memory_batch_sizes:
                 for name in contenders_for(torch_dtype(dtype_name), args):
-                    if name in COMPILED_CONTENDERS:
+                    if name in COMPILED_CONTENDERS or name in CEILING_CONTENDERS:
                         continue
                     spec = {"contender": name, "dtype": dtype_name, "batch": batch, "device": args.device,
                             "quick": args.quick}
@@ -1106,8 +1191,9 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
 
 def print_summary(report: dict[str, Any]) -> None:
     for goal in report["goals"]:
+        ceiling = f"; ceiling {goal['ceiling']:.3f}" if "ceiling" in goal else ""
         print(f"{'MET ' if goal['met'] else 'MISS'} {goal['goal']} [{goal['setting']}]: {goal['value']:.3f} "
-              f"(target {goal['target']})")
+              f"(target {goal['target']}{ceiling})")
     print("wrote " + ", ".join(report["paths"].values()))
 
 

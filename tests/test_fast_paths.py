@@ -926,7 +926,7 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     for key, setting in report["settings"].items():
         results = setting["results"]
         autocast = {"ours_eva02_autocast"} if key.startswith("bf16") else set()
-        expected = set(bench.BASE_CONTENDERS) | {"matmul"} | autocast
+        expected = set(bench.BASE_CONTENDERS) | {"matmul", "ours_eva02_kernels", "ours_plain_kernels"} | autocast
         assert set(results) == expected
         for name, entry in results.items():
             assert len(entry["times_s"]) == 1 and entry["median_s"] > 0 and entry["gflops"] > 0, name
@@ -937,8 +937,13 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
             bench.tower_flops(config, config.num_hidden_layers - 1, 1) / 1e9)
         pairs = {(r["ours"], r["peer"]) for r in setting["ratios"]}
         assert {("ours_eva02", "timm_eva02"), ("ours_eva02", "ours_eager"), ("ours_plain", "hf_clip")} <= pairs
+        for name in ("ours_eva02", "ours_plain"):
+            assert 0 < results[name]["ceiling_fraction"], name
+            assert results[f"{name}_kernels"]["gflop"] < results[name]["gflop"]  # no patch embedding
     assert set(report["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert report["goals"] and all(isinstance(goal["met"], bool) for goal in report["goals"])
+    peak_goals = [goal for goal in report["goals"] if "matmul peak" in goal["goal"]]
+    assert len(peak_goals) == 3 and all(goal["ceiling"] > 0 for goal in peak_goals)
     markdown = (tmp_path / "tower_cpu_quick.md").read_text()
     assert "| `ours_eva02`" in markdown and "## Goals" in markdown
     assert (tmp_path / "tower_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -950,6 +955,47 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--overwrite" in error
     assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("shape", ["ours_eva02", "ours_plain"])
+def test_ceiling_contender_runs_exactly_the_towers_matmuls_and_attention(shape):
+    """`<tower>_kernels` runs one `torch.mm` per `nn.Linear` of the layers the tower runs, with those weights and as
+    many rows, and one sdpa per layer at the tower's attention shape; nothing else of size. Its FLOP count is the
+    layers' FLOPs from the config, which the modules' own sizes confirm."""
+    shapes = bench.build_shapes(True)
+    built = {shape: bench.build_contender(shape, shapes, torch.float32, torch.device("cpu"), {})}
+    contender = bench.build_contender(f"{shape}_kernels", shapes, torch.float32, torch.device("cpu"), built)
+    assert contender.model is built[shape].model and contender.layers == built[shape].layers
+    config = shapes.config(contender.shape)
+    layers = contender.model.vision_model.encoder.layers[: contender.layers]
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    batch, tokens = 2, (config.image_size // config.patch_size) ** 2 + 1
+    with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as profile:
+        contender.run(torch.randn(batch, 3, config.image_size, config.image_size))
+    events = [e for e in profile.events() if e.name in ("aten::mm", "aten::scaled_dot_product_attention")]
+    mms = [e.input_shapes for e in events if e.name == "aten::mm"]
+    assert mms == [[[batch * tokens, m.in_features], [m.in_features, m.out_features], [batch * tokens, m.out_features]]
+                   for m in linears]
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention = [e.input_shapes[0] for e in events if e.name == "aten::scaled_dot_product_attention"]
+    assert attention == [[batch, config.num_attention_heads, tokens, head_dim]] * len(layers)
+    flops = 2 * batch * tokens * sum(m.in_features * m.out_features for m in linears)
+    flops += len(layers) * batch * 4 * tokens * tokens * config.hidden_size
+    assert bench.contender_flops(contender, shapes, batch) == flops
+
+
+def test_ceiling_is_the_tower_with_everything_but_its_kernels_free():
+    """10 GFLOP tower whose matmuls and attention (8 GFLOP) took 1 s alone, peak 10 GFLOP/s: 1 s + the remaining
+    2 GFLOP at the peak (0.2 s) = 1.2 s, so the tower can reach at most 10 / 1.2 / 10 of the peak."""
+    results = {"ours_eva02": {"shape": "eva02", "gflop": 10.0, "median_s": 2.0},
+               "ours_eva02_kernels": {"shape": "eva02", "gflop": 8.0, "median_s": 1.0},
+               "timm_eva02": {"shape": "eva02", "gflop": 10.0, "median_s": 2.0},
+               "matmul": {"shape": "matmul", "gflop": 1.0, "median_s": 0.1}}
+    bench.add_ceilings(results, peak=10.0)
+    assert results["ours_eva02"]["ceiling_fraction"] == pytest.approx(10 / 1.2 / 10)
+    assert [name for name, entry in results.items() if "ceiling_fraction" in entry] == ["ours_eva02"]
+    args = bench.build_parser().parse_args(["--no-ceiling"])
+    assert not set(bench.CEILING_CONTENDERS) & set(bench.contenders_for(torch.float32, args))
 
 
 def test_ablation_contenders_patch_existing_attributes_and_keep_the_features():
