@@ -236,8 +236,9 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         im2col there: 0.38 s against 0.014 s at EVA02-L-336's shape on a Zen 3); hooks, offload and ZeRO-3 keep the
         module call (`plain_inference_linears`)."""
         conv = self.patch_embedding
-        direct = conv.padding_mode == "zeros" and plain_inference_linears(pixel_values, (conv,))
-        if direct and _half_matmul_in_fp32(pixel_values) and not is_tracing():
+        # Tracing is ruled out first: the kernel probe behind `_half_matmul_in_fp32` is not traceable by dynamo.
+        direct = not is_tracing() and conv.padding_mode == "zeros" and plain_inference_linears(pixel_values, (conv,))
+        if direct and _half_matmul_in_fp32(pixel_values):
             wide = F.conv2d(
                 pixel_values.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
                 conv.stride, conv.padding, conv.dilation, conv.groups,

@@ -214,6 +214,27 @@ def test_compiled_llava_tower_eva01_equals_eager_without_recompiling(fresh_dynam
     _assert_outputs_equal(got_second, _eager(tower, call, second))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_half_precision_llava_tower_runs_in_one_graph(fresh_dynamo, tmp_path, dtype):
+    """CPU half precision under torch.compile(fullgraph=True, dynamic=True), with this machine's real kernel probes
+    (not pinned): the eager-only paths ask which half-precision kernels the CPU has (`cpu_half_kernels`, whose
+    oneDNN probe dynamo refuses to trace) only outside traced code, so the tower compiles into one graph, runs a
+    second batch size without recompiling, and gives the fp32 tower's features within half-precision rounding."""
+    torch.manual_seed(0)
+    _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02", num_hidden_layers=2))).save_pretrained(tmp_path)
+    args = types.SimpleNamespace(mm_vision_select_layer=-2)
+    reference = EvaCLIPVisionTower(str(tmp_path), args)
+    tower = EvaCLIPVisionTower(str(tmp_path), args).to(dtype)
+    assert tower.dtype == dtype
+    first, second = (_pixels(2),), (_pixels(3),)
+    got_first, got_second = _compiled_twice(tower, lambda module, images: module(images), first, second)
+    for got, (images,) in ((got_first, first), (got_second, second)):
+        expected = _eager(reference, lambda module, x: module(x), (images,))
+        assert got.shape == expected.shape
+        error = (got.float() - expected).norm() / expected.norm()
+        assert 0 < error < 2e-2, error  # half-precision rounding happened, and no more than that
+
+
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_export_with_a_dynamic_batch_equals_eager(trainable):
     """torch.export under no_grad (what inference export does) with a symbolic batch dimension: the exported program
