@@ -426,6 +426,14 @@ def _unfused_swiglu() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "CPU_BF16_FUSED_SWIGLU", False, label
 
 
+def _strided_fp32_attention() -> tuple[Any, str, Any, str]:
+    from llava_evaclip import modeling_evaclip
+
+    label = ("ours: tower, fp32 CPU attention on the projections' transposed q/k/v views instead of contiguous heads "
+             "(ablation; a no-op in bf16)")
+    return modeling_evaclip, "CPU_FP32_CONTIGUOUS_ATTENTION", False, label
+
+
 def _avx512_paths_on_amx() -> tuple[Any, str, Any, str]:
     from llava_evaclip import modeling_evaclip
 
@@ -453,6 +461,7 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_whole_gemms_bf16": _whole_gemms,
     "ours_eva02_addmm_bias_bf16": _addmm_bias,
     "ours_eva02_unfused_swiglu_bf16": _unfused_swiglu,
+    "ours_eva02_strided_attention_fp32": _strided_fp32_attention,
     "ours_eva02_avx512_paths_bf16": _avx512_paths_on_amx,
     "ours_eva02_half_matmuls_native_bf16": _half_matmuls_in_portable_kernels,
 }
@@ -1011,8 +1020,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the fp32-weights + autocast contender in low-precision settings")
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each speed-up switched off: every layer and hidden state "
-                             "(no early stop), the MLP as module calls, the MLP without token blocks, RoPE in five passes, and "
-                             "(CPU bf16) torch's fused attention kernel")
+                             "(no early stop), the MLP as module calls, the MLP without token blocks, RoPE in five "
+                             "passes, fp32 attention on strided heads, and (CPU bf16) torch's fused attention kernel")
     parser.add_argument("--compile", action="store_true",
                         help="also time our tower and timm's EVA-02 under torch.compile (inductor), reporting the "
                              "compile time of each (slow: minutes on CPU); with --ablations also our compiled tower "

@@ -561,6 +561,26 @@ def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.
     )
 
 
+# fp32 CPU inference hands torch's fused attention q, k and v as contiguous [B, H, N, D] copies instead of the
+# projections' transposed views: its CPU kernel reads strided heads ~1.3x slower (16.0 against 20.7 ms at
+# EVA02-L's batch-1 shape on an Intel AMX machine), far more than the three copies cost (0.6 ms each); the tower
+# ran 3.3% faster (paired). bf16 gained nothing there, so it keeps the views. False keeps the views (ablation
+# `ours_eva02_strided_attention_fp32` in benchmarks/tower.py).
+CPU_FP32_CONTIGUOUS_ATTENTION = True
+
+
+def _contiguous_heads(query: torch.Tensor) -> bool:
+    """fp32 CPU inference in eager mode (`CPU_FP32_CONTIGUOUS_ATTENTION`); training and traced graphs keep the
+    views, whose layout autograd and the compilers handle themselves."""
+    return (
+        CPU_FP32_CONTIGUOUS_ATTENTION
+        and query.device.type == "cpu"
+        and query.dtype == torch.float32
+        and not is_tracing()
+        and not torch.is_grad_enabled()
+    )
+
+
 def sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -572,9 +592,12 @@ def sdpa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """torch's fused attention (through transformers' `AttentionInterface` where it exists), except for bf16
-    inference on CPU (see `cpu_bf16_attention`)."""
+    inference on AVX-512 CPUs (see `cpu_bf16_attention`); fp32 CPU inference passes contiguous heads
+    (`CPU_FP32_CONTIGUOUS_ATTENTION`)."""
     if _use_cpu_bf16_attention(query, attention_mask, dropout):
         return cpu_bf16_attention(query, key, value, scaling), None
+    if _contiguous_heads(query):
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     if ALL_ATTENTION_FUNCTIONS is not None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs

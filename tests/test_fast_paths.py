@@ -79,6 +79,42 @@ def _tiny_eva02(**overrides) -> EvaCLIPVisionModel:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_cpu_fp32_inference_attention_gets_contiguous_heads(monkeypatch):
+    """fp32 eager inference hands torch's sdpa contiguous [B, H, N, D] q, k and v (`CPU_FP32_CONTIGUOUS_ATTENTION`)
+    and gives the strided views' numbers; grad, bf16 and the switch off keep the projections' transposed views."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        seen.append(tuple(t.is_contiguous() for t in (query, key, value)))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    model = _tiny_eva02(num_hidden_layers=2)
+    pixel_values = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        contiguous = model(pixel_values, output_hidden_states=True).hidden_states
+    assert seen == [(True, True, True)] * 2
+    seen.clear()
+    with torch.no_grad(), monkeypatch.context() as switch:
+        switch.setattr(modeling_evaclip, "CPU_FP32_CONTIGUOUS_ATTENTION", False)
+        strided = model(pixel_values, output_hidden_states=True).hidden_states
+    assert seen == [(False, False, False)] * 2
+    seen.clear()
+    with torch.enable_grad():
+        model(pixel_values)
+    assert seen == [(False, False, False)] * 2
+    seen.clear()
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "amx")  # sdpa, not the per-head kernel
+    with torch.no_grad():
+        copy.deepcopy(model).bfloat16()(pixel_values.bfloat16())
+    assert seen == [(False, False, False)] * 2
+    reference = _eager_states(model, pixel_values)
+    for got, views, expected in zip(contiguous, strided, reference):
+        torch.testing.assert_close(got, views, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def _pair_shared_table(length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random table shaped like EVA's: both channels of a pair share one angle."""
     angles = (torch.rand(length, head_dim // 2) * 6.0).repeat_interleave(2, dim=-1)
