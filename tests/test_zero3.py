@@ -275,7 +275,9 @@ def test_a_taken_port_does_not_fail_the_run(tmp_path, monkeypatch):
     from _dist import runner
 
     worker = tmp_path / "worker.py"
-    worker.write_text("import os\nprint('rank', os.environ['RANK'], 'up', flush=True)\n")
+    # one write per line: with unbuffered stdout `print` writes each piece on its own, and the two ranks' pieces
+    # interleave on the shared pipe ("rankrank 0 up"); a single write of under PIPE_BUF bytes is atomic
+    worker.write_text("import os\nos.write(1, f\"rank {os.environ['RANK']} up\\n\".encode())\n")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
