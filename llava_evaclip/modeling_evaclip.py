@@ -564,7 +564,7 @@ def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.
 # fp32 CPU inference hands torch's fused attention q, k and v as contiguous [B, H, N, D] copies instead of the
 # projections' transposed views: its CPU kernel reads strided heads ~1.3x slower (16.0 against 20.7 ms at
 # EVA02-L's batch-1 shape on an Intel AMX machine), far more than the three copies cost (0.6 ms each); the tower
-# ran 3.3% faster (paired). bf16 gained nothing there, so it keeps the views. False keeps the views (ablation
+# ran 2.2% (EVA02-L) and 3.3% (plain shape) faster, paired. bf16 gained nothing there, so it keeps the views. False keeps the views (ablation
 # `ours_eva02_strided_attention_fp32` in benchmarks/tower.py).
 CPU_FP32_CONTIGUOUS_ATTENTION = True
 
