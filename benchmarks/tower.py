@@ -958,7 +958,8 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 def _write_text(text: str) -> Callable[[str], None]:
     def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
+        # the recorded command line keeps a non-UTF-8 argument (a file name) as surrogates: write those escaped
+        with open(path, "w", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(text)
 
     return write

@@ -1020,6 +1020,28 @@ def test_ceiling_contender_runs_exactly_the_towers_matmuls_and_attention(shape):
     assert bench.contender_flops(contender, shapes, batch) == flops
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse non-UTF-8 names")
+def test_benchmark_writes_every_result_under_a_non_utf8_name_through_a_symlink(tmp_path, monkeypatch):
+    """`--name` with bytes that are not UTF-8, into a symlinked directory: JSON and markdown both land there under
+    that name (the markdown used to fail half-way, after the JSON, on the recorded command line)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    name = os.fsdecode(b"run\xff")
+    argv = ["--quick", "--batch-sizes", "1", "--reps", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+            "--no-chart", "--dtypes", "fp32", "--contenders", "ours_eva02", "--output-dir", str(tmp_path / "link"),
+            "--name", name]
+    monkeypatch.setattr(sys, "argv", ["tower.py", *argv])
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(os.listdir(real)) == [name + ".json", name + ".md"]
+    assert "run\\udcff" in (real / (name + ".md")).read_text(encoding="utf-8")
+    assert json.loads((real / (name + ".json")).read_text())["settings"]["fp32/b1"]["results"]["ours_eva02"]
+
+
 def test_ceiling_is_the_tower_with_everything_but_its_kernels_free():
     """10 GFLOP tower whose matmuls and attention (8 GFLOP) took 1 s alone, peak 10 GFLOP/s: 1 s + the remaining
     2 GFLOP at the peak (0.2 s) = 1.2 s, so the tower can reach at most 10 / 1.2 / 10 of the peak."""
