@@ -379,7 +379,7 @@ def _mlp_whole_batch() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 1 << 62, label
 
 
-def _five_pass_rotary() -> tuple[Any, str, Any, str]:  # against the in-place three-pass pair swap
+def _five_pass_rotary() -> tuple[Any, str, Any, str]:  # against the in-place complex turn
     from llava_evaclip import modeling_evaclip
 
     def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -387,6 +387,13 @@ def _five_pass_rotary() -> tuple[Any, str, Any, str]:  # against the in-place th
 
     # eager inference rotates with `apply_rotary_`; compiled and training paths take `apply_rotary`
     return modeling_evaclip, "apply_rotary_", apply_rotary, "ours: tower, RoPE as x*cos + rotate(x)*sin (ablation)"
+
+
+def _pair_swap_rotary() -> tuple[Any, str, Any, str]:  # against turning channel pairs as complex numbers
+    from llava_evaclip import modeling_evaclip
+
+    label = "ours: tower, RoPE in place as the three-pass pair swap instead of one complex multiply (ablation)"
+    return modeling_evaclip, "apply_rotary_", modeling_evaclip._swap_rotary_, label
 
 
 def _out_of_place_rotary() -> tuple[Any, str, Any, str]:
@@ -456,6 +463,7 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_module_mlp": _module_mlp,
     "ours_eva02_mlp_whole_batch": _mlp_whole_batch,
     "ours_eva02_rope_5pass": _five_pass_rotary,
+    "ours_eva02_rope_pair_swap": _pair_swap_rotary,
     "ours_eva02_rope_out_of_place": _out_of_place_rotary,
     "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
     "ours_eva02_whole_gemms_bf16": _whole_gemms,

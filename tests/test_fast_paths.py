@@ -152,18 +152,66 @@ def test_rotary_in_bfloat16_matches_timm_rotation():
     torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_in_place_equals_rotary(dtype):
-    """The inference path's in-place rotation of its own q/k buffers ([B, N, H * D] rows seen as [B, H, N, D])
-    gives `apply_rotary`'s bits and writes into the buffer it was given."""
+def _projection_heads(batch: int, length: int, heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """q or k as the inference path holds them: [B, N, H * D] projection rows seen as [B, H, N, D]."""
+    return torch.randn(batch, length, heads * head_dim, dtype=dtype).view(batch, length, heads, head_dim).transpose(1, 2)
+
+
+def test_rotary_in_place_turns_pairs_as_timm_rotates_them_in_fp32():
+    """fp32: the in-place rotation of the inference path's own q/k buffers (channel pairs turned as complex numbers)
+    writes into the buffer it was given, at batch 1 and 3, and equals timm's rotation within one multiply-add's
+    rounding."""
+    torch.manual_seed(0)
+    cos, sin = _pair_shared_table(17, 16)
+    for batch in (1, 3):
+        heads = _projection_heads(batch, 17, 4, 16, torch.float32)
+        original = heads.clone()
+        expected = apply_rot_embed(original.double(), sin.double(), cos.double())
+        assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
+        assert not torch.equal(heads, original)
+        torch.testing.assert_close(heads.double(), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(heads, apply_rotary(original, cos, sin), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_in_place_in_half_precision_rounds_once(dtype):
+    """CPU half precision turns each image in fp32 and rounds once: the result is the fp64 rotation of the same
+    half-precision inputs and tables, correctly rounded (all but a rare fp32 miss), so on average at least as close
+    to it as the pair swap's two roundings (`apply_rotary`); at batch 1 and 3 (one fp32 buffer serves every image)."""
     torch.manual_seed(0)
     cos, sin = (table.to(dtype) for table in _pair_shared_table(17, 16))
-    rows = torch.randn(3, 17, 4 * 16, dtype=dtype)
-    heads = rows.view(3, 17, 4, 16).transpose(1, 2)
-    original = heads.clone()
-    expected = apply_rotary(heads, cos, sin)
-    assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
-    assert torch.equal(heads, expected) and not torch.equal(heads, original)
+    for batch in (1, 3):
+        heads = _projection_heads(batch, 17, 4, 16, dtype)
+        original = heads.clone()
+        exact = apply_rot_embed(original.double(), sin.double(), cos.double())
+        assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
+        assert heads.dtype == dtype
+        torch.testing.assert_close(heads, exact.to(dtype))  # torch's tolerances for the dtype
+        correctly_rounded = (heads == exact.to(dtype)).double().mean().item()
+        assert correctly_rounded > 0.999  # fp32 may miss a rounding boundary by an ulp of its own, very rarely
+        swap_error = (apply_rotary(original, cos, sin).double() - exact).abs().mean()
+        assert (heads.double() - exact).abs().mean() <= swap_error
+
+
+def test_rotary_in_place_takes_the_pair_swap_where_pairs_cannot_be_turned():
+    """Tables whose pair channels differ (not EVA's), and fp32 buffers with no complex view (odd storage offset), get
+    the pair swap's bits, which timm's general rotation confirms; nothing is turned twice."""
+    torch.manual_seed(0)
+    cos, sin = _pair_shared_table(17, 16)
+    cos_unshared = cos.clone()
+    cos_unshared[:, 1] += 0.25
+    for dtype, table in ((torch.float32, cos_unshared), (torch.bfloat16, cos_unshared.bfloat16())):
+        heads = _projection_heads(2, 17, 4, 16, dtype)
+        original, sin_d = heads.clone(), sin.to(dtype)
+        modeling_evaclip.apply_rotary_(heads, table, sin_d)
+        assert torch.equal(heads, apply_rotary(original, table, sin_d))
+        exact = apply_rot_embed(original.double(), sin_d.double(), table.double())
+        torch.testing.assert_close(heads.double(), exact, atol=1e-6 if dtype == torch.float32 else 4e-2, rtol=0)
+    shifted = torch.randn(2 * 17 * 64 + 1)[1:].view(2, 17, 4, 16).transpose(1, 2)  # storage offset 1
+    original = shifted.clone()
+    modeling_evaclip.apply_rotary_(shifted, cos, sin)
+    assert torch.equal(shifted, apply_rotary(original, cos, sin))
+    torch.testing.assert_close(shifted, apply_rot_embed(original, sin, cos), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 3 * 17 * 17 * 2])  # default: one group; then 7 groups of <= 3 heads

@@ -386,7 +386,9 @@ def test_llava_next_image_features_loss_gradients_and_round_trip(layer, tmp_path
         output = model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
                        attention_mask=inputs["attention_mask"], labels=input_ids)
     (captured,) = projector_input.captured
-    torch.testing.assert_close(captured, expected, atol=1e-6, rtol=0)
+    # one side runs with grad (module calls), the other without (inference path: RoPE pairs turned as complex
+    # numbers, equal within fp32 rounding): torch's fp32 tolerances
+    torch.testing.assert_close(captured, expected)
     assert torch.isfinite(output.loss)
     output.loss.backward()
     projector = get_multi_modal_projector(model)
@@ -468,7 +470,9 @@ def test_build_llava_and_processor_from_dirs_end_to_end(vision_dir, language_mod
         output = model(**inputs, labels=inputs["input_ids"])
         generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     expected = reference_features(standalone_tower(model), inputs["pixel_values"], -2, "default")
-    torch.testing.assert_close(projector_input.captured[0], expected, atol=1e-6, rtol=0)
+    # one side runs with grad (module calls), the other without (inference path: RoPE pairs turned as complex
+    # numbers, equal within fp32 rounding): torch's fp32 tolerances
+    torch.testing.assert_close(projector_input.captured[0], expected)
     assert torch.isfinite(output.loss)
     assert generated.shape[1] >= inputs["input_ids"].shape[1] + 1
 

@@ -195,7 +195,9 @@ def test_unfreeze_loads_eagerly_and_keeps_the_graph(full_model_dir):
     assert any(g.abs().sum() > 0 for g in grads)
     # Layers past the selected one take no part in the graph.
     assert all(p.grad is None for p in tower.vision_tower.vision_model.encoder.layers[-1].parameters())
-    assert torch.equal(trained.detach(), frozen)
+    # The same features: the frozen tower's inference path turns RoPE pairs as complex numbers, within fp32 rounding
+    # of the module calls' real arithmetic (its own tests compare both with timm's rotation).
+    torch.testing.assert_close(trained.detach(), frozen, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not tower(images).requires_grad
 
