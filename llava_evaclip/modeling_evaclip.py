@@ -130,20 +130,20 @@ def _complex_pairs(rows: torch.Tensor) -> Optional[torch.Tensor]:
 
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rotary` written over `x` ([B, H, N, D] seen from the inference path's own [B, N, H * D] projection
-    buffers, tables [N, D]): each channel pair is turned as one complex number by its pair's angle, one pass (an fp32
-    complex multiply) where the pair swap takes three; on CPU ~5x faster in fp32. CPU half precision goes through an
-    fp32 copy of one image at a time, rounded once (the swap rounds twice), ~1.6x faster; on GPUs, where these passes
-    are bound by memory traffic, which the copy would add to, half precision keeps the swap. fp32 gives
-    `apply_rotary`'s values up to the order of one multiply-add (tested). Tables whose pairs do not share one angle,
-    and layouts without a complex view, take the pair swap."""
-    turns = _pair_turns(cos, sin)
+    buffers, tables [N, D]). On CPU each channel pair is turned as one complex number by its pair's angle: one pass
+    (an fp32 complex multiply) where the pair swap takes three, ~5x faster in fp32; half precision goes through one
+    reused fp32 image buffer and is rounded once (the swap rounds twice), ~1.6x faster. fp32 gives `apply_rotary`'s
+    values up to the order of one multiply-add (tested). Other devices (the check that a table's pairs share one angle
+    would wait on a GPU; meta tensors have no values), tables whose pairs do not share one angle, and layouts without a
+    complex view take the pair swap."""
+    turns = _pair_turns(cos, sin) if x.device.type == "cpu" else None
     rows = x.transpose(1, 2)  # [B, N, H, D]: the buffers' memory order
     if turns is not None and x.dtype == torch.float32:
         pairs = _complex_pairs(rows)
         if pairs is not None:
             pairs.mul_(turns[:, None, :])  # in place: no new batch-sized tensor
             return x
-    elif turns is not None and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    elif turns is not None and x.dtype in (torch.bfloat16, torch.float16):
         wide = rows.new_empty(rows.shape[1:], dtype=torch.float32)  # one image, reused: fresh pages cost ~2x at batch 8
         pairs = _complex_pairs(wide)
         for image in rows.unbind(0):

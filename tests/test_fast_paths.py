@@ -214,6 +214,19 @@ def test_rotary_in_place_takes_the_pair_swap_where_pairs_cannot_be_turned():
     torch.testing.assert_close(shifted, apply_rot_embed(original, sin, cos), atol=1e-6, rtol=0)
 
 
+def test_inference_forward_runs_on_the_meta_device():
+    """A shape-only forward (weights and pixels on the meta device, no grad) runs the inference path through and
+    gives the real forward's shapes: nothing in it reads values (the RoPE pair check does, on CPU only)."""
+    config = tiny_vision_config("eva02")
+    with torch.no_grad():
+        real = EvaCLIPVisionModel(config).eval()(torch.randn(2, 3, 28, 28), output_hidden_states=True)
+        with torch.device("meta"):
+            model = EvaCLIPVisionModel(config).eval()
+        shaped = model(torch.empty(2, 3, 28, 28, device="meta"), output_hidden_states=True)
+    assert shaped.last_hidden_state.is_meta and shaped.last_hidden_state.shape == real.last_hidden_state.shape
+    assert [state.shape for state in shaped.hidden_states] == [state.shape for state in real.hidden_states]
+
+
 @pytest.mark.parametrize("chunk_bytes", [None, 3 * 17 * 17 * 2])  # default: one group; then 7 groups of <= 3 heads
 def test_cpu_bf16_attention_matches_fused_attention(monkeypatch, chunk_bytes):
     """The per-head-matmul bf16 kernel against torch's sdpa in fp64 on the same bf16 inputs, for a head dim whose
