@@ -132,7 +132,7 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     """`apply_rotary` written over `x` ([B, H, N, D] seen from the inference path's own [B, N, H * D] projection
     buffers, tables [N, D]). On CPU each channel pair is turned as one complex number by its pair's angle: one pass
     (an fp32 complex multiply) where the pair swap takes three, ~5x faster in fp32; half precision goes through one
-    reused fp32 image buffer and is rounded once (the swap rounds twice), ~1.6x faster. fp32 gives `apply_rotary`'s
+    reused fp32 image buffer and is rounded once (the swap rounds twice), ~1.5x faster. fp32 gives `apply_rotary`'s
     values up to the order of one multiply-add (tested). Other devices (the check that a table's pairs share one angle
     would wait on a GPU; meta tensors have no values), tables whose pairs do not share one angle, and layouts without a
     complex view take the pair swap."""
