@@ -116,6 +116,10 @@ def run_pretrain(workspace: Path, output_dir: Path, nproc: int, *extra: str) -> 
     cpu_args = ["--bf16", "False", "--tf32", "False", "--max_steps", "2", "--per_device_train_batch_size", "1",
                 "--dataloader_num_workers", "0", "--report_to", "none", "--gradient_checkpointing", "False",
                 "--model_max_length", "512", "--save_strategy", "no"]
+    if nproc > 1:
+        # Without it the Trainer on a CPU-only machine sees no parallel mode (world size 1 on every rank): each rank
+        # trains alone and both write trainer_state.json into one output dir, a race that once left it unreadable.
+        cpu_args += ["--use_cpu", "True"]
     return subprocess.run(["bash", str(INTEGRATION / "pretrain.sh"), *cpu_args, *extra], env=env,
                           capture_output=True, text=True, timeout=400)
 
