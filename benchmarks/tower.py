@@ -379,6 +379,11 @@ def _mlp_whole_batch() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "INFERENCE_MLP_BLOCK_BYTES", 1 << 62, label
 
 
+def _each_heads(rotate: Callable[..., torch.Tensor]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A one-tensor rotation in `apply_rotary_`'s form (q and k together)."""
+    return lambda heads, cos, sin: tuple(rotate(x, cos, sin) for x in heads)
+
+
 def _five_pass_rotary() -> tuple[Any, str, Any, str]:  # against the in-place complex turn
     from llava_evaclip import modeling_evaclip
 
@@ -386,21 +391,22 @@ def _five_pass_rotary() -> tuple[Any, str, Any, str]:  # against the in-place co
         return x * cos + modeling_evaclip.rotate_pairs(x) * sin
 
     # eager inference rotates with `apply_rotary_`; compiled and training paths take `apply_rotary`
-    return modeling_evaclip, "apply_rotary_", apply_rotary, "ours: tower, RoPE as x*cos + rotate(x)*sin (ablation)"
+    label = "ours: tower, RoPE as x*cos + rotate(x)*sin (ablation)"
+    return modeling_evaclip, "apply_rotary_", _each_heads(apply_rotary), label
 
 
 def _pair_swap_rotary() -> tuple[Any, str, Any, str]:  # against turning channel pairs as complex numbers
     from llava_evaclip import modeling_evaclip
 
     label = "ours: tower, RoPE in place as the three-pass pair swap instead of one complex multiply (ablation)"
-    return modeling_evaclip, "apply_rotary_", modeling_evaclip._swap_rotary_, label
+    return modeling_evaclip, "apply_rotary_", _each_heads(modeling_evaclip._swap_rotary_), label
 
 
 def _out_of_place_rotary() -> tuple[Any, str, Any, str]:
     from llava_evaclip import modeling_evaclip
 
     label = "ours: tower, RoPE into new batch-sized tensors instead of in place per image (ablation)"
-    return modeling_evaclip, "apply_rotary_", modeling_evaclip.apply_rotary, label
+    return modeling_evaclip, "apply_rotary_", _each_heads(modeling_evaclip.apply_rotary), label
 
 
 def _fused_cpu_bf16_attention() -> tuple[Any, str, Any, str]:

@@ -128,22 +128,30 @@ def _complex_pairs(rows: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.view_as_complex(pairs) if rows.stride(-1) == 1 and aligned else None
 
 
-def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` written over `x` ([B, H, N, D] seen from the inference path's own [B, N, H * D] projection
-    buffers, tables [N, D]). On CPU each channel pair is turned as one complex number by its pair's angle: one pass
-    (an fp32 complex multiply) where the pair swap takes three, ~5x faster in fp32; half precision goes through one
-    reused fp32 image buffer and is rounded once (the swap rounds twice), ~1.5x faster. fp32 gives `apply_rotary`'s
-    values up to the order of one multiply-add (tested). Other devices (the check that a table's pairs share one angle
-    would wait on a GPU; meta tensors have no values), tables whose pairs do not share one angle, and layouts without a
+def apply_rotary_(
+    heads: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`apply_rotary` written over each of `heads` (q and k, [B, H, N, D] seen from the inference path's own
+    [B, N, H * D] projection buffers; tables [N, D]), returned in order. On CPU each channel pair is turned as one
+    complex number by its pair's angle: one pass (an fp32 complex multiply) where the pair swap takes three, ~5x faster
+    in fp32; half precision goes through one reused fp32 image buffer and is rounded once (the swap rounds twice),
+    ~1.5x faster. fp32 gives `apply_rotary`'s values up to the order of one multiply-add (tested). The tables are
+    checked and turned once for all of `heads`. Other devices (the check that a table's pairs share one angle would
+    wait on a GPU; meta tensors have no values), tables whose pairs do not share one angle, and layouts without a
     complex view take the pair swap."""
-    turns = _pair_turns(cos, sin) if x.device.type == "cpu" else None
+    turns = _pair_turns(cos, sin) if all(x.device.type == "cpu" for x in heads) else None
+    return tuple(_swap_rotary_(x, cos, sin) if turns is None else _turn_pairs_(x, turns, cos, sin) for x in heads)
+
+
+def _turn_pairs_(x: torch.Tensor, turns: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary_`'s complex turn of one CPU tensor by `_pair_turns(cos, sin)`; the pair swap where it cannot."""
     rows = x.transpose(1, 2)  # [B, N, H, D]: the buffers' memory order
-    if turns is not None and x.dtype == torch.float32:
+    if x.dtype == torch.float32:
         pairs = _complex_pairs(rows)
         if pairs is not None:
             pairs.mul_(turns[:, None, :])  # in place: no new batch-sized tensor
             return x
-    elif turns is not None and x.dtype in (torch.bfloat16, torch.float16):
+    elif x.dtype in (torch.bfloat16, torch.float16):
         wide = rows.new_empty(rows.shape[1:], dtype=torch.float32)  # one image, reused: fresh pages cost ~2x at batch 8
         pairs = _complex_pairs(wide)
         for image in rows.unbind(0):
@@ -604,8 +612,8 @@ def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.
 # fp32 CPU inference hands torch's fused attention q, k and v as contiguous [B, H, N, D] copies instead of the
 # projections' transposed views: its CPU kernel reads strided heads ~1.3x slower (16.0 against 20.7 ms at
 # EVA02-L's batch-1 shape on an Intel AMX machine), far more than the three copies cost (0.6 ms each); the tower
-# ran 2.2% (EVA02-L) and 3.3% (plain shape) faster, paired. bf16 gained nothing there, so it keeps the views. False keeps the views (ablation
-# `ours_eva02_strided_attention_fp32` in benchmarks/tower.py).
+# ran 2.2% (EVA02-L) and 3.3% (plain shape) faster, paired. bf16 gained nothing there, so it keeps the views.
+# False keeps the views (ablation `ours_eva02_strided_attention_fp32` in benchmarks/tower.py).
 CPU_FP32_CONTIGUOUS_ATTENTION = True
 
 
@@ -791,10 +799,10 @@ class EvaCLIPAttention(nn.Module):
         query, key, value = self._project(hidden_states, direct)
         if rotary is not None:
             cos, sin = rotary
-            # The direct path owns its fresh q and k buffers, so it rotates them in place.
-            rotate = apply_rotary_ if direct and cos.dtype == sin.dtype == value.dtype else apply_rotary
-            query = rotate(query, cos, sin).type_as(value)
-            key = rotate(key, cos, sin).type_as(value)
+            if direct and cos.dtype == sin.dtype == value.dtype:  # fresh q and k buffers of its own: rotated in place
+                query, key = apply_rotary_((query, key), cos, sin)
+            else:
+                query, key = (apply_rotary(heads, cos, sin).type_as(value) for heads in (query, key))
         implementation = "eager" if output_attentions else resolve_attn_implementation(self.config)
         if attention_mask is not None and implementation.startswith("flash_attention"):
             implementation = "sdpa"  # flash kernels take padding masks only; the text tower's mask is causal + padding

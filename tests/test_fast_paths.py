@@ -167,10 +167,18 @@ def test_rotary_in_place_turns_pairs_as_timm_rotates_them_in_fp32():
         heads = _projection_heads(batch, 17, 4, 16, torch.float32)
         original = heads.clone()
         expected = apply_rot_embed(original.double(), sin.double(), cos.double())
-        assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
+        (rotated,) = modeling_evaclip.apply_rotary_((heads,), cos, sin)
+        assert rotated is heads
         assert not torch.equal(heads, original)
         torch.testing.assert_close(heads.double(), expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(heads, apply_rotary(original, cos, sin), atol=1e-6, rtol=0)
+    # q and k as the attention rotates them: together, each as if alone
+    query, key = _projection_heads(2, 17, 4, 16, torch.float32), _projection_heads(2, 17, 4, 16, torch.float32)
+    expected = [apply_rot_embed(x.double(), sin.double(), cos.double()) for x in (query, key)]
+    rotated = modeling_evaclip.apply_rotary_((query, key), cos, sin)
+    assert rotated[0] is query and rotated[1] is key
+    for got, want in zip(rotated, expected):
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -184,7 +192,8 @@ def test_rotary_in_place_in_half_precision_rounds_once(dtype):
         heads = _projection_heads(batch, 17, 4, 16, dtype)
         original = heads.clone()
         exact = apply_rot_embed(original.double(), sin.double(), cos.double())
-        assert modeling_evaclip.apply_rotary_(heads, cos, sin) is heads
+        (rotated,) = modeling_evaclip.apply_rotary_((heads,), cos, sin)
+        assert rotated is heads
         assert heads.dtype == dtype
         torch.testing.assert_close(heads, exact.to(dtype))  # torch's tolerances for the dtype
         correctly_rounded = (heads == exact.to(dtype)).double().mean().item()
@@ -203,13 +212,13 @@ def test_rotary_in_place_takes_the_pair_swap_where_pairs_cannot_be_turned():
     for dtype, table in ((torch.float32, cos_unshared), (torch.bfloat16, cos_unshared.bfloat16())):
         heads = _projection_heads(2, 17, 4, 16, dtype)
         original, sin_d = heads.clone(), sin.to(dtype)
-        modeling_evaclip.apply_rotary_(heads, table, sin_d)
+        modeling_evaclip.apply_rotary_((heads,), table, sin_d)
         assert torch.equal(heads, apply_rotary(original, table, sin_d))
         exact = apply_rot_embed(original.double(), sin_d.double(), table.double())
         torch.testing.assert_close(heads.double(), exact, atol=1e-6 if dtype == torch.float32 else 4e-2, rtol=0)
     shifted = torch.randn(2 * 17 * 64 + 1)[1:].view(2, 17, 4, 16).transpose(1, 2)  # storage offset 1
     original = shifted.clone()
-    modeling_evaclip.apply_rotary_(shifted, cos, sin)
+    modeling_evaclip.apply_rotary_((shifted,), cos, sin)
     assert torch.equal(shifted, apply_rotary(original, cos, sin))
     torch.testing.assert_close(shifted, apply_rot_embed(original, sin, cos), atol=1e-6, rtol=0)
 
