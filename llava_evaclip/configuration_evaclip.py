@@ -19,11 +19,51 @@ logger = logging.get_logger(__name__)
 INTERNVL_VISION_MODEL_TYPES = ("clip_vision_model",)
 INTERNVL_TEXT_MODEL_TYPES = ("clip_text_model",)
 INTERNVL_MODEL_TYPES = ("clip",)
+# Fields the port writes into its CLIP-typed tower configs; transformers' own (OpenAI) CLIP configs have none of them.
+INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
+# Read-only properties of the tower configs: a config dict written by other code may carry them; they are checked.
+DERIVED_FIELDS = ("head_dim", "num_patches_per_side")
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _refuse_plain_clip(config_dict: dict[str, Any]) -> None:
+    """A CLIP-typed tower config without the port's EVA fields is transformers' own CLIP (QuickGELU, a pre-LayerNorm,
+    a k bias): its weights would load into the EVA-CLIP tower by name and give wrong features, so it is refused."""
+    model_type = config_dict.get("model_type")
+    if model_type not in (*INTERNVL_VISION_MODEL_TYPES, *INTERNVL_TEXT_MODEL_TYPES):
+        return
+    if not any(field in config_dict for field in INTERNVL_EVA_FIELDS):
+        model = "CLIPVisionModel" if model_type in INTERNVL_VISION_MODEL_TYPES else "CLIPTextModel"
+        raise ValueError(
+            f"This is a plain CLIP config (model_type {model_type!r} without any of {', '.join(INTERNVL_EVA_FIELDS)}, "
+            "which InternVL's EVA-CLIP port writes), not EVA-CLIP: its weights would load into the EVA-CLIP tower "
+            f"with the wrong architecture. Load it with transformers' {model} / CLIPModel; convert BAAI's EVA-CLIP "
+            "checkpoints with `llava-evaclip convert`."
+        )
+
+
+def _pop_derived(config_class: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `DERIVED_FIELDS` that are properties of `config_class`, removed from `kwargs` (transformers would try to
+    set them) and checked against the other fields afterwards (`_check_derived`)."""
+    return {
+        name: kwargs.pop(name)
+        for name in DERIVED_FIELDS
+        if name in kwargs and isinstance(getattr(config_class, name, None), property)
+    }
+
+
+def _check_derived(config: PretrainedConfig, derived: dict[str, Any]) -> None:
+    for name, value in derived.items():
+        actual = getattr(config, name)
+        _require(
+            value == actual,
+            f"{type(config).__name__}.{name} is derived from the other fields (here {actual}), got {value!r}; "
+            f"drop it or make it consistent.",
+        )
 
 
 # Size bounds far above the largest released EVA-CLIP (EVA-CLIP-18B: width 5120, 48 layers, MLP 13824, text width 1280;
@@ -168,8 +208,12 @@ class _EvaCLIPTowerConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
+        _refuse_plain_clip(config_dict)
+        derived = _pop_derived(cls, kwargs)
         result = super().from_dict(config_dict, **kwargs)
-        (result[0] if isinstance(result, tuple) else result)._validate()
+        config = result[0] if isinstance(result, tuple) else result
+        config._validate()
+        _check_derived(config, derived)
         return result
 
     def _validate(self) -> None:
@@ -232,6 +276,7 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         projection_bias: bool = True,
         **kwargs: Any,
     ) -> None:
+        derived = _pop_derived(type(self), kwargs)
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -260,6 +305,7 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         self.use_rms_norm = use_rms_norm
         self.projection_bias = projection_bias
         self._validate()
+        _check_derived(self, derived)
 
     def _validate(self) -> None:
         _validate_tower(self, _VISION_FIELDS)
@@ -345,6 +391,7 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         eos_token_id: int = 49407,
         **kwargs: Any,
     ) -> None:
+        derived = _pop_derived(type(self), kwargs)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -365,6 +412,7 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         self.layer_scale_init_value = layer_scale_init_value
         self.use_rms_norm = use_rms_norm
         self._validate()
+        _check_derived(self, derived)
 
     def _validate(self) -> None:
         _validate_tower(self, _TEXT_FIELDS)
@@ -400,6 +448,7 @@ def _sub_config(value: Any, config_class: type, key: str, legacy: dict | None = 
     if value is None:
         return config_class()
     if isinstance(value, dict):
+        _refuse_plain_clip(value)
         value = {k: v for k, v in value.items() if k != "model_type" or v == config_class.model_type}
         return config_class(**value)
     if isinstance(value, config_class):

@@ -17,7 +17,13 @@ from typing import Any, Callable, Optional
 
 from transformers.utils import logging
 
-from .configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig, INTERNVL_MODEL_TYPES, INTERNVL_VISION_MODEL_TYPES
+from .configuration_evaclip import (
+    INTERNVL_EVA_FIELDS,
+    INTERNVL_MODEL_TYPES,
+    INTERNVL_VISION_MODEL_TYPES,
+    EvaCLIPConfig,
+    EvaCLIPVisionConfig,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -26,8 +32,6 @@ Factory = Callable[..., Any]  # factory(vision_tower_name, args=vision_tower_cfg
 
 LLAVA_BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
 EVACLIP_MODEL_TYPES = (EvaCLIPConfig.model_type, EvaCLIPVisionConfig.model_type)
-# Fields the InternVL port of EVA-CLIP writes into its (CLIP-typed) vision config; plain CLIP configs have none.
-INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
 # Tower names LLaVA-NeXT's builder routes by prefix to its own loaders (timm / Hugging Face Hub, open_clip), also for
 # EVA models such as "open_clip_hub:EVA02-L-14": never ours.
 FOREIGN_TOWER_PREFIXES = ("hf:", "open_clip_hub:")

@@ -1281,7 +1281,10 @@ class EvaCLIPTextTransformer(nn.Module):
         self.encoder = EvaCLIPEncoder(config)
         self.final_layer_norm = build_norm(config, config.hidden_size)
 
-    def _check_inputs(self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]) -> None:
+    def _check_inputs(
+        self, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+    ) -> None:
         limit = self.config.max_position_embeddings
         if input_ids is None:
             raise ValueError("input_ids is required: a LongTensor [batch, seq_len] of token ids.")
@@ -1299,18 +1302,47 @@ class EvaCLIPTextTransformer(nn.Module):
                 f"input_ids has {input_ids.shape[-1]} tokens but the text tower has {limit} positions "
                 f"(max_position_embeddings); truncate to at most {limit} tokens."
             )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 (or int32) token ids, got dtype {input_ids.dtype}; "
+                             "convert with input_ids.long().")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                 f"{tuple(input_ids.shape)}."
             )
+        if position_ids is not None and (
+            not isinstance(position_ids, torch.Tensor)
+            or position_ids.dtype not in (torch.int64, torch.int32)
+            or position_ids.ndim not in (1, 2)
+            or position_ids.shape[-1] != input_ids.shape[-1]
+            or (position_ids.ndim == 2 and position_ids.shape[0] not in (1, input_ids.shape[0]))
+        ):
+            kind = f"{position_ids.dtype} {tuple(position_ids.shape)}" if isinstance(position_ids, torch.Tensor) \
+                else type(position_ids).__name__
+            raise ValueError(f"position_ids must be an integer (int64) tensor of shape [1 or batch, seq_len] = "
+                             f"[1 or {input_ids.shape[0]}, {input_ids.shape[-1]}], got {kind}.")
         # A value check syncs with the device and cannot be traced: eager only, so torch.compile(fullgraph=True) and
         # torch.export still see a graph without data-dependent branches (an id out of range fails in the embedding).
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"input_ids holds ids in [{low}, {high}]; this text tower's vocabulary is "
-                                 f"[0, {self.config.vocab_size - 1}] (vocab_size {self.config.vocab_size}).")
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"input_ids holds ids in [{low}, {high}]; this text tower's vocabulary is "
+                             f"[0, {self.config.vocab_size - 1}] (vocab_size {self.config.vocab_size}).")
+        if position_ids is not None:
+            low, high = int(position_ids.min()), int(position_ids.max())
+            if low < 0 or high >= limit:
+                raise ValueError(f"position_ids holds positions in [{low}, {high}]; this text tower has positions "
+                                 f"[0, {limit - 1}] (max_position_embeddings {limit}).")
+        # Positions count from the first column and pooling reads the first end token: a row that starts masked
+        # (left padding) or whose first end token is masked (a padding token) would give another text's embedding.
+        if attention_mask is not None:
+            kept = attention_mask != 0
+            pooled = kept.gather(1, input_ids.argmax(dim=-1, keepdim=True).to(kept.device)).squeeze(1)
+            if bool((~kept[:, 0] & kept.any(dim=-1)).any()) or not bool(pooled.all()):
+                raise ValueError("attention_mask masks the start of a text or its first end token (left padding?): "
+                                 "the text tower reads absolute positions and pools at the first end token, so pad "
+                                 "on the right (tokenizer.padding_side = 'right', the CLIP tokenizers' default).")
 
     def forward(
         self,
@@ -1324,7 +1356,7 @@ class EvaCLIPTextTransformer(nn.Module):
         output_attentions, output_hidden_states, return_dict = _resolve_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
-        self._check_inputs(input_ids, attention_mask)
+        self._check_inputs(input_ids, attention_mask, position_ids)
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         dtype, device = hidden_states.dtype, hidden_states.device
         mask = _causal_mask(input_ids.shape[-1], dtype, device)
@@ -1371,6 +1403,18 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True  # any function registered with transformers' `AttentionInterface`
     _no_split_modules = ["EvaCLIPEncoderLayer", "EvaCLIPVisionEmbeddings", "EvaCLIPTextEmbeddings"]
     _keys_to_ignore_on_load_unexpected = [r".*position_ids$"]
+
+    def __init__(self, config: Any, *inputs: Any, **kwargs: Any) -> None:
+        """Refuses another class's config up front (it would fail later on a missing attribute)."""
+        expected = type(self).config_class
+        if not isinstance(config, expected):
+            hint = ""
+            if isinstance(config, EvaCLIPConfig) and expected in (EvaCLIPVisionConfig, EvaCLIPTextConfig):
+                hint = f" (pass config.{expected.base_config_key})"
+            elif isinstance(config, (EvaCLIPVisionConfig, EvaCLIPTextConfig)) and expected is EvaCLIPConfig:
+                hint = f" (wrap the tower's config: EvaCLIPConfig({config.base_config_key}=config.to_dict()))"
+            raise ValueError(f"{type(self).__name__} takes an {expected.__name__}, got {type(config).__name__}{hint}.")
+        super().__init__(config, *inputs, **kwargs)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -1545,6 +1589,12 @@ class EvaCLIPTextModel(EvaCLIPPreTrainedModel):
         )
 
 
+def _output_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`output_attentions` / `output_hidden_states` out of `get_*_features`' kwargs: CLIPModel passes them to the
+    tower, so on 5.x the returned output carries the hidden states and attentions asked for."""
+    return {name: kwargs[name] for name in ("output_attentions", "output_hidden_states") if name in kwargs}
+
+
 def _features(
     outputs: BaseModelOutputWithPooling, projection: nn.Linear, return_dict: Optional[bool]
 ) -> Union[torch.Tensor, tuple, BaseModelOutputWithPooling]:
@@ -1604,7 +1654,8 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         """Projected (not normalised) text embeddings [batch, projection_dim], returned as the installed
         transformers' `CLIPModel.get_text_features` returns them (see `_features`)."""
         text_outputs = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+            **_output_flags(kwargs),
         )
         return _features(text_outputs, self.text_projection, kwargs.get("return_dict"))
 
@@ -1614,7 +1665,8 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
         """Projected (not normalised) image embeddings [batch, projection_dim], returned as the installed
         transformers' `CLIPModel.get_image_features` returns them (see `_features`)."""
         vision_outputs = self.vision_model(
-            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True,
+            **_output_flags(kwargs),
         )
         return _features(vision_outputs, self.visual_projection, kwargs.get("return_dict"))
 

@@ -4,17 +4,25 @@ EVA-CLIP's text towers use OpenAI CLIP's byte-level BPE (`bpe_simple_vocab_16e6.
 open_clip and BAAI's EVA-CLIP). This module turns that merge list into the `vocab.json` + `merges.txt` pair that
 transformers' `CLIPTokenizer` / `CLIPTokenizerFast` read, so a converted checkpoint carries its tokenizer without any
 download. Ids match open_clip's `SimpleTokenizer` (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) up to and
-including the end token. Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text
-tower is causal and pools at the first end token, so padding never changes its output. "!" (id 0) cannot be the pad
-token: a special token is split out of the raw text, which would change how "!" in captions is tokenized. Like
-transformers' CLIP tokenizers, HTML entities are not unescaped (open_clip turns "&amp;" into "&").
+including the end token for text that open_clip's cleaning leaves as it is. open_clip first runs `ftfy.fix_text`
+(straight quotes, split ligatures, normal-width letters, no control characters), unescapes HTML entities and collapses
+whitespace; transformers' fast CLIP tokenizer does none of that, so for exact ids pass captions through `clean_text`
+first (it needs `ftfy`). One difference remains: a literal `<|endoftext|>` in a caption is the end token to
+transformers' tokenizers (the tower then pools there), plain characters to open_clip.
+
+Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text tower is causal and pools
+at the first end token, so right padding (the default) never changes its output; left padding is refused by the
+tower. "!" (id 0) cannot be the pad token: a special token is split out of the raw text, which would change how "!"
+in captions is tokenized.
 """
 
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -116,6 +124,17 @@ def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: 
     return [str(directory / name) for name in TOKENIZER_FILES]
 
 
+def clean_text(text: str) -> str:
+    """A caption cleaned as open_clip cleans it before BPE (`ftfy.fix_text`, HTML entities unescaped twice, runs of
+    whitespace collapsed, ends stripped), so that the tokenizer's ids equal open_clip's for any caption."""
+    try:
+        import ftfy
+    except ImportError as error:
+        raise ImportError("clean_text needs ftfy (pip install ftfy), the text fixer open_clip's tokenizer runs.") from error
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def build_tokenizer(use_fast: bool = True, model_max_length: int = CONTEXT_LENGTH) -> PreTrainedTokenizerBase:
     """A transformers CLIP tokenizer for EVA-CLIP's text towers, built from the packaged BPE file (no network)."""
     with tempfile.TemporaryDirectory(prefix="evaclip-tokenizer-") as directory:
@@ -139,6 +158,7 @@ __all__ = [
     "VOCAB_SIZE",
     "build_tokenizer",
     "build_vocab",
+    "clean_text",
     "byte_to_unicode",
     "read_bpe_merges",
     "write_tokenizer_files",

@@ -408,18 +408,21 @@ def test_get_features_return_what_clip_returns():
 
     torch.manual_seed(0)
     clip_config = CLIPConfig(
-        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                            image_size=28, patch_size=7),
         projection_dim=16,
     )
-    clip = CLIPModel(clip_config).eval()
+    clip = CLIPModel._from_config(clip_config, attn_implementation="eager").eval()  # sdpa returns no attentions
     model = _randomize(EvaCLIPModel(tiny_config("eva02"))).eval()
+    # the same depths, so CLIP's and our hidden-state tuples have the same lengths
+    assert (model.config.text_config.num_hidden_layers, model.config.vision_config.num_hidden_layers) == (2, 3)
     ids, mask = _text(2)
     pixel_values = _pixels(2)
     with torch.no_grad():
-        for kwargs in ({}, {"return_dict": False}):
+        for kwargs in ({}, {"return_dict": False}, {"output_hidden_states": True}, {"output_attentions": True},
+                       {"output_hidden_states": True, "output_attentions": True, "return_dict": False}):
             clip_image = clip.get_image_features(pixel_values=pixel_values, **kwargs)
             clip_text = clip.get_text_features(input_ids=ids, attention_mask=mask, **kwargs)
             image = model.get_image_features(pixel_values=pixel_values, **kwargs)
@@ -434,10 +437,20 @@ def test_get_features_return_what_clip_returns():
                 torch.testing.assert_close(image, projected_image, atol=ATOL, rtol=0)
                 torch.testing.assert_close(text, projected_text, atol=ATOL, rtol=0)
             elif isinstance(clip_image, tuple):  # same positions as CLIP's tuple: (last_hidden_state, pooler_output)
-                assert len(image) == len(clip_image)
+                assert len(image) == len(clip_image) and len(text) == len(clip_text), kwargs
+                assert [len(x) for x in image[2:]] == [len(x) for x in clip_image[2:]], kwargs
+                assert [len(x) for x in text[2:]] == [len(x) for x in clip_text[2:]], kwargs
                 torch.testing.assert_close(image[1], projected_image, atol=ATOL, rtol=0)
                 torch.testing.assert_close(text[1], projected_text, atol=ATOL, rtol=0)
-            else:
-                assert image.keys() == clip_image.keys() and text.keys() == clip_text.keys()
+            else:  # the tower's hidden states / attentions where CLIP gives them (they are the tower's own)
+                assert image.keys() == clip_image.keys() and text.keys() == clip_text.keys(), kwargs
                 torch.testing.assert_close(image.pooler_output, projected_image, atol=ATOL, rtol=0)
                 torch.testing.assert_close(text.pooler_output, projected_text, atol=ATOL, rtol=0)
+                full = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                             output_hidden_states=True, output_attentions=True)
+                for name in ("hidden_states", "attentions"):
+                    for ours, reference, tower in ((image, clip_image, full.vision_model_output),
+                                                   (text, clip_text, full.text_model_output)):
+                        if reference.get(name) is not None:
+                            assert len(ours[name]) == len(reference[name]), (name, kwargs)
+                            torch.testing.assert_close(ours[name], getattr(tower, name), atol=ATOL, rtol=0)

@@ -372,3 +372,156 @@ def test_return_loss_needs_as_many_texts_as_images() -> None:
         model(input_ids=ids, pixel_values=pixels, return_loss=True)
     assert model(input_ids=ids, pixel_values=pixels).logits_per_image.shape == (2, 3)  # scoring needs no pairs
     assert model(input_ids=ids[:2], pixel_values=pixels, return_loss=True).loss.isfinite()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plain CLIP checkpoints, derived config fields, a model built from another class's config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_clip_config():
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=28, patch_size=7),
+        projection_dim=16,
+    )
+
+
+def test_plain_clip_checkpoints_are_refused(tmp_path) -> None:
+    """transformers' own CLIP dirs share the port's model types and weight names, so they would load by name into the
+    EVA-CLIP tower (QuickGELU, pre-LayerNorm and k bias lost) and give wrong features; they are refused instead."""
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+
+    clip_config = _tiny_clip_config()
+    dirs = {"full": tmp_path / "full", "vision": tmp_path / "vision", "text": tmp_path / "text"}
+    CLIPModel(clip_config).save_pretrained(dirs["full"])
+    CLIPVisionModel(clip_config.vision_config).save_pretrained(dirs["vision"])
+    CLIPTextModel(clip_config.text_config).save_pretrained(dirs["text"])
+    cases = [(EvaCLIPVisionModel, "full", "CLIPVisionModel"), (EvaCLIPVisionModel, "vision", "CLIPVisionModel"),
+             (EvaCLIPModel, "full", "CLIP"), (EvaCLIPTextModel, "full", "CLIPTextModel"),
+             (EvaCLIPTextModel, "text", "CLIPTextModel"), (EvaCLIPVisionConfig, "full", "CLIPVisionModel"),
+             (EvaCLIPConfig, "full", "CLIP")]
+    for model_class, kind, loader in cases:
+        with pytest.raises(ValueError, match=rf"plain CLIP config .*not EVA-CLIP.*transformers' {loader}"):
+            model_class.from_pretrained(dirs[kind])
+    # the port's configs (the same model types, with its EVA fields) still load
+    port_vision = {**clip_config.vision_config.to_dict(), "q_bias": True, "k_bias": False, "v_bias": True,
+                   "post_layernorm": False, "hidden_act": "gelu"}
+    assert EvaCLIPVisionConfig.from_dict(port_vision).k_bias is False
+    with pytest.raises(ValueError, match=r"plain CLIP config"):
+        EvaCLIPVisionConfig.from_dict(clip_config.vision_config.to_dict())
+
+
+@pytest.mark.parametrize("config_class, make", [
+    (EvaCLIPVisionConfig, lambda **kw: tiny_vision_config("eva02", **kw)),
+    (EvaCLIPTextConfig, lambda **kw: tiny_text_config(**kw)),
+])
+def test_derived_fields_in_a_config_dict(config_class, make) -> None:
+    """`head_dim` / `num_patches_per_side` are properties: a dict that carries them (consistent) loads; inconsistent
+    ones get a ValueError, not transformers' AttributeError on the property."""
+    config = make()
+    derived = {"head_dim": config.head_dim}
+    if config_class is EvaCLIPVisionConfig:
+        derived["num_patches_per_side"] = config.num_patches_per_side
+    loaded = config_class.from_dict({**config.to_dict(), **derived})
+    assert loaded.to_dict() == config.to_dict()
+    assert make(**derived).to_dict() == config.to_dict()
+    full = EvaCLIPConfig(text_config={**tiny_text_config().to_dict(), "head_dim": 8},
+                         vision_config={**tiny_vision_config().to_dict(), "head_dim": 8}, projection_dim=16)
+    assert full.vision_config.head_dim == full.text_config.head_dim == 8
+    for name, value in derived.items():
+        with pytest.raises(ValueError, match=rf"{config_class.__name__}\.{name} is derived .*\(here {value}\), "
+                                             rf"got {value + 1}"):
+            config_class.from_dict({**config.to_dict(), name: value + 1})
+        with pytest.raises(ValueError, match=rf"{name} is derived"):
+            config_class.from_dict(config.to_dict(), **{name: value + 1})
+
+
+def test_a_model_takes_only_its_own_config_class() -> None:
+    from llava_evaclip import EvaCLIPForImageClassification, EvaCLIPTextModelWithProjection
+
+    full, vision, text = tiny_config("eva01"), tiny_vision_config("eva01"), tiny_text_config()
+    cases = [
+        (EvaCLIPVisionModel, full, r"EvaCLIPVisionModel takes an EvaCLIPVisionConfig, got EvaCLIPConfig "
+                                   r"\(pass config\.vision_config\)"),
+        (EvaCLIPVisionModelWithProjection, text, r"takes an EvaCLIPVisionConfig, got EvaCLIPTextConfig\."),
+        (EvaCLIPTextModel, full, r"takes an EvaCLIPTextConfig, got EvaCLIPConfig \(pass config\.text_config\)"),
+        (EvaCLIPTextModelWithProjection, vision, r"takes an EvaCLIPTextConfig, got EvaCLIPVisionConfig\."),
+        (EvaCLIPModel, vision, r"EvaCLIPModel takes an EvaCLIPConfig, got EvaCLIPVisionConfig \(wrap"),
+        (EvaCLIPForImageClassification, vision, r"takes an EvaCLIPConfig, got EvaCLIPVisionConfig \(wrap"),
+        (EvaCLIPForImageClassification, text, r"takes an EvaCLIPConfig, got EvaCLIPTextConfig \(wrap"),
+    ]
+    for model_class, config, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            model_class(config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text inputs: dtypes, position ids, padding side
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_narrow_integer_input_ids_are_refused(text_model: EvaCLIPTextModel, dtype) -> None:
+    ids = torch.randint(1, 90, (2, 5))
+    with pytest.raises(ValueError, match=rf"input_ids must be int64 \(or int32\) token ids, got dtype {dtype}"):
+        text_model(ids.to(dtype))
+    with torch.no_grad():  # int32, which nn.Embedding takes, gives the int64 result
+        torch.testing.assert_close(text_model(ids.int()).pooler_output, text_model(ids).pooler_output, rtol=0, atol=0)
+
+
+def test_bad_position_ids(text_model: EvaCLIPTextModel) -> None:
+    ids = torch.randint(1, 90, (2, 5))
+    cases = [
+        (torch.arange(5)[None] + 12, r"position_ids holds positions in \[12, 16\]; .*\[0, 15\]"),
+        (torch.arange(6)[None], r"position_ids must be an integer \(int64\) tensor of shape \[1 or batch, seq_len\] "
+                                r"= \[1 or 2, 5\], got torch\.int64 \(1, 6\)"),
+        (torch.arange(5).repeat(3, 1), r"got torch\.int64 \(3, 5\)"),
+        (torch.arange(5.0)[None], r"got torch\.float32"),
+        ([[0, 1, 2, 3, 4]], r"got list"),
+    ]
+    for position_ids, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            text_model(ids, position_ids=position_ids)
+    with torch.no_grad():  # the default positions, given explicitly in each accepted shape, change nothing
+        default = text_model(ids).pooler_output
+        for position_ids in (torch.arange(5), torch.arange(5)[None], torch.arange(5).repeat(2, 1)):
+            torch.testing.assert_close(text_model(ids, position_ids=position_ids).pooler_output, default,
+                                       rtol=0, atol=0)
+
+
+def test_left_padding_is_refused(text_model: EvaCLIPTextModel) -> None:
+    """The tower pools at the first end token and reads absolute positions, as open_clip's: a left-padded batch would
+    pool a padding token (transformers' CLIP does the same silently); it is refused, right padding changes nothing."""
+    from llava_evaclip.tokenization import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    texts = ["a photo of a dog", "a cat"]
+    model = EvaCLIPTextModel(tiny_text_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=77,
+                                              bos_token_id=49406, eos_token_id=49407)).eval()
+    with torch.no_grad():
+        alone = model(**tokenizer(texts[1:], return_tensors="pt")).pooler_output
+        right = model(**tokenizer(texts, padding=True, return_tensors="pt")).pooler_output
+        torch.testing.assert_close(right[1:], alone, rtol=1e-5, atol=1e-6)
+        tokenizer.padding_side = "left"
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with pytest.raises(ValueError, match=r"attention_mask masks the start of a text or its first end token "
+                                             r"\(left padding\?\).*padding_side = 'right'"):
+            model(**batch)
+        tokenizer.padding_side = "right"
+        right = tokenizer(texts, padding=True, return_tensors="pt")
+        masked_end = right.attention_mask.clone()
+        masked_end[1, int(right.input_ids[1].argmax())] = 0  # the end token pooling reads, masked
+        with pytest.raises(ValueError, match=r"left padding"):
+            model(input_ids=right.input_ids, attention_mask=masked_end)
+        # a hole inside a text is a mask a user may mean (transformers' CLIP takes it): accepted
+        right.attention_mask[0, 2] = 0
+        model(**right)
+        with pytest.raises(ValueError, match=r"left padding"):
+            EvaCLIPModel(EvaCLIPConfig(text_config=model.config.to_dict(),
+                                       vision_config=tiny_vision_config("eva01").to_dict(),
+                                       projection_dim=16)).get_text_features(**batch)

@@ -82,3 +82,31 @@ def test_written_files_load_as_fast_and_slow(tmp_path):
         mask = torch.arange(CONTEXT_LENGTH)[None] <= expected.argmax(-1, keepdim=True)
         assert torch.equal(ids[mask], expected[mask])
         assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (49406, 49407)
+
+
+# Captions open_clip's cleaning (ftfy, HTML unescaping, whitespace) changes before BPE.
+UNCLEAN_CAPTIONS = [
+    "\u201cDon\u2019t panic,\u201d she said",  # curly quotes
+    "\ufb01ne \ufb02ower ligatures",
+    "\uff28\uff45\uff4c\uff4c\uff4f fullwidth",
+    "\x00nul and\x07bell",
+    "fish &amp; chips &amp;amp; more",
+    "  tabs\t\tand\nnewlines  ",
+]
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_clean_text_gives_open_clips_ids(use_fast):
+    from llava_evaclip.tokenization import clean_text
+
+    try:
+        tokenizer = build_tokenizer(use_fast=use_fast)
+    except (ValueError, ImportError) as error:  # pragma: no cover - a line without a slow tokenizer class
+        pytest.skip(f"no {'fast' if use_fast else 'slow'} CLIP tokenizer on this transformers: {error}")
+    expected = open_clip.tokenize(UNCLEAN_CAPTIONS, context_length=CONTEXT_LENGTH)
+    ids = tokenizer([clean_text(caption) for caption in UNCLEAN_CAPTIONS], padding="max_length",
+                    max_length=CONTEXT_LENGTH, return_tensors="pt").input_ids
+    for row, caption in enumerate(UNCLEAN_CAPTIONS):
+        end = int(expected[row].argmax())
+        assert ids[row, : end + 1].tolist() == expected[row, : end + 1].tolist(), caption
+    assert [clean_text(caption) for caption in CAPTIONS[:2]] == CAPTIONS[:2]  # clean text is left as it is
