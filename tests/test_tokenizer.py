@@ -53,12 +53,16 @@ def test_packaged_vocabulary_is_open_clips(reference):
     assert {specials.get(token, token): index for token, index in vocab.items()} == reference.encoder
 
 
-@pytest.mark.parametrize("use_fast", [True, False])
-def test_token_ids_match_open_clip(use_fast):
+def _tokenizer(use_fast: bool):
     try:
-        tokenizer = build_tokenizer(use_fast=use_fast)
+        return build_tokenizer(use_fast=use_fast)
     except (ValueError, ImportError) as error:  # pragma: no cover - a line without a slow tokenizer class
         pytest.skip(f"no {'fast' if use_fast else 'slow'} CLIP tokenizer on this transformers: {error}")
+
+
+@pytest.mark.parametrize("use_fast", [True, False])
+def test_token_ids_match_open_clip(use_fast):
+    tokenizer = _tokenizer(use_fast)
     expected = open_clip.tokenize(CAPTIONS, context_length=CONTEXT_LENGTH)
     ids = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=CONTEXT_LENGTH,
                     return_tensors="pt").input_ids
@@ -99,10 +103,7 @@ UNCLEAN_CAPTIONS = [
 def test_clean_text_gives_open_clips_ids(use_fast):
     from llava_evaclip.tokenization import clean_text
 
-    try:
-        tokenizer = build_tokenizer(use_fast=use_fast)
-    except (ValueError, ImportError) as error:  # pragma: no cover - a line without a slow tokenizer class
-        pytest.skip(f"no {'fast' if use_fast else 'slow'} CLIP tokenizer on this transformers: {error}")
+    tokenizer = _tokenizer(use_fast)
     expected = open_clip.tokenize(UNCLEAN_CAPTIONS, context_length=CONTEXT_LENGTH)
     ids = tokenizer([clean_text(caption) for caption in UNCLEAN_CAPTIONS], padding="max_length",
                     max_length=CONTEXT_LENGTH, return_tensors="pt").input_ids
