@@ -20,8 +20,8 @@ code), every zip member's CRC is checked and every converted tensor must be fini
 Conversion streams, so checkpoints larger than memory convert: the key mapping and all shape checks run on shapes
 only (meta tensors); then each output tensor is read from the memory-mapped source, cast to the output dtype and
 written into its safetensors shard, and the source pages are handed back to the OS, so the resident memory is a few
-tensors, not the checkpoint. Output goes to a staging dir beside OUT (named after the writing process, so a later run
-can remove it once that process is gone) that is renamed to OUT only when complete.
+tensors, not the checkpoint. Output goes to a staging dir beside OUT (named after the writing process and its host, so
+a later run on the same host can remove it once that process is gone) that is renamed to OUT only when complete.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ import os
 import pickle
 import re
 import secrets
+import shlex
 import shutil
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -79,8 +81,11 @@ _CONVERTED_FILES = re.compile(
     r"|processor_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|vocab\.json"
     r"|merges\.txt|added_tokens\.json|chat_template\.jinja|README\.md)"
 )
-# `.OUT.converting-<pid>-<tag>` (a staging dir) and `...-replaced` (the previous OUT while it is swapped out).
-_STAGING_NAME = re.compile(r"\.(?P<name>.+)\.converting-(?P<pid>\d+)-[0-9a-f]+(?P<replaced>-replaced)?")
+# `.OUT.converting-<pid>@<host>-<tag>` (a staging dir) and `...-replaced` (the previous OUT while it is swapped out);
+# names without `@<host>` are those of older versions.
+_STAGING_NAME = re.compile(
+    r"\.(?P<name>.+)\.converting-(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_]+))?-[0-9a-f]+(?P<replaced>-replaced)?"
+)
 _STATE_DICT_WRAPPERS = ("state_dict", "module", "model")
 _MAX_LISTED_KEYS = 25
 # fp16 release files store the rotary tables in half precision; a wrong grid or frequency is off by far more.
@@ -181,7 +186,35 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
         raise ConversionError(
             f"{path}: the state dict holds entries that are not tensors: {_list_keys(map(str, not_tensors))}."
         )
-    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in obj.items()}
+    _check_tensor_kinds(obj, path)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name in tensors:  # `module.K` and `K`: keeping either would silently drop the other's values
+            raise ConversionError(
+                f"{path}: the state dict holds both {'module.' + name!r} and {name!r}, the same weight twice once "
+                "DistributedDataParallel's 'module.' prefix is removed; expected each weight once (keep one of the "
+                "two, e.g. re-save the checkpoint from the unwrapped model)."
+            )
+        tensors[name] = value
+    return tensors
+
+
+def _check_tensor_kinds(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """Only dense real tensors are weights: a sparse, quantized or complex tensor would be densified, dequantized or
+    cast by the copy into the model, which is not the lossless conversion promised; refused, naming the keys."""
+    kinds = {
+        "sparse or otherwise non-dense (layout other than torch.strided)": [
+            key for key, value in tensors.items() if value.layout != torch.strided],
+        "quantized": [key for key, value in tensors.items() if value.layout == torch.strided and value.is_quantized],
+        "complex": [key for key, value in tensors.items() if value.layout == torch.strided and value.is_complex()],
+    }
+    problems = [f"{kind}: {_list_keys(map(str, keys))}" for kind, keys in kinds.items() if keys]
+    if problems:
+        raise ConversionError(
+            f"{path}: the state dict holds tensors that are not dense real tensors ({'; '.join(problems)}); expected "
+            "dense floating-point weights as EVA-CLIP releases store them."
+        )
 
 
 def _madvise() -> Optional[Callable[..., int]]:
@@ -310,9 +343,30 @@ class _SafetensorsFile:
         return None  # tensors are read into memory
 
 
+def _looks_like_safetensors(path: str) -> bool:
+    """Whether the file starts as safetensors does (an 8-byte header length that fits in the file, then a JSON
+    object): release files get renamed, and the extension alone would send a safetensors `.bin` to torch.load."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(9)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return False
+    return len(start) == 9 and 8 + struct.unpack("<Q", start[:8])[0] <= size and start[8:9] == b"{"
+
+
 def _open_weights(path: Union[str, os.PathLike]) -> Union[_TorchFile, _SafetensorsFile]:
+    """The reader the file's contents call for (a zip is torch.save's format, a JSON header safetensors'), whatever
+    its extension; a file that is neither is read by the format its extension names, for that format's error."""
     path = str(path)
-    return _SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path)
+    if zipfile.is_zipfile(path):
+        if path.endswith(".safetensors"):  # recent torch.load hands any *.safetensors path to safetensors
+            raise ConversionError(f"{path} is named .safetensors but holds a PyTorch checkpoint (torch.save's zip "
+                                  "format); rename it to .pt or .bin and convert that.")
+        return _TorchFile(path)
+    if _looks_like_safetensors(path) or path.endswith(".safetensors"):
+        return _SafetensorsFile(path)
+    return _TorchFile(path)
 
 
 def _member_ranges(archive: zipfile.ZipFile) -> Iterator[tuple[str, int, int, int, int]]:
@@ -815,9 +869,48 @@ def map_state_dict(
     rank-0 load), and for each new key the source key it came from."""
     mapper = plan_state_dict(source, vision_only)
     _raise_unexpected(mapper, source.kind)
+    _check_dtypes(mapper, {})
+    # The integrity checks `convert` runs: a damaged file is refused here too, before any value is used (and first,
+    # as in convert, where a corrupted file outranks the value checks it would explain).
+    source.verify()
     _check_buffers(source, mapper, vision_config)
-    state_dict = {key: _materialize_target(source, target, None).clone() for key, target in mapper.targets.items()}
+    state_dict, not_finite = {}, []
+    for key, target in mapper.targets.items():
+        tensor = _materialize_target(source, target, None).clone()
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            not_finite.append(_target_label(target.source_key, key))
+        state_dict[key] = tensor
+    if not_finite:
+        raise _non_finite_error(not_finite, torch.float32)
     return state_dict, {key: target.source_key for key, target in mapper.targets.items()}
+
+
+def _check_dtypes(mapper: _Mapper, floating: Mapping[str, bool]) -> None:
+    """A weight the model holds in floating point must come from a floating-point tensor: an integer or bool tensor
+    in its place (a quantized export, a buffer saved under the wrong name) would be cast into meaningless values.
+    `floating` says, per target key, whether the model's tensor is floating point (a key it lacks: yes)."""
+    wrong = [f"{_target_label(target.source_key, key)} ({str(target.meta.dtype).split('.')[-1]})"
+             for key, target in mapper.targets.items()
+             if floating.get(key, True) and not target.meta.is_floating_point()]
+    if wrong:
+        raise ConversionError(
+            f"The checkpoint holds tensors that are not floating point where the model has floating-point weights: "
+            f"{_list_keys(wrong)}. Expected float32, float16 or bfloat16 weights as EVA-CLIP releases store them; "
+            "nothing was written."
+        )
+
+
+def _target_label(source_key: str, key: str) -> str:
+    return f"{source_key} -> {key}" if source_key != key else key
+
+
+def _non_finite_error(keys: list[str], dtype: torch.dtype) -> _ValueError:
+    cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
+    return _ValueError(
+        f"The checkpoint holds non-finite values (NaN or inf{cast}) in: {_list_keys(keys)}. A released "
+        "checkpoint has none: the file is damaged (download it again) or the values overflow the chosen --dtype. "
+        "Nothing was written."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -865,6 +958,26 @@ def config_from_hf_dict(config_dict: Mapping[str, Any]) -> Union[EvaCLIPConfig, 
         raise
     except (TypeError, ValueError, ZeroDivisionError) as error:  # e.g. a string where a number belongs
         raise ConversionError(f"config.json is not a valid EVA-CLIP config: {' '.join(str(error).split())}") from None
+
+
+def _check_arch(arch: Optional[str]) -> None:
+    """--arch, before anything is read or written: a path must be UTF-8 (the model card records it, and would fail
+    to be written only after the whole conversion), and the architecture must resolve (a malformed BAAI model config
+    is refused naming the file and the field)."""
+    if not arch:
+        return
+    try:
+        str(arch).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConversionError(f"--arch {str(arch)!r} is not a UTF-8 path, which the model card cannot record; rename "
+                              "it (or a folder above it).") from None
+    try:
+        resolve_arch(arch)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as error:
+        message = " ".join(str(error).split())
+        if str(arch) not in message:
+            message = f"--arch {str(arch)!r} does not give a valid EVA-CLIP architecture: {message}"
+        raise ConversionError(message) from None
 
 
 def _resolve_config(source: SourceCheckpoint, arch: Optional[str]) -> Union[EvaCLIPConfig, EvaCLIPVisionConfig]:
@@ -1017,6 +1130,7 @@ def plan_conversion(source: SourceCheckpoint, arch: Optional[str] = None,
         )
     _check_buffers(source, mapper, vision_config)
     _check_keys(mapper, model_shapes, arch_name)
+    _check_dtypes(mapper, {key: tensor.is_floating_point() for key, tensor in model.state_dict().items()})
     model.eval()
     return ConversionPlan(source=source, model=model, targets={key: mapper.targets[key] for key in model_shapes})
 
@@ -1097,12 +1211,77 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _host_id() -> str:
+    """Who can check a staging dir's pid: the hostname (anything but letters, digits and `_` made `_`) plus, where
+    /proc shows it, the pid namespace (two containers on one host, e.g. with host networking, share the hostname but
+    not their pids). A pid means nothing to a process with another host id."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "unknown"
+    try:
+        host += f"_ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        pass
+    return host
+
+
+def _staging_name(out_name: str) -> str:
+    return f".{out_name}.converting-{os.getpid()}@{_host_id()}-{secrets.token_hex(4)}"
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete safetensors file (None when it is): missing, unreadable header, or a length
+    other than the one its header describes (a file cut short or still being written)."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                return "its header is cut short"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return "not a readable safetensors file"
+    if 8 + length + end != size:
+        return f"{size} bytes where its header describes {8 + length + end}"
+    return None
+
+
+def _weights_problem(directory: Path) -> Optional[str]:
+    """Why `directory` does not hold complete weights (None when it does): model.safetensors, or
+    model.safetensors.index.json and every shard it names, each as long as its header says."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            with open(index, encoding="utf-8") as handle:
+                names = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is not a readable shard index"
+        if not names or not all(isinstance(name, str) and Path(name).name == name for name in names):
+            return f"{index.name} names no shard files in the directory"
+        files = [directory / name for name in names]
+    else:
+        return "it holds neither model.safetensors nor model.safetensors.index.json"
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            return f"{file.name}: {problem}"
+    return None
+
+
 def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
-    """Remove the staging dirs (`.OUT.converting-<pid>-*`) that conversions killed in `parent` left behind, once
-    their process no longer exists; a swapped-out previous OUT (`...-replaced`) goes back to OUT if OUT is missing,
-    else it is removed. Returns what was removed or restored."""
+    """Remove the staging dirs (`.OUT.converting-<pid>@<host>-*`) that conversions killed in `parent` left behind,
+    once their process no longer exists; a swapped-out previous OUT (`...-replaced`) goes back to OUT if OUT is
+    missing and it is complete, else it is removed (OUT exists) or left in place (incomplete). Only dirs made on this
+    host are touched: on shared storage another host's pid cannot be checked from here, and removing the dir of a
+    live conversion loses its output; those (and dirs named by older versions, without a host) are left alone with a
+    warning. Returns what was removed or restored."""
     parent = Path(parent)
-    cleaned = []
+    cleaned: list[str] = []
+    foreign: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
@@ -1110,11 +1289,24 @@ def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
     for name in sorted(names):
         match = _STAGING_NAME.fullmatch(name)
         path = parent / name
-        if match is None or path.is_symlink() or not path.is_dir() or _process_exists(int(match.group("pid"))):
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if match.group("host") != _host_id():
+            foreign.append(name)
+            continue
+        if _process_exists(int(match.group("pid"))):
             continue
         out = parent / match.group("name")
         try:
             if match.group("replaced") and not (out.exists() or out.is_symlink()):
+                problem = _previous_output_problem(path) or _weights_problem(path)
+                if problem is not None:
+                    logger.warning(
+                        f"Left {path} in place: it is the previous {out.name} of a conversion killed while replacing "
+                        f"it, but incomplete ({problem}), so it was not restored as {out}. Copy what you need from it, "
+                        "then remove it."
+                    )
+                    continue
                 os.rename(path, out)
                 logger.warning(f"Restored {out} from {name}, left by a conversion that was killed while replacing it.")
             else:
@@ -1123,6 +1315,13 @@ def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
             cleaned.append(str(path))
         except OSError as error:
             logger.warning(f"Could not remove the stale staging dir {path}: {error}")
+    if foreign:
+        logger.warning(
+            f"Left {len(foreign)} staging dir(s) in {parent} alone: {_list_keys(foreign)}. They were made on another "
+            f"host or container than this one ({_host_id()}), or by an older llava-evaclip whose names record no "
+            "host, so whether their conversion still runs cannot be checked from here; remove them by hand once it "
+            "has ended."
+        )
     return cleaned
 
 
@@ -1166,8 +1365,15 @@ def _remove(path: Path) -> None:
 
 
 def _move_into_place(staging: Path, out: Path, src: Path, overwrite: bool) -> None:
-    """Rename the finished staging dir to OUT; an existing OUT (with `overwrite`, checked again now) is swapped out,
-    then removed."""
+    """Rename the finished staging dir to OUT once it holds complete weights; an existing OUT (with `overwrite`,
+    checked again now) is swapped out, then removed."""
+    problem = _weights_problem(staging)
+    if problem is not None:  # every write succeeded, so something else removed or changed the staging dir
+        raise ConversionError(
+            f"The converted model in {staging} is incomplete ({problem}) although every write succeeded: another "
+            f"process removed or changed it (a conversion on another host or container sharing {staging.parent}?). "
+            f"Convert again; OUT {str(out)!r} was left as it was."
+        )
     _check_paths(src, out, overwrite)
     if not (out.exists() or out.is_symlink()):
         os.rename(staging, out)
@@ -1300,6 +1506,18 @@ def _copy_slice(piece: _FileSlice, fd: int) -> bool:
     return finite
 
 
+@contextlib.contextmanager
+def _naming_path(path: Path) -> Iterator[None]:
+    """An OSError raised by a write to a file descriptor (ENOSPC, EFBIG, EIO...) names no file; give it `path`, so
+    that "No space left on device" says where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+
+
 def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
                        produce: Callable[[str], Union[torch.Tensor, _FileSlice]],
                        written: Callable[[str, bool], None]) -> None:
@@ -1317,7 +1535,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.dtype, tuple[i
         offset += sizes[key]
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb", buffering=0) as handle:
+    with _naming_path(path), open(path, "wb", buffering=0) as handle:
         fd = handle.fileno()
         _write_all(fd, memoryview(struct.pack("<Q", len(encoded)) + encoded))
         for key, dtype, shape in tensors:
@@ -1372,19 +1590,14 @@ def write_weights(plan: ConversionPlan, directory: Path, dtype: torch.dtype,
     def written(key: str, finite: bool) -> None:
         target = plan.targets[key]
         if not finite:
-            not_finite.append(f"{target.source_key} -> {key}" if target.source_key != key else key)
+            not_finite.append(_target_label(target.source_key, key))
         source.release(target.source_key)
 
     for name, keys in zip(names, shards):
         _write_safetensors(directory / name, [(key, out_dtype(plan.targets[key]), tuple(plan.targets[key].meta.shape))
                                               for key in keys], produce, written)
     if not_finite:
-        cast = f" after casting to {str(dtype).split('.')[-1]}" if dtype != torch.float32 else ""
-        raise _ValueError(
-            f"The checkpoint holds non-finite values (NaN or inf{cast}) in: {_list_keys(not_finite)}. A released "
-            "checkpoint has none: the file is damaged (download it again) or the values overflow the chosen --dtype. "
-            "Nothing was written."
-        )
+        raise _non_finite_error(not_finite, dtype)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(nbytes for _, nbytes in entries)},
                  "weight_map": {key: name for name, keys in zip(names, shards) for key in keys}}
@@ -1452,7 +1665,8 @@ def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arc
     flags = [name for name, on in (("RoPE", vision.use_rope), ("SwiGLU", vision.use_swiglu),
                                    ("sub-LN", vision.use_sub_layernorm), ("post-norm", vision.post_layernorm),
                                    ("layer scale", vision.layer_scale_init_value is not None)) if on]
-    arch_label = Path(arch).name if arch and os.path.isfile(arch) else (arch or "from the source config.json")
+    arch_is_file = bool(arch) and os.path.isfile(arch)
+    arch_label = Path(arch).name if arch_is_file else (arch or "from the source config.json")
     command = ["llava-evaclip", "convert", src.name, out.name]
     if arch:
         command += ["--arch", arch_label]
@@ -1461,6 +1675,9 @@ def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arc
     if dtype != "float32":
         command += ["--dtype", dtype]
     sources = "\n".join(f"- `{Path(path).name}`: sha256 `{digest}`" for path, digest in digests.items())
+    if arch_is_file:  # a JSON model config is an input too: which one, exactly
+        with open(arch, "rb") as handle:
+            sources += f"\n- `--arch {arch_label}`: sha256 `{hashlib.sha256(handle.read()).hexdigest()}`"
     lines = [
         "---", "library_name: transformers", "tags:", "- eva-clip", "- clip", "- llava-evaclip", "---", "",
         f"# {out.name}", "",
@@ -1476,7 +1693,7 @@ def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arc
                      f"heads, vocabulary {text.vocab_size}, context {text.max_position_embeddings}.")
     lines += [
         "", "## Source", "", f"Converted from a {plan.source.kind} checkpoint:", "", sources, "",
-        "Reproduce: `" + " ".join(command) + "`. Every weight was checked against the architecture (names, shapes, "
+        "Reproduce: `" + shlex.join(command) + "`. Every weight was checked against the architecture (names, shapes, "
         "rotary tables), the archive CRCs and finiteness. The conversion's parity with BAAI's original code (every "
         "hidden state within 2e-5) is tested by `python -m pytest tests/test_convert.py` in llava-evaclip's "
         "repository.", "",
@@ -1513,13 +1730,15 @@ def convert_checkpoint(
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
     src_path, out_path = Path(src), Path(out)
     _check_paths(src_path, out_path, overwrite)  # before anything is read, and again before the rename
+    _check_arch(arch)
     out_abs = Path(os.path.abspath(out_path))
     if out_abs.parent.is_dir():
         remove_stale_staging(out_abs.parent)
+        _check_paths(src_path, out_path, overwrite)  # the cleanup may have restored a killed run's previous OUT
     with _sigterm_raises():
         source = load_source(src_path)
         verification = _BackgroundVerification(source)  # CRCs and sha256, one pass beside the conversion
-        staging = out_abs.parent / f".{out_abs.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
+        staging = out_abs.parent / _staging_name(out_abs.name)
         try:
             plan = plan_conversion(source, arch=arch, vision_only=vision_only)
             out_abs.parent.mkdir(parents=True, exist_ok=True)
@@ -1544,6 +1763,8 @@ def convert_checkpoint(
                 shutil.rmtree(staging, ignore_errors=True)
             if not isinstance(error, _ValueError):  # names and shapes: the data was not read
                 verification.cancel()
+                if isinstance(error, OSError) and error.filename is None:  # a write that names no file: say where
+                    raise OSError(error.errno, error.strerror or str(error), str(staging)) from error
                 raise
             corruption = verification.corruption()
             if corruption is not None and corruption is not error:

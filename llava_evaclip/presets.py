@@ -86,12 +86,48 @@ def _check_keys(section: str, cfg: dict[str, Any], known: set[str]) -> None:
         raise ValueError(f"Unsupported keys in BAAI {section}: {unknown}; supported: {sorted(known)}.")
 
 
+def _integer(section: str, cfg: dict[str, Any], key: str, default: int) -> int:
+    """`cfg[key]` as a positive integer (an integral JSON number), or a ValueError naming the field: a string or a
+    zero would otherwise fail later as a bare int() or division error that names nothing."""
+    value = cfg.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+            or value in (float("inf"), float("-inf")) or value != int(value) or value <= 0):
+        raise ValueError(f"{section}.{key} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _number(section: str, cfg: dict[str, Any], key: str, default: Any, layer_scale: bool = False) -> Any:
+    """`cfg[key]` as a positive finite number, or a ValueError naming the field; a layer-scale init value may also
+    be null (no layer scale) or zero."""
+    value = cfg.get(key, default)
+    if layer_scale and value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
+            or not (value >= 0 if layer_scale else value > 0)):
+        expected = "a non-negative number or null" if layer_scale else "a positive number"
+        raise ValueError(f"{section}.{key} must be {expected}, got {value!r}.")
+    return value
+
+
+def _flag(section: str, cfg: dict[str, Any], key: str, default: bool) -> bool:
+    """`cfg[key]` as a boolean: JSON true/false (0/1 accepted); a string such as "false" would otherwise read as
+    true."""
+    value = cfg.get(key, default)
+    if value not in (True, False) or not isinstance(value, (bool, int)):
+        raise ValueError(f"{section}.{key} must be true or false, got {value!r}.")
+    return bool(value)
+
+
 def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Translate a BAAI model config (embed_dim, vision_cfg, text_cfg) into `EvaCLIPConfig`'s arguments."""
+    """Translate a BAAI model config (embed_dim, vision_cfg, text_cfg) into `EvaCLIPConfig`'s arguments; a field of
+    the wrong type or out of range is a ValueError naming it and what is expected."""
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in model_cfg]
     if missing:
         raise ValueError(f"A BAAI model config needs the keys embed_dim, vision_cfg and text_cfg; missing {missing}.")
-    embed_dim = int(model_cfg["embed_dim"])
+    for section in ("vision_cfg", "text_cfg"):
+        if not isinstance(model_cfg[section], dict):
+            raise ValueError(f"{section} must be a JSON object, got {type(model_cfg[section]).__name__}.")
+    embed_dim = _integer("model config", model_cfg, "embed_dim", 0)
     vision = dict(model_cfg["vision_cfg"])
     text = dict(model_cfg["text_cfg"])
     vision_known = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
@@ -100,49 +136,56 @@ def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
     _check_keys("vision_cfg", vision, vision_known)
     _check_keys("text_cfg", text, {"context_length", "vocab_size", "width", "heads", "layers", "ls_init_value",
                                    "mlp_ratio"} | _IGNORED_TEXT_KEYS)
-    if vision.get("global_average_pool"):
+    if vision.get("global_average_pool") is not None and _flag("vision_cfg", vision, "global_average_pool", False):
         raise ValueError("vision_cfg.global_average_pool=True (mean pooling) is not an EVA-CLIP release layout.")
     if text.get("hf_model_name"):
         raise ValueError("text_cfg.hf_model_name (a Hugging Face text encoder) is not supported; EVA-CLIP releases "
                          "use the CLIP text transformer.")
-    width = int(vision.get("width", 768))
-    head_width = int(vision.get("head_width", 64))
-    qkv_bias = bool(vision.get("qkv_bias", True))
+    width = _integer("vision_cfg", vision, "width", 768)
+    head_width = _integer("vision_cfg", vision, "head_width", 64)
+    if width % head_width:
+        raise ValueError(f"vision_cfg.width ({width}) must be a multiple of vision_cfg.head_width ({head_width}), the "
+                         "width of one attention head.")
+    qkv_bias = _flag("vision_cfg", vision, "qkv_bias", True)
+    swiglu = _flag("vision_cfg", vision, "naiveswiglu", False)
     vision_config = dict(
         hidden_size=width,
-        intermediate_size=int(width * float(vision.get("mlp_ratio", 4.0))),
+        intermediate_size=int(width * float(_number("vision_cfg", vision, "mlp_ratio", 4.0))),
         projection_dim=embed_dim,
-        num_hidden_layers=int(vision.get("layers", 12)),
+        num_hidden_layers=_integer("vision_cfg", vision, "layers", 12),
         num_attention_heads=width // head_width,
-        image_size=int(vision.get("image_size", 224)),
-        patch_size=int(vision.get("patch_size", 16)),
-        hidden_act="silu" if vision.get("naiveswiglu") else "gelu",
+        image_size=_integer("vision_cfg", vision, "image_size", 224),
+        patch_size=_integer("vision_cfg", vision, "patch_size", 16),
+        hidden_act="silu" if swiglu else "gelu",
         layer_norm_eps=1e-6,
         q_bias=qkv_bias,
         k_bias=False,
         v_bias=qkv_bias,
-        post_layernorm=bool(vision.get("postnorm", False)),
-        layer_scale_init_value=vision.get("ls_init_value"),
-        use_rope=bool(vision.get("rope", False)),
-        rope_pt_grid_size=int(vision.get("pt_hw_seq_len", 16)),
-        rope_interpolate_freq=bool(vision.get("intp_freq", False)),
-        use_swiglu=bool(vision.get("naiveswiglu", False)),
-        use_sub_layernorm=bool(vision.get("subln", False)),
-        use_rms_norm=bool(vision.get("use_rms_norm", False)),
+        post_layernorm=_flag("vision_cfg", vision, "postnorm", False),
+        layer_scale_init_value=_number("vision_cfg", vision, "ls_init_value", None, layer_scale=True),
+        use_rope=_flag("vision_cfg", vision, "rope", False),
+        rope_pt_grid_size=_integer("vision_cfg", vision, "pt_hw_seq_len", 16),
+        rope_interpolate_freq=_flag("vision_cfg", vision, "intp_freq", False),
+        use_swiglu=swiglu,
+        use_sub_layernorm=_flag("vision_cfg", vision, "subln", False),
+        use_rms_norm=_flag("vision_cfg", vision, "use_rms_norm", False),
         projection_bias=qkv_bias,  # BAAI's head: nn.Linear(width, embed_dim, bias=qkv_bias)
     )
-    text_width = int(text.get("width", 512))
+    text_width = _integer("text_cfg", text, "width", 512)
+    text_heads = _integer("text_cfg", text, "heads", 8)
+    if text_width % text_heads:
+        raise ValueError(f"text_cfg.width ({text_width}) must be a multiple of text_cfg.heads ({text_heads}).")
     text_config = dict(
-        vocab_size=int(text.get("vocab_size", 49408)),
+        vocab_size=_integer("text_cfg", text, "vocab_size", 49408),
         hidden_size=text_width,
-        intermediate_size=int(text_width * float(text.get("mlp_ratio", 4.0))),
+        intermediate_size=int(text_width * float(_number("text_cfg", text, "mlp_ratio", 4.0))),
         projection_dim=embed_dim,
-        num_hidden_layers=int(text.get("layers", 12)),
-        num_attention_heads=int(text.get("heads", 8)),
-        max_position_embeddings=int(text.get("context_length", 77)),
+        num_hidden_layers=_integer("text_cfg", text, "layers", 12),
+        num_attention_heads=text_heads,
+        max_position_embeddings=_integer("text_cfg", text, "context_length", 77),
         hidden_act="gelu",
         layer_norm_eps=1e-5,
-        layer_scale_init_value=text.get("ls_init_value"),
+        layer_scale_init_value=_number("text_cfg", text, "ls_init_value", None, layer_scale=True),
     )
     return {"text_config": text_config, "vision_config": vision_config, "projection_dim": embed_dim}
 
@@ -167,7 +210,10 @@ def arch_fields(arch: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"Cannot read model config {arch!r}: {error}") from error
         if not isinstance(model_cfg, dict):
             raise ValueError(f"Model config {arch!r} must hold a JSON object with embed_dim, vision_cfg, text_cfg.")
-        return baai_config_fields(model_cfg)
+        try:
+            return baai_config_fields(model_cfg)
+        except ValueError as error:  # name the file as well as the field
+            raise ValueError(f"Model config {arch!r}: {error}") from None
     raise ValueError(
         f"--arch {arch!r} is neither a preset ({', '.join(list_presets())}) nor an existing JSON model config file."
     )

@@ -368,8 +368,10 @@ def load_checkpoint(
     `llava-evaclip convert` reads) straight into `model`, whose parameters may be ZeRO-3 partitioned.
 
     Only rank `src_rank` reads the file and maps it to our key names (the converter's mapping, so the result equals
-    converting first); the other ranks never touch it. A file that cannot be read or mapped, and any missing,
-    unexpected or mis-shaped weight, raises the same ValueError on every rank. Collective under ZeRO-3."""
+    converting first); the other ranks never touch it. The converter's integrity checks run too (every zip member's
+    CRC, every value finite), so a damaged file `convert` refuses is refused here with the same message. A file that
+    cannot be read, mapped or trusted, and any missing, unexpected or mis-shaped weight, raises the same ValueError on
+    every rank, before any parameter is touched. Collective under ZeRO-3."""
     from .configuration_evaclip import EvaCLIPVisionConfig
     from .convert import load_source, map_state_dict
 

@@ -327,13 +327,14 @@ def test_killed_swap_restores_previous_output(tmp_path, toy):
     """A run killed between moving the old OUT aside and moving the new one in: the next run puts the old OUT back
     (or drops the swapped-out copy when OUT is already the new one); live processes' staging dirs are left alone."""
     checkpoint, arch, converted = toy
-    pid = _dead_pid()
-    shutil.copytree(converted, tmp_path / f".out.converting-{pid}-0a1b-replaced")
+    pid, host = _dead_pid(), convert_module._host_id()
+    shutil.copytree(converted, tmp_path / f".out.converting-{pid}@{host}-0a1b-replaced")
     shutil.copytree(converted, tmp_path / "done")
-    shutil.copytree(converted, tmp_path / f".done.converting-{pid}-2c3d-replaced")
-    (tmp_path / f".busy.converting-{os.getpid()}-4e5f").mkdir()  # a conversion still running (this process)
+    shutil.copytree(converted, tmp_path / f".done.converting-{pid}@{host}-2c3d-replaced")
+    busy = f".busy.converting-{os.getpid()}@{host}-4e5f"  # a conversion still running (this process)
+    (tmp_path / busy).mkdir()
     convert_checkpoint(checkpoint, tmp_path / "new", arch=str(arch))
-    assert sorted(os.listdir(tmp_path)) == sorted(["out", "done", "new", f".busy.converting-{os.getpid()}-4e5f"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", "done", "new", busy])
     assert snapshot(tmp_path / "out") == snapshot(converted)
 
 

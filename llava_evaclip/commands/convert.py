@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import time
@@ -40,6 +41,19 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _os_error_message(error: OSError, out: str) -> str:
+    """One line: what the system refused, on which path, and that OUT was left as it was (the converter removes
+    its temporary files on any failure)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    where = f": {error.filename}" if error.filename is not None else ""
+    hint = {errno.ENOSPC: " (the disk is full: free space or choose OUT on another disk)",
+            errno.EDQUOT: " (the disk quota is used up)",
+            errno.EFBIG: " (a file size limit was reached: see `ulimit -f`)"}.get(error.errno, "")
+    message = (f"{reason}{where}{hint}; the conversion stopped, its temporary files were removed and {out} was left "
+               "as it was.")
+    return " ".join(message.split())
+
+
 def run(args: argparse.Namespace) -> int:
     from ..convert import ConversionError, ConversionTerminated, convert_checkpoint
 
@@ -49,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
             args.src, args.out, arch=args.arch, vision_only=args.vision_only, dtype=args.dtype,
             overwrite=args.overwrite,
         )
-    except (ConversionError, ValueError, FileNotFoundError) as error:
+    except (ConversionError, ValueError) as error:
         raise CLIError(" ".join(str(error).split())) from None  # one line, whatever the message holds
+    except OSError as error:  # ENOSPC, EFBIG, EACCES, EIO ...: the system's refusal, not a converter bug
+        raise CLIError(_os_error_message(error, args.out)) from None
     except (ConversionTerminated, KeyboardInterrupt) as error:
         # The converter has removed its staging dir and left OUT as it was; say so on one line, no traceback.
         terminated = isinstance(error, ConversionTerminated)
