@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -46,7 +47,15 @@ SETTING_KEYS = ("model", "weights_fingerprint", "random_weights", "select_layer"
 TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "image_size")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json")
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# The output folder takes no more data: a full disk, a quota, a file-size limit (ulimit -f, the file system's maximum).
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# One image's output file cannot have its name here (too long, or characters the file system refuses): that image fails.
+NAME_ERRNOS = (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ)
+NAME_MAX = 255  # bytes in one path component on Linux / macOS file systems
+# What this package writes in shards/ (`ShardWriter`) and the hidden temp names of every atomic write (`_temp_name`):
+# only names of these shapes are ever removed.
+SHARD_NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}-r\d+-\d{5,}\.(safetensors|json)")
+TEMP_TAIL = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
 # Batches each decoding worker keeps ready: results arrive in order, so a worker that was descheduled for a moment
 # must not leave the others idle with their queue full (2, torch's default, measurably starves a 2-core machine).
 PREFETCH_BATCHES = 4
@@ -54,6 +63,11 @@ PREFETCH_BATCHES = 4
 
 class OutputError(OSError):
     """The output folder cannot take more data (full disk, quota, unwritable): the run stops, finished outputs stay."""
+
+
+class OutputNameError(OSError):
+    """One image's output file cannot be created under its name (too long for the file system, refused characters):
+    that image fails with this reason, the run goes on."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -267,9 +281,20 @@ def _layer_text(tower: Any) -> str:
 
 
 def settings_differences(recorded: dict[str, str], expected: dict[str, str],
-                         keys: Sequence[str] = SETTING_KEYS) -> list[str]:
-    return [f"{key} {recorded.get(key)!r} (now {expected.get(key)!r})" for key in keys
-            if recorded.get(key) != expected.get(key)]
+                         keys: Sequence[str] = SETTING_KEYS, label: str = "now") -> list[str]:
+    """What differs between two settings, as "key 'recorded' (now 'expected')". The model's path is informational
+    once both record one known weights fingerprint: a copy or a symlink of one checkpoint makes the same features."""
+    same_weights = (recorded.get("weights_fingerprint") not in (None, "unknown")
+                    and recorded.get("weights_fingerprint") == expected.get("weights_fingerprint"))
+    return [f"{key} {recorded.get(key)!r} ({label} {expected.get(key)!r})" for key in keys
+            if recorded.get(key) != expected.get(key) and not (key == "model" and same_weights)]
+
+
+def _log_model_path(recorded: dict[str, str], expected: dict[str, str], where: str) -> None:
+    """Say so when existing outputs are resumed with the same weights loaded from another path."""
+    if recorded.get("model") != expected.get("model") and not settings_differences(recorded, expected, ("model",)):
+        logger.warning("%s was made from %s; this run loads %s, which has the same weights fingerprint (%s): resuming.",
+                       where, recorded.get("model"), expected.get("model"), expected.get("weights_fingerprint"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,8 +303,9 @@ def settings_differences(recorded: dict[str, str], expected: dict[str, str],
 
 
 def _takes_channel_first_tensors(processor: Any) -> bool:
-    """Whether `processor` works on torch tensors (transformers 5's torchvision backend): then it is handed a
-    channel-first uint8 tensor, with the same result as the PIL image (the resize runs on that tensor either way)."""
+    """Whether `processor` works on torch tensors (transformers 5's torchvision backend): then a plain RGB image is
+    handed over as a channel-first uint8 tensor, with the same result as the PIL image (the resize runs on that tensor
+    either way; see `_tensor_equivalent` for the images that are not)."""
     try:
         from transformers.image_processing_backends import TorchvisionBackend
     except ImportError:  # transformers 4: PIL / numpy processors, given the PIL image as LLaVA does
@@ -295,9 +321,17 @@ def _channel_first(image: Any) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
 
 
+def _tensor_equivalent(image: Any) -> bool:
+    """Whether the processor sees the same pixels in `image` as in its bytes alone: a plain RGB image. PIL keeps a
+    palette or grey image's transparent colour in `info["transparency"]` through `convert("RGB")`, and transformers
+    5's `convert_to_rgb` composites that colour onto white when handed the PIL image (transformers 4 ignores it), so
+    such an image must reach the processor as the PIL image LLaVA hands it."""
+    return image.mode == "RGB" and image.info.get("transparency") is None
+
+
 def _run_processor(processor: Any, image: Any, tensor_input: bool, **overrides: Any) -> torch.Tensor:
     """The processor's `pixel_values[0]` for one decoded RGB image (`overrides` switch steps off)."""
-    if tensor_input and image.mode == "RGB":
+    if tensor_input and _tensor_equivalent(image):
         batch = processor([_channel_first(image)], input_data_format="channels_first", return_tensors="pt",
                           **overrides)
     else:
@@ -548,7 +582,7 @@ def _write_file(path: str, data: bytes) -> None:
     """Write `data` to `path` through a hidden temp file and a rename; permissions follow the umask (0644 under
     umask 022). A full disk or quota raises OutputError; the temp file is removed and `path` is left as it was."""
     directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
         os.makedirs(directory, exist_ok=True)
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -564,8 +598,62 @@ def _write_file(path: str, data: bytes) -> None:
             os.remove(temp)
         if isinstance(error, OSError) and not isinstance(error, OutputError) and (
                 error.errno in NO_SPACE_ERRNOS or error.errno in (errno.EACCES, errno.EROFS)):
-            raise OutputError(error.errno, f"cannot write {display_path(path)}: {os.strerror(error.errno)}") from None
+            hint = (" (a file-size limit: `ulimit -f` or the file system's maximum; a smaller --shard-size may fit)"
+                    if error.errno == errno.EFBIG else "")
+            raise OutputError(error.errno, f"cannot write {display_path(path)}: {os.strerror(error.errno)}{hint}"
+                              ) from None
         raise
+
+
+def _temp_name(name: str) -> str:
+    """The hidden temp name `.<name>.<pid>.<8 hex>.tmp` an atomic write of `name` goes through, with `name` cut short
+    so the whole stays within NAME_MAX bytes (a name that fits must not fail because of its temp name)."""
+    tail = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    stem = os.fsencode(name)[: NAME_MAX - 1 - len(tail)].decode("utf-8", "ignore")
+    return f".{stem}{tail}"
+
+
+def _temp_stem(name: str) -> Optional[tuple[str, bool]]:
+    """(the name a `_temp_name` stands for, whether it was cut short), or None for any other name."""
+    match = TEMP_TAIL.search(name)
+    if not name.startswith(".") or match is None or match.end() != len(name):
+        return None
+    stem = name[1: match.start()]
+    return stem, len(os.fsencode(stem)) >= NAME_MAX - 1 - len(match.group()) - 3  # cut maybe mid-character
+
+
+def _is_temp_of(name: str, final_names: Any) -> bool:
+    """Whether `name` is a `_temp_name` of one of `final_names` (a set of file names in the same folder)."""
+    found = _temp_stem(name)
+    if found is None:
+        return False
+    stem, cut = found
+    return stem in final_names or (cut and any(final.startswith(stem) for final in final_names))
+
+
+def remove_stale_temp_files(out_dir: str, items: Sequence[ImageItem]) -> int:
+    """Remove the temp files a killed `--format files` run left beside the outputs of `items` (only temp names of
+    those outputs, never anything else); returns how many. Run before any rank writes."""
+    by_folder: dict[str, set[str]] = {}
+    for item in items:
+        path = output_path(out_dir, item.key)
+        by_folder.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    removed = 0
+    for folder, names in by_folder.items():
+        try:
+            entries = [name for name in os.listdir(folder) if name.startswith(".") and name.endswith(".tmp")]
+        except OSError:  # not created yet
+            continue
+        for name in entries:
+            if _is_temp_of(name, names):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed += 1
+                except OSError:
+                    pass
+    if removed:
+        logger.warning("Removed %d temp file(s) an interrupted run left in %s.", removed, display_path(out_dir))
+    return removed
 
 
 def _write_chunk(descriptor: int, view: memoryview) -> int:
@@ -612,12 +700,23 @@ class FileWriter:
 
     def __init__(self, out_dir: str, settings: dict[str, str]) -> None:
         self.out_dir, self.settings = out_dir, settings
+        self.written = 0  # images whose file is complete
 
     def add(self, result: Extracted) -> None:
         from safetensors.torch import save
 
         data = save({"features": result.features.contiguous()}, _metadata(self.settings, result))
-        _write_file(output_path(self.out_dir, result.item.key), data)
+        path = output_path(self.out_dir, result.item.key)
+        try:
+            _write_file(path, data)
+        except OSError as error:
+            if isinstance(error, OutputError) or error.errno not in NAME_ERRNOS:
+                raise
+            name = os.path.basename(path)
+            size = f"{len(os.fsencode(name))}-byte " if error.errno == errno.ENAMETOOLONG else ""
+            raise OutputNameError(error.errno, f"cannot write its features as {size}file name {name!r} "
+                                  f"({os.strerror(error.errno)}; --format shards keeps names in its index)") from None
+        self.written += 1
 
     def close(self) -> None:
         pass
@@ -633,6 +732,7 @@ class ShardWriter:
         self.limit = max(1, int(shard_size_mb * 1e6))
         self.prefix = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}-r{rank}"
         self.count = 0
+        self.written = 0  # images in shards whose fragment is written (they count; the buffer does not yet)
         self.buffer: list[Extracted] = []
         self.size = 0
 
@@ -661,6 +761,7 @@ class ShardWriter:
         _write_file(os.path.join(self.directory, name[: -len(OUTPUT_SUFFIX)] + ".json"),
                     json.dumps(fragment, indent=0).encode())
         self.count += 1
+        self.written += len(self.buffer)
         self.buffer, self.size = [], 0
 
     def close(self) -> None:
@@ -678,9 +779,14 @@ def merge_index(out_dir: str) -> dict[str, Any]:
     directory = os.path.join(out_dir, SHARDS_DIR)
     used = {entry["shard"] for entry in store._entries.values()} | {
         name[: -len(".json")] + OUTPUT_SUFFIX for name in store._fragments}
-    for name in os.listdir(directory):
-        if (name.endswith(OUTPUT_SUFFIX) and name not in used) or (name.startswith(".") and name.endswith(".tmp")):
+    for name in os.listdir(directory):  # only what ShardWriter writes: a user's own files stay
+        temp = _temp_stem(name)
+        if (SHARD_NAME.fullmatch(name) and name.endswith(OUTPUT_SUFFIX) and name not in used) or (
+                temp is not None and SHARD_NAME.fullmatch(temp[0])):
             os.remove(os.path.join(directory, name))
+    for name in os.listdir(out_dir):  # an index write that was interrupted
+        if _is_temp_of(name, {INDEX_NAME}):
+            os.remove(os.path.join(out_dir, name))
     store.close()
     return index
 
@@ -690,17 +796,38 @@ def merge_index(out_dir: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def is_shard_store(directory: str) -> bool:
+    """Whether `directory` holds a shard store, told by what only the shard writer makes: an index.json of its format,
+    or shards/ holding a shard or fragment name of its pattern (a run that never merged its index). A user's folder
+    named `shards` in a `--format files` store holds neither."""
+    try:
+        with open(os.path.join(directory, INDEX_NAME), "rb") as handle:
+            if SHARDS_FORMAT.encode() in handle.read(4096):  # "format" is the index's first key
+                return True
+    except OSError:
+        pass
+    try:
+        names = os.listdir(os.path.join(directory, SHARDS_DIR))
+    except OSError:
+        return False
+    return any(SHARD_NAME.fullmatch(name) for name in names)
+
+
 class FeatureStore:
     """Features written by `llava-evaclip features` (either format), by image key: `store[key]`, `len(store)`,
-    iteration over keys, `missing(keys)`, `settings`, `verify()`. Shards are memory-mapped (safetensors `safe_open`)."""
+    iteration over keys, `missing(keys)`, `settings`, `verify()`. Shards are memory-mapped (safetensors `safe_open`).
+
+    A files store holds the .safetensors files whose metadata says `llava-evaclip features` wrote them (others in the
+    folder, a checkpoint or an adapter, are ignored with a warning) and they must agree on their settings: a folder
+    mixing two models is a ValueError, as a shard store's fragments of other settings are."""
 
     def __init__(self, directory: Union[str, os.PathLike]) -> None:
         self.directory = os.fspath(directory)
         if not os.path.isdir(self.directory):
             raise ValueError(f"{display_path(self.directory)} is not a feature store directory.")
-        self.format = "shards" if (os.path.isfile(os.path.join(self.directory, INDEX_NAME))
-                                   or os.path.isdir(os.path.join(self.directory, SHARDS_DIR))) else "files"
+        self.format = "shards" if is_shard_store(self.directory) else "files"
         self._entries: dict[str, dict[str, Any]] = {}
+        self.unreadable: list[tuple[str, str]] = []  # .safetensors files of a files store that cannot be read
         self._fragments: list[str] = []
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
@@ -730,8 +857,8 @@ class FeatureStore:
             with open(path, encoding="utf-8") as handle:
                 fragment = json.load(handle)
             self._check_format(fragment, path)
-            if self.settings and fragment["settings"] != self.settings:
-                differences = settings_differences(fragment["settings"], self.settings)
+            differences = settings_differences(fragment["settings"], self.settings) if self.settings else []
+            if differences:
                 raise ValueError(f"{display_path(path)} was made with other settings than the rest of the store: "
                                  f"{', '.join(differences)}.")
             self.settings = self.settings or fragment["settings"]
@@ -744,16 +871,45 @@ class FeatureStore:
             raise ValueError(f"{display_path(path)} is not a llava-evaclip feature index ({SHARDS_FORMAT}).")
 
     def _scan_files(self) -> None:
+        """Every features file below the folder (one header read each), checked to share one set of settings."""
+        foreign: list[str] = []
+        first_key, conflicts = "", []
         for root, dirs, files in os.walk(self.directory):
             dirs.sort()
             for name in sorted(files):
-                if name.endswith(OUTPUT_SUFFIX) and not name.startswith("."):
-                    relative = os.path.relpath(os.path.join(root, name), self.directory)[: -len(OUTPUT_SUFFIX)]
-                    self._entries[path_key(relative)] = {"file": os.path.join(root, name)}
-        first = next(iter(self._entries.values()), None)
-        if first is not None:
-            self.settings = {key: value for key, value in self._file_metadata(first["file"]).items()
-                             if key in SETTING_KEYS}
+                if not name.endswith(OUTPUT_SUFFIX) or name.startswith("."):
+                    continue
+                path = os.path.join(root, name)
+                try:
+                    metadata = self._file_metadata(path)
+                except Exception as error:  # damaged, or not safetensors at all
+                    self.unreadable.append((path, _one_line(error)))
+                    continue
+                if metadata.get("format") != FILES_FORMAT:
+                    foreign.append(path)
+                    continue
+                key = path_key(os.path.relpath(path, self.directory)[: -len(OUTPUT_SUFFIX)])
+                self._entries[key] = {"file": path, "source": metadata.get("source"),
+                                      "original_size": metadata.get("original_size")}
+                settings = {setting: metadata[setting] for setting in SETTING_KEYS if setting in metadata}
+                if not self.settings:
+                    self.settings, first_key = settings, key
+                else:
+                    differences = settings_differences(settings, self.settings, label=f"{first_key!r} has")
+                    if differences:
+                        conflicts.append((key, differences))
+        ignored = [display_path(path) for path in foreign] + [
+            f"{display_path(path)} (unreadable: {reason})" for path, reason in self.unreadable]
+        if ignored:
+            logger.warning("%s: ignoring %d .safetensors file(s) that are not features written by `llava-evaclip "
+                           "features`, e.g. %s", display_path(self.directory), len(ignored), ignored[0])
+        if conflicts:
+            key, differences = conflicts[0]
+            raise ValueError(
+                f"{display_path(self.directory)} mixes features made with different settings: {len(conflicts)} of "
+                f"{len(self._entries)} files differ from {first_key!r}, e.g. {key!r}: "
+                f"{', '.join(differences)}; recompute them with `llava-evaclip features "
+                "... --overwrite` and one model, or use another folder.")
 
     @staticmethod
     def _file_metadata(path: str) -> dict[str, str]:
@@ -823,11 +979,13 @@ class FeatureStore:
                                 f"{entry['dtype']}")
             if not torch.isfinite(tensor).all():
                 problems.append(f"{key}: non-finite values")
+        problems += [f"{display_path(path)}: cannot read this .safetensors file ({reason})"
+                     for path, reason in self.unreadable]
         if self.format == "shards":
             directory = os.path.join(self.directory, SHARDS_DIR)
             named = {entry["shard"] for entry in self._entries.values()}
             for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-                if name.endswith(OUTPUT_SUFFIX) and name not in named:
+                if SHARD_NAME.fullmatch(name) and name.endswith(OUTPUT_SUFFIX) and name not in named:
                     problems.append(f"{SHARDS_DIR}/{name}: no index entry names this shard (an unfinished run's; "
                                     "the next run removes it)")
         return problems
@@ -929,10 +1087,11 @@ class ExtractionReport:
 def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], format: str = "files",
          overwrite: bool = False) -> tuple[list[ImageItem], int, list[tuple[str, str]]]:
     """(to compute, kept, failures): which images already have a current output. Reads only, so every rank can run
-    it before any rank writes; a store or file made with other settings is refused, never silently reused."""
+    it before any rank writes; a store or file made with other settings (the model's path aside: its weights
+    fingerprint counts) or from another image under the same key is refused, never silently reused."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {FORMATS}.")
-    is_shards = os.path.isfile(os.path.join(out_dir, INDEX_NAME)) or os.path.isdir(os.path.join(out_dir, SHARDS_DIR))
+    is_shards = os.path.isdir(out_dir) and is_shard_store(out_dir)
     if is_shards != (format == "shards") and os.path.isdir(out_dir) and (is_shards or _has_files(out_dir)):
         found = "a shard store" if is_shards else "per-image feature files"
         raise ValueError(f"{display_path(out_dir)} holds {found}; use the same --format to resume it, or another "
@@ -944,14 +1103,23 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
             if differences:
                 raise ValueError(f"the feature store {display_path(out_dir)} was made with other settings: "
                                  f"{', '.join(differences)}; use another output folder.")
-        done = set(store._entries) if store is not None else set()
-        todo = [item for item in items if item.key not in done]
+            _log_model_path(store.settings, settings, f"the feature store {display_path(out_dir)}")
+        entries = store._entries if store is not None else {}
+        others = [(item, entries[item.key]["source"]) for item in items if item.key in entries
+                  and not _same_source(entries[item.key].get("source"), item.path)]
+        if others:
+            item, recorded = others[0]
+            raise ValueError(f"the feature store {display_path(out_dir)} holds features of other images under "
+                             f"{len(others)} of these keys, e.g. {item.key!r} from {recorded} (now "
+                             f"{display_path(os.path.abspath(item.path))}); use another output folder.")
+        todo = [item for item in items if item.key not in entries]
         return todo, len(items) - len(todo), []
     todo, kept, failures = [], 0, []
+    other_models: set[str] = set()
     for item in items:
         path = output_path(out_dir, item.key)
         if os.path.exists(path) and not overwrite:
-            problem = _existing_mismatch(path, settings)
+            problem = _existing_mismatch(path, settings, item.path, other_models)
             if problem is None:
                 kept += 1
             else:
@@ -959,13 +1127,32 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
                                  problem + "; pass --overwrite to replace it or use another --out"))
             continue
         todo.append(item)
+    for recorded in sorted(other_models):
+        _log_model_path({**settings, "model": recorded}, settings, f"existing output in {display_path(out_dir)}")
     return todo, kept, failures
 
 
+def _same_source(recorded: Optional[str], path: str) -> bool:
+    """Whether an output recorded as made from `recorded` holds the image at `path`: the same absolute path, or the
+    same file reached another way (a symlink, another spelling of a mount)."""
+    if not recorded or recorded == display_path(os.path.abspath(path)):
+        return True
+    try:
+        return os.path.samefile(recorded, path)
+    except (OSError, ValueError):
+        return False
+
+
 def _has_files(out_dir: str) -> bool:
-    for _, _, files in os.walk(out_dir):
-        if any(name.endswith(OUTPUT_SUFFIX) and not name.startswith(".") for name in files):
-            return True
+    """Whether `out_dir` holds a features file (a .safetensors whose metadata says this package wrote it)."""
+    for root, _, files in os.walk(out_dir):
+        for name in files:
+            if name.endswith(OUTPUT_SUFFIX) and not name.startswith("."):
+                try:
+                    if FeatureStore._file_metadata(os.path.join(root, name)).get("format") == FILES_FORMAT:
+                        return True
+                except Exception:  # not safetensors: not ours
+                    continue
     return False
 
 
@@ -981,15 +1168,24 @@ def _path_conflict(out_dir: str, path: str) -> Optional[str]:
     return None
 
 
-def _existing_mismatch(path: str, settings: dict[str, str]) -> Optional[str]:
-    """None when the file at `path` holds features made with these settings; otherwise why it cannot be reused."""
+def _existing_mismatch(path: str, settings: dict[str, str], image_path: str,
+                       other_models: Optional[set[str]] = None) -> Optional[str]:
+    """None when the file at `path` holds the features of the image at `image_path` made with these settings;
+    otherwise why it cannot be reused. A model path other than this run's (same weights) goes into `other_models`."""
     try:
         metadata = FeatureStore._file_metadata(path)
     except Exception as error:  # a foreign or damaged file
         return f"{display_path(path)} exists but is not a readable features file ({_one_line(error)})"
+    if metadata.get("format") != FILES_FORMAT:
+        return f"{display_path(path)} exists but is not a features file written by `llava-evaclip features`"
     differences = settings_differences(metadata, settings)
     if differences:
         return f"{display_path(path)} exists but was made with other settings: {', '.join(differences)}"
+    if not _same_source(metadata.get("source"), image_path):
+        return (f"{display_path(path)} exists but holds the features of another image: {metadata['source']} "
+                f"(now {display_path(os.path.abspath(image_path))})")
+    if other_models is not None and metadata.get("model") != settings.get("model"):
+        other_models.add(str(metadata.get("model")))
     return None
 
 
@@ -1035,26 +1231,31 @@ def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem
     settings = tower_settings(tower)
     todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
     report.failures = list(planned_failures)
-    context.barrier()  # every rank has read the state before any rank writes
+    if format == "files" and context.rank == 0:
+        remove_stale_temp_files(out_dir, items)
+    context.barrier()  # every rank has read the state (and rank 0 removed stale temp files) before any rank writes
     todo = sorted(todo, key=lambda item: item.key)[context.rank::context.world_size]
     writer: Any = (ShardWriter(out_dir, settings, shard_size_mb, context.rank) if format == "shards"
                    else FileWriter(out_dir, settings))
     try:
         for result in iter_features(tower, todo, batch_size, workers):
-            if result.error is not None:
-                report.failures.append((display_path(result.item.path), result.error))
+            error = result.error
+            if error is None:
+                try:
+                    writer.add(result)
+                    report.shape = list(result.features.shape)
+                except OutputNameError as name_error:  # this image's output name only: the others go on
+                    error = name_error.strerror
+            if error is not None:
+                report.failures.append((display_path(result.item.path), error))
                 if on_failure is not None:
-                    on_failure(display_path(result.item.path), result.error)
-            else:
-                writer.add(result)
-                report.written += 1
-                report.shape = list(result.features.shape)
+                    on_failure(display_path(result.item.path), error)
             if progress is not None:
                 progress(1)
         writer.close()
     except OutputError as error:
         report.stopped = str(error)
-        report.written -= len(getattr(writer, "buffer", ()))  # buffered features of an unwritten shard
+    report.written = writer.written  # an unwritten shard's buffered features do not count
     report.elapsed = time.perf_counter() - started
     # `plan` ran on every rank over all images: its counts and failures are rank 0's; the rest is summed.
     reports = context.gather(dataclasses.asdict(report) if context.rank == 0 else dataclasses.asdict(
@@ -1065,7 +1266,10 @@ def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem
     for other in reports[1:]:
         total.merge(ExtractionReport(**other))
     if format == "shards" and os.path.isdir(os.path.join(out_dir, SHARDS_DIR)) and not total.stopped:
-        merge_index(out_dir)
+        try:
+            merge_index(out_dir)
+        except OutputError as error:  # every shard and fragment is written: the next run merges them
+            total.stopped = str(error)
     return total
 
 
@@ -1076,6 +1280,7 @@ __all__ = [
     "FeatureStore",
     "ImageItem",
     "OutputError",
+    "OutputNameError",
     "check_writable",
     "extract_features",
     "find_images",

@@ -448,8 +448,21 @@ def attach_feature_cache(tower: Any, directory: str, model_args: Any) -> Any:
     return store
 
 
-def _cache_key(sample: dict) -> str:
-    return os.path.normpath(sample["image"]).replace(os.sep, "/")
+def _cache_key(sample: dict, image_folder: Optional[str] = None) -> str:
+    """The store key of a LLaVA sample's image: the file LLaVA opens, `os.path.join(image_folder, image)` (an absolute
+    or '..' path included), relative to `image_folder`, which the store was made over."""
+    image = sample["image"]
+    if not isinstance(image, str):
+        raise FeatureCacheError(
+            f"--vision_feature_cache: sample {sample.get('id', '?')!r} has 'image' {image!r}; the cache holds one "
+            "image per sample (a file name relative to --image_folder): train samples with several images without it.")
+    key = os.path.normpath(image)
+    if image_folder and (os.path.isabs(key) or key.split(os.sep)[0] == os.pardir):
+        folder = os.path.abspath(image_folder)
+        relative = os.path.relpath(os.path.normpath(os.path.join(folder, image)), folder)
+        if relative.split(os.sep)[0] != os.pardir:  # inside the folder; anything else is not in the store
+            key = relative
+    return key.replace(os.sep, "/")
 
 
 def use_feature_cache(train_module: Any) -> None:
@@ -481,7 +494,8 @@ def use_feature_cache(train_module: Any) -> None:
         if getattr(self.data_args, "image_aspect_ratio", None) == "pad":
             raise FeatureCacheError("--vision_feature_cache holds features of square-preprocessed images; "
                                     "--image_aspect_ratio pad would pad them first: drop it or the cache.")
-        keys = [_cache_key(sample) for sample in self.list_data_dict if "image" in sample]
+        folder = getattr(self.data_args, "image_folder", None)
+        keys = [_cache_key(sample, folder) for sample in self.list_data_dict if "image" in sample]
         missing = store.missing(keys)
         if missing:
             raise FeatureCacheError(f"{len(missing)} of {len(keys)} images of the data are not in "
@@ -496,7 +510,7 @@ def use_feature_cache(train_module: Any) -> None:
         if store is not None and "image" in data and isinstance(i, int):
             sample = self.list_data_dict[i]
             if "image" in sample:
-                data["image"] = store[_cache_key(sample)].float()
+                data["image"] = store[_cache_key(sample, getattr(self.data_args, "image_folder", None))].float()
             elif self._evaclip_feature_shape is not None:  # a text-only sample: LLaVA uses none of its features
                 data["image"] = torch.zeros(self._evaclip_feature_shape)
         return data

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -150,3 +151,46 @@ def test_pretrain_script_from_the_cache_on_two_cpu_ranks(workspace, tmp_path):
     assert tower.returncode == 0, tower.stdout[-2000:] + tower.stderr[-6000:]
     # Logged losses are rounded to 4 decimals; the fp32 comparison at 1e-5 is the in-process test above.
     assert logged_losses(tmp_path / "cached") == logged_losses(tmp_path / "tower")
+
+
+def test_image_paths_resolve_as_llava_opens_them(workspace, tmp_path):
+    """`image` values LLaVA opens as os.path.join(image_folder, image) -- absolute, with '..', with './' -- find
+    their cached features; a list of images is refused in one line instead of a TypeError."""
+    import transformers
+    from llava_evaclip.tower import EvaCLIPVisionTower
+
+    cache = make_cache(workspace, tmp_path / "cache")
+    train_module = launch.prepare_llava("llava.train.train")
+    launch._feature_cache.clear()
+    args = model_args(workspace)
+    tower = EvaCLIPVisionTower(str(workspace / "tower"), args)
+    store = launch.attach_feature_cache(tower, str(cache), args)
+    images = workspace / "images"
+    records = json.loads((workspace / "data.json").read_text())
+    spellings = [str(images / "0.png"), f"../{images.name}/1.png", "./2.png", f"{images}/../{images.name}/3.png"]
+    data = [{**record, "image": image} for record, image in zip(records, spellings)]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(workspace / "lm"), use_fast=False,
+                                                           model_max_length=512, padding_side="right")
+    tokenizer.pad_token = tokenizer.unk_token
+
+    def dataset(records: list) -> object:
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(records))
+        data_args = types.SimpleNamespace(data_path=str(path), image_folder=str(images),
+                                          image_processor=tower.image_processor, is_multimodal=True,
+                                          image_aspect_ratio="square", mm_use_im_start_end=False, lazy_preprocess=True)
+        return train_module.LazySupervisedDataset(tokenizer=tokenizer, data_path=str(path), data_args=data_args)
+
+    try:
+        built = dataset(data)
+        for index, image in enumerate(spellings):
+            assert os.path.isfile(os.path.join(images, image))  # LLaVA opens it
+            assert torch.equal(built[index]["image"], store[f"{index}.png"].float()), image
+        with pytest.raises(launch.FeatureCacheError, match=r"sample 'x' has 'image' \['0.png', '1.png'\]"):
+            dataset(data + [{**records[0], "id": "x", "image": ["0.png", "1.png"]}])
+        outside = tmp_path / "elsewhere.png"
+        shutil.copy(images / "0.png", outside)  # LLaVA opens it, the store (made over image_folder) lacks it
+        with pytest.raises(launch.FeatureCacheError, match=f"1 of 5 images .* e.g. '{outside}'"):
+            dataset(data + [{**records[0], "id": "y", "image": str(outside)}])
+    finally:
+        launch._feature_cache.clear()
