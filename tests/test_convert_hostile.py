@@ -27,29 +27,14 @@ import torch
 pytest.importorskip("consisid_eva_clip.model", reason="BAAI's reference code (consisid-eva-clip)")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_convert import build_baai, write_baai  # noqa: E402
+from test_convert_safety import snapshot, toy  # noqa: E402,F401 (toy: the module-scoped fixture, shared)
 
 import llava_evaclip.convert as convert_module  # noqa: E402
 from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, zero  # noqa: E402
 from llava_evaclip.cli import main as cli_main  # noqa: E402
 from llava_evaclip.convert import ConversionError, convert_checkpoint, remove_stale_staging  # noqa: E402
 
-FAMILY = "EVA02-CLIP-B-16"
 CONVERT_LOGGER = "llava_evaclip.convert"
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """A BAAI release-layout checkpoint, its BAAI model config and a finished conversion of it."""
-    directory = tmp_path_factory.mktemp("toy")
-    checkpoint, arch = write_baai(directory, FAMILY, build_baai(FAMILY, seed=21))
-    converted = directory / "converted"
-    convert_checkpoint(checkpoint, converted, arch=str(arch))
-    return checkpoint, arch, converted
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def state_dict_of(checkpoint: Path) -> dict[str, torch.Tensor]:
