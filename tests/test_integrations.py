@@ -37,6 +37,7 @@ def _pixels(batch: int, size: int = 28) -> torch.Tensor:
 def _text(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(1, 97, (batch, 7))
     ids[:, -1] = 98  # EOS, pooled at argmax
+    ids[0, 4:] = 98  # the first text is 5 tokens, right-padded with EOS (the tokenizer's padding)
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0
     return ids, mask
