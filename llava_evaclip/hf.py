@@ -11,9 +11,11 @@ import is needed before `from_pretrained` of a saved model, or transformers cann
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
@@ -243,6 +245,34 @@ def build_llava_config(
     return LlavaConfig(**kwargs)
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Build modules in `dtype` as `from_pretrained(..., dtype=...)` does, so every buffer a model computes at init
+    (the language model's rotary tables) gets the dtype the installed transformers gives a loaded model."""
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast what the state dict holds (floating parameters and persistent buffers) to `dtype`, as `from_pretrained`
+    loads it; the buffers a model computes for itself keep the dtype they were built with (`_default_dtype`), where
+    `model.to(dtype)` would round them too (transformers 5's fp32 rotary `inv_freq`) and the built model would not
+    give the logits its saved copy gives."""
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to(dtype)
+    return model
+
+
 def build_llava(
     vision: Union[PathLike, EvaCLIPVisionConfig, EvaCLIPConfig],
     language_model: Union[PathLike, PretrainedConfig],
@@ -268,8 +298,9 @@ def build_llava(
     when it lacks it; the embeddings then grow to `len(tokenizer)`. Pass the processor's tokenizer
     (`build_llava_processor(...).tokenizer`) so that model and processor agree.
     """
-    vision_config = _vision_config(vision)
-    text_config = _text_config(language_model)
+    # Copies: the model gets its own configs (the vocab grows, the attention choice is set), never the caller's.
+    vision_config = copy.deepcopy(_vision_config(vision))
+    text_config = copy.deepcopy(_text_config(language_model))
     _check_feature_selection(vision_config, vision_feature_layer, vision_feature_select_strategy)  # fail before loading
     tower = None
     if _is_dir(vision):
@@ -317,7 +348,8 @@ def build_llava(
         attn_implementation=attn_implementation,
     )
     model_class = LlavaNextForConditionalGeneration if next else LlavaForConditionalGeneration
-    model = model_class(config)
+    with _default_dtype(dtype):
+        model = model_class(config)
     if attn_implementation is not None:
         set_vision_attn_implementation(model, attn_implementation)
 
@@ -331,7 +363,7 @@ def build_llava(
             model.get_output_embeddings().load_state_dict(output_embeddings.state_dict(), strict=True)
         del language
     if dtype is not None:
-        model.to(dtype)
+        _cast_weights(model, dtype)
     logger.info(
         "Built %s: EVA-CLIP tower (%d layers, %dpx) -> projector -> %s; image token id %d.",
         type(model).__name__, vision_config.num_hidden_layers, vision_config.image_size,

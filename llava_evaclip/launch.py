@@ -349,6 +349,14 @@ def extend_model_arguments(train_module: Any) -> None:
                 f"--mm_vision_select_layer {self.mm_vision_select_layer!r}: several layers need an EVA-CLIP tower; "
                 f"{self.vision_tower!r} is handled by LLaVA's own CLIPVisionTower, which takes one int."
             )
+        # Where LLaVA has no S2 of its own (the flag is ours), only our towers read it: LLaVA's CLIP tower would train
+        # without S2 while the saved config says s2=True.
+        if "s2" not in existing and getattr(self, "s2", False) and self.vision_tower \
+                and find_factory(self.vision_tower) is None:
+            raise ValueError(
+                f"--s2 True: S2 multi-scale features need an EVA-CLIP tower here; {self.vision_tower!r} is handled by "
+                "LLaVA's own CLIPVisionTower, which has no S2 in this LLaVA."
+            )
 
     extended = dataclasses.make_dataclass(
         base.__name__, extra, bases=(base,), namespace={"__post_init__": __post_init__, "_evaclip_extended": True}

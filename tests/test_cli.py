@@ -4,10 +4,12 @@ checkpoint dirs written here, checking files, exit statuses and messages. The ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -424,3 +426,41 @@ def test_bad_input_errors(vision_dir, full_dir, image_tree, tmp_path, capsys):
         assert_one_line_error(captured.err, *fragments)
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "v.png")
     assert existing_png.read_bytes() == b"keep me"
+
+
+def test_damaged_model_files_and_dangling_outputs_are_one_line_errors(vision_dir, image_tree, tmp_path, capsys):
+    """A config.json that is not UTF-8, a damaged or zero-byte weights file, a dangling symlink at --out and a file
+    where bench's --output-dir should be: each one line with exit status 2, nothing the user had touched."""
+    latin1 = tmp_path / "latin1"
+    shutil.copytree(vision_dir, latin1)
+    (latin1 / "config.json").write_bytes((latin1 / "config.json").read_bytes().replace(b"{", b'{"note": "caf\xe9",', 1))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(vision_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:6])
+    empty_weights = tmp_path / "empty_weights"
+    shutil.copytree(vision_dir, empty_weights)
+    (empty_weights / "model.safetensors").write_bytes(b"")
+    dangling = tmp_path / "link.png"
+    dangling.symlink_to(tmp_path / "missing-target.png")
+    good = os.path.join(image_tree, "top.png")
+    cases = [
+        (["inspect", str(latin1)], ["cannot read", "config.json", "utf-8"]),
+        (["features", good, "--model", str(latin1), "--out", str(tmp_path / "f")], ["cannot read", "config.json"]),
+        (["inspect", str(truncated)], ["cannot read", "model.safetensors", "damaged"]),
+        (["inspect", str(empty_weights)], ["cannot read", "model.safetensors"]),
+        (["visualize", good, "--model", vision_dir, "--out", str(dangling)], ["already exists", "--overwrite"]),
+    ]
+    for argv, fragments in cases:
+        assert main(argv) == 2, argv
+        assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert dangling.is_symlink() and not os.path.exists(tmp_path / "f")
+    bench = pytest.importorskip("benchmarks.tower")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--output-dir", str(a_file / "results"), "--quick"])
+    with pytest.raises(bench.BenchmarkError, match=r"--output-dir .*a-file is a file, not a folder"):
+        bench.run_benchmark(args, progress=lambda _: pytest.fail("timed before checking its output folder"))
+    assert a_file.read_text() == "keep me"

@@ -569,3 +569,34 @@ def test_build_llava_refuses_a_vision_dir_with_missing_tower_weights(tmp_path, l
     with pytest.raises(ValueError, match="weights are missing") as error:
         build_llava(tmp_path, language_model_dir)
     assert dropped in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_build_llava_in_half_precision_gives_the_logits_of_its_saved_copy(vision_dir, language_model_dir, tmp_path,
+                                                                          dtype):
+    """`dtype=` casts what the state dict holds, as `from_pretrained(..., dtype)` loads it: the buffers each model
+    computes in fp32 (the LM's rotary inv_freq) stay fp32, so save -> reload gives the same logits, bit for bit."""
+    processor = build_llava_processor(vision_dir, language_model_dir)
+    model = build_llava(vision_dir, language_model_dir, tokenizer=processor.tokenizer, dtype=dtype).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    inputs = processor(text=["<image>\nUSER : a cat"], images=random_images([(40, 60)]), return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    model.save_pretrained(tmp_path)
+    key = "dtype" if TF5 else "torch_dtype"
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, **{key: dtype}).eval()
+    built_buffers, loaded_buffers = dict(model.named_buffers()), dict(reloaded.named_buffers())
+    assert {name: b.dtype for name, b in built_buffers.items()} == {name: b.dtype for name, b in loaded_buffers.items()}
+    for name, buffer in built_buffers.items():
+        assert torch.equal(buffer, loaded_buffers[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_build_llava_leaves_the_callers_configs_alone():
+    vision_config, text_config = tiny_vision_config(), tiny_llama_config(vocab_size=len(WORDS))
+    vision_before, text_before = vision_config.to_dict(), text_config.to_dict()
+    first = build_llava(vision_config, text_config, tokenizer=tiny_tokenizer(), attn_implementation="eager")
+    build_llava(vision_config, text_config, tokenizer=tiny_tokenizer(), attn_implementation="sdpa")
+    assert vision_config.to_dict() == vision_before and text_config.to_dict() == text_before  # vocab not grown
+    assert get_vision_tower(first).config is not vision_config
+    assert modeling.resolve_attn_implementation(get_vision_tower(first).config) == "eager"  # not switched by the second build

@@ -94,6 +94,11 @@ def test_model_arguments_take_the_tower_options(tmp_path):
     with pytest.raises(ValueError, match="several layers need an EVA-CLIP tower"):
         parser.parse_args_into_dataclasses(
             ["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer=-2,-3"])
+    # LLaVA 1.5's builder has no S2: its CLIP tower would train without it while the saved config says s2=True
+    with pytest.raises(ValueError, match=r"--s2 True: S2 multi-scale features need an EVA-CLIP tower"):
+        parser.parse_args_into_dataclasses(["--vision_tower", "openai/clip-vit-large-patch14", "--s2", "True"])
+    (args,) = parser.parse_args_into_dataclasses(["--vision_tower", "openai/clip-vit-large-patch14", "--s2", "False"])
+    assert not args.s2
 
 
 @pytest.mark.parametrize("config_name", ["zero3.json", "zero3_offload.json"])

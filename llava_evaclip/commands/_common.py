@@ -185,8 +185,8 @@ def read_config(path: str) -> Any:
     try:
         with open(config_path, encoding="utf-8") as handle:
             raw = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise CLIError(f"cannot read {config_path}: {error}") from None
+    except (OSError, ValueError) as error:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise CLIError(f"cannot read {config_path}: {one_line(error)}") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     try:
         if model_type in FULL_MODEL_TYPES:
@@ -302,7 +302,7 @@ def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None
     without --overwrite, a parent that is a file or a folder we cannot write to."""
     if os.path.isdir(path):
         raise CLIError(f"{option} {path} is a directory; give a file name.")
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a dangling symlink is something the user made, too
         raise CLIError(f"{option} {path} already exists; pass --overwrite to replace it.")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):  # created on write: what matters is the nearest existing ancestor

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from ..cli import CLIError
 from . import _common
 from ._common import ModelSource
 
@@ -92,10 +93,14 @@ def weights_summary(path: str) -> str:
         return f"no .safetensors file ({', '.join(others) or 'no weights found'})"
     dtypes: set[str] = set()
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as handle:
-            for key in handle.keys():
-                stored = str(handle.get_slice(key).get_dtype())
-                dtypes.add(SAFETENSORS_DTYPES.get(stored, stored))
+        try:
+            with safe_open(os.path.join(path, name), framework="pt") as handle:
+                for key in handle.keys():
+                    stored = str(handle.get_slice(key).get_dtype())
+                    dtypes.add(SAFETENSORS_DTYPES.get(stored, stored))
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise CLIError(f"cannot read {os.path.join(path, name)}: {_common.one_line(error)} (a damaged or "
+                           "incomplete weights file; convert or download it again).") from None
     size = sum(os.path.getsize(os.path.join(path, name)) for name in files)
     return f"{len(files)} safetensors file(s), {_human_bytes(size)}, dtype {', '.join(sorted(dtypes))}"
 
