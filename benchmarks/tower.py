@@ -1112,18 +1112,6 @@ def _output_paths(args: argparse.Namespace) -> dict[str, str]:
     return paths
 
 
-def _check_output_dir(directory: str) -> None:
-    """What would stop the result files from being written, found before minutes of timing: a file where the
-    folder (or one above it) should be, or a folder we cannot write into."""
-    parent = os.path.abspath(directory)
-    while not os.path.lexists(parent):  # created on write: what matters is the nearest existing ancestor
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BenchmarkError(f"--output-dir {directory}: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BenchmarkError(f"--output-dir {directory}: cannot write into {parent} (permission denied).")
-
-
 def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Time every contender per (dtype, batch), measure memory, and write JSON, markdown and PNG; returns the report."""
     import torch
@@ -1133,7 +1121,12 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
     existing = [p for p in paths.values() if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise BenchmarkError(f"{existing[0]} already exists; pass --overwrite to replace it (or --output-dir/--name)")
-    _check_output_dir(os.path.dirname(next(iter(paths.values()))))
+    from llava_evaclip.commands._common import unwritable_folder
+
+    directory = os.path.dirname(next(iter(paths.values())))
+    problem = unwritable_folder(directory)  # found before minutes of timing, not when the results are written
+    if problem is not None:
+        raise BenchmarkError(f"--output-dir {directory}: {problem}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

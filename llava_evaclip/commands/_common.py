@@ -304,13 +304,22 @@ def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None
         raise CLIError(f"{option} {path} is a directory; give a file name.")
     if os.path.lexists(path) and not overwrite:  # a dangling symlink is something the user made, too
         raise CLIError(f"{option} {path} already exists; pass --overwrite to replace it.")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # created on write: what matters is the nearest existing ancestor
+    problem = unwritable_folder(os.path.dirname(os.path.abspath(path)))
+    if problem is not None:
+        raise CLIError(f"{option} {path}: {problem}.")
+
+
+def unwritable_folder(folder: str) -> Optional[str]:
+    """Why nothing could be written into `folder` (created on write, so its nearest existing ancestor decides: a file,
+    or a folder we may not write into), or None."""
+    parent = os.path.abspath(folder)
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise CLIError(f"{option} {path}: {parent} is a file, not a folder.")
+        return f"{parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {path}: cannot write into {parent} (permission denied).")
+        return f"cannot write into {parent} (permission denied)"
+    return None
 
 
 __all__ = [
@@ -322,4 +331,5 @@ __all__ = [
     "open_rgb",
     "resolve_model",
     "samples_dir",
+    "unwritable_folder",
 ]
