@@ -407,7 +407,7 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.Pa
         model, info = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
     except Exception as error:  # a rank that cannot read the checkpoint must not leave the others waiting
         own_error = error
-        local_error = f"{type(error).__name__}: {error}"
+        local_error = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         info = {}
     missing = sorted(info.get("missing_keys") or [])
     if missing and local_error is None:
@@ -664,12 +664,12 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
     source = os.fspath(pretrained_model_name_or_path)
     header, local_error = None, None
     if get_rank() == 0:
-        files = _safetensors_files(source)
-        if files is not None:
-            try:
+        try:
+            files = _safetensors_files(source)
+            if files is not None:
                 header = _safetensors_header(files)
-            except (OSError, RuntimeError, ValueError) as error:
-                local_error = f"Cannot read the safetensors weights of {source!r}: {error}"
+        except Exception as error:  # a damaged index or header (safetensors has its own error type): every rank raises
+            local_error = f"Cannot read the safetensors weights of {source!r}: {' '.join(str(error).split())}"
     header, error = broadcast_object((header, local_error))
     if error:
         raise ValueError(error)

@@ -37,6 +37,12 @@ def run(tmp_path_factory):
     state = load_file(root / "mismatched" / "model.safetensors")
     state["vision_model.post_layernorm.weight"] = torch.ones(31)
     save_file(state, root / "mismatched" / "model.safetensors", metadata={"format": "pt"})
+    for name in ("corrupt_index", "truncated"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_bytes((root / "tiny" / "config.json").read_bytes())
+    (root / "corrupt_index" / "model.safetensors.index.json").write_text("{not json")
+    weights = (root / "tiny" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     out = root / "out"
     out.mkdir()
     result = run_torchrun(DIST_DIR / "zero3_stream.py", "--case", str(root), "--out", str(out), nproc=NPROC,
@@ -100,3 +106,16 @@ def test_mismatched_shape_raises_on_every_rank(run):
     assert len(messages) == 1
     (message,) = messages
     assert "vision_model.post_layernorm.weight" in message and "[31]" in message and "[32]" in message
+
+
+@pytest.mark.parametrize("case", ["corrupt_index", "truncated"])
+def test_unreadable_weights_raise_on_every_rank(run, case):
+    """Rank 0 reads the index and the headers; a damaged one must reach every rank as one ValueError, or the other
+    ranks would wait in the broadcast until the process-group timeout."""
+    ranks, _ = run
+    assert all(rank[case]["raised"] and rank[case]["type"] == "ValueError" for rank in ranks), ranks
+    messages = {rank[case]["message"] for rank in ranks}
+    assert len(messages) == 1
+    (message,) = messages
+    assert "Cannot read the safetensors weights of" in message and case in message
+    assert not message.startswith("ValueError:")

@@ -1,7 +1,8 @@
 """Worker: stream an EVA-CLIP checkpoint into a ZeRO-3 partitioned tower and record rank memory and the loaded values.
 
 Run by tests/test_zero3_stream.py as `torchrun --nproc_per_node 2 zero3_stream.py --case CASE --out OUT`. CASE holds
-`large/` (a few hundred MB, one safetensors file), `tiny/`, `full/` (an EvaCLIPModel) and `mismatched/`. Each rank records its peak RSS growth (VmHWM, reset
+`large/` (a few hundred MB, one safetensors file), `tiny/`, `full/` (an EvaCLIPModel), `mismatched/`,
+`corrupt_index/` and `truncated/`. Each rank records its peak RSS growth (VmHWM, reset
 through /proc/self/clear_refs) over the streamed load and over transformers' own ZeRO-3 loader on the same checkpoint,
 and how far the gathered weights are from the checkpoint read by safetensors on its own.
 """
@@ -150,6 +151,10 @@ def main() -> None:
         # 3. A checkpoint with a mis-shaped tensor: every rank raises the same ValueError, nobody hangs.
         with results.expect_error("mismatched"):
             EvaCLIPVisionModel.from_pretrained(args.case / "mismatched")
+        # 3b. A damaged shard index and a truncated weights file (rank 0 reads them): the same on every rank.
+        for name in ("corrupt_index", "truncated"):
+            with results.expect_error(name):
+                EvaCLIPVisionModel.from_pretrained(args.case / name)
 
         # 4. A bare deepspeed.zero.Init (no transformers config) streams as well.
         del hf_ds_config
