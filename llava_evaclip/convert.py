@@ -1213,15 +1213,16 @@ def _process_exists(pid: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _host_id() -> str:
-    """Who can check a staging dir's pid: the hostname (anything but letters, digits and `_` made `_`) plus, where
-    /proc shows it, the pid namespace (two containers on one host, e.g. with host networking, share the hostname but
-    not their pids). A pid means nothing to a process with another host id."""
-    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:64] or "unknown"
+    """Who can check a staging dir's pid: the hostname plus, where /proc shows it, the pid namespace (two containers
+    on one host, e.g. with host networking, share the hostname but not their pids), as 12 hex digits so that the
+    staging name stays short whatever the hostname (OUT's own name must still fit in 255 bytes beside it). A pid
+    means nothing to a process with another host id."""
+    host = socket.gethostname()
     try:
-        host += f"_ns{os.stat('/proc/self/ns/pid').st_ino}"
+        host += f"/ns{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
         pass
-    return host
+    return hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def _staging_name(out_name: str) -> str:
@@ -1318,9 +1319,9 @@ def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
     if foreign:
         logger.warning(
             f"Left {len(foreign)} staging dir(s) in {parent} alone: {_list_keys(foreign)}. They were made on another "
-            f"host or container than this one ({_host_id()}), or by an older llava-evaclip whose names record no "
-            "host, so whether their conversion still runs cannot be checked from here; remove them by hand once it "
-            "has ended."
+            f"host or container than this one ({socket.gethostname()}, id {_host_id()}), or by an older llava-evaclip "
+            "whose names record no host, so whether their conversion still runs cannot be checked from here; remove "
+            "them by hand once it has ended."
         )
     return cleaned
 

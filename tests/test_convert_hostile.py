@@ -431,3 +431,20 @@ def test_model_card_command_is_shell_quoted_and_records_the_arch(tmp_path, toy):
     assert shlex.split(command) == ["llava-evaclip", "convert", "my ckpt.pt", "out dir", "--arch", "my $arch's.json"]
     digest = hashlib.sha256((folder / "my $arch's.json").read_bytes()).hexdigest()
     assert f"my $arch's.json`: sha256 `{digest}`" in card
+
+
+def test_staging_names_stay_short_whatever_the_hostname(tmp_path, toy, monkeypatch):
+    """The host id is a short digest: a long cluster hostname must not push a long (but valid) OUT name's staging
+    dir past the 255-byte name limit, which the names of older versions fit."""
+    checkpoint, arch, _ = toy
+    monkeypatch.setattr(convert_module.socket, "gethostname", lambda: "gpu-node-0123.rack-17.cluster.example.org" * 2)
+    convert_module._host_id.cache_clear()
+    try:
+        host = convert_module._host_id()
+        assert re.fullmatch(r"[0-9a-f]{12}", host)
+        out = tmp_path / ("o" * 200)
+        convert_checkpoint(checkpoint, out, arch=str(arch))
+        assert (out / "model.safetensors").is_file()
+        assert len(convert_module._staging_name("o" * 200) + "-replaced") <= 255
+    finally:
+        convert_module._host_id.cache_clear()
