@@ -50,6 +50,10 @@ class LaunchError(Exception):
     """A usage error: reported in one line, exit status 2."""
 
 
+class ArgumentError(LaunchError, ValueError):
+    """A training argument this launcher checks itself (a ValueError, as HfArgumentParser's own checks raise)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,7 +349,7 @@ def extend_model_arguments(train_module: Any) -> None:
         self.mm_vision_select_layer = _parse_select_layer(self.mm_vision_select_layer)
         several = isinstance(self.mm_vision_select_layer, str)
         if several and self.vision_tower and find_factory(self.vision_tower) is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"--mm_vision_select_layer {self.mm_vision_select_layer!r}: several layers need an EVA-CLIP tower; "
                 f"{self.vision_tower!r} is handled by LLaVA's own CLIPVisionTower, which takes one int."
             )
@@ -353,7 +357,7 @@ def extend_model_arguments(train_module: Any) -> None:
         # without S2 while the saved config says s2=True.
         if "s2" not in existing and getattr(self, "s2", False) and self.vision_tower \
                 and find_factory(self.vision_tower) is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"--s2 True: S2 multi-scale features need an EVA-CLIP tower here; {self.vision_tower!r} is handled by "
                 "LLaVA's own CLIPVisionTower, which has no S2 in this LLaVA."
             )
@@ -570,6 +574,40 @@ def finish_cpu_process_group(grace_s: float = 0.2) -> None:
             time.sleep(grace_s)
 
 
+def _argument_value(args: Sequence[str], name: str) -> Optional[str]:
+    """The last value given for `--name` (`--name value` or `--name=value`), as argparse takes it."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == f"--{name}" and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def check_paths(args: Sequence[str]) -> None:
+    """Paths LLaVA would trip over only after loading the language model (or, for the images, in the first step), and
+    an output folder that would overwrite the vision tower's checkpoint: one line each, before anything loads. Values
+    LLaVA-NeXT reads as several files (commas, globs, braces) are left to it."""
+    data_path = _argument_value(args, "data_path")
+    if data_path and not any(char in data_path for char in ",*?{[") and not os.path.exists(data_path):
+        raise ArgumentError(f"--data_path {data_path}: no such file (expected LLaVA's JSON of conversations).")
+    image_folder = _argument_value(args, "image_folder")
+    if image_folder and not os.path.isdir(image_folder):
+        raise ArgumentError(f"--image_folder {image_folder}: not a folder (the images the data's 'image' paths name).")
+    output_dir = _argument_value(args, "output_dir")
+    if not output_dir:
+        return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ArgumentError(f"--output_dir {output_dir} is a file; give a folder for the checkpoints.")
+    tower = _argument_value(args, "vision_tower")
+    if tower and os.path.isdir(tower):
+        out, tower_dir = os.path.realpath(output_dir), os.path.realpath(tower)
+        if out == tower_dir or out.startswith(tower_dir + os.sep):
+            raise ArgumentError(f"--output_dir {output_dir} is the vision tower's checkpoint folder ({tower}) or inside "
+                                "it: the trainer would overwrite its config.json; write the run elsewhere.")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
@@ -589,6 +627,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_module = prepare_llava(module)
     if train_module is not None:
         args = translate_training_args(args)
+        try:
+            check_paths(args)
+        except LaunchError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
     try:
         if module == TRAIN_MODULE:
             # Its `__main__` block is `train()`; calling it on the imported module keeps the extensions above in
@@ -598,7 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             sys.argv = [module, *args]
             runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except FeatureCacheError as error:
+    except LaunchError as error:  # the feature cache's refusals and the argument checks of `extend_model_arguments`
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     finish_cpu_process_group()

@@ -257,3 +257,44 @@ def test_pretrain_then_finetune_from_the_shell_scripts(workspace):
     assert tower_keys and all(key[len(prefix):] in original for key in tower_keys)
     changed = [key for key in tower_keys if not torch.equal(saved[key].float(), original[key[len(prefix):]].float())]
     assert changed, "the unfrozen tower was not trained"
+
+
+def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """What LLaVA would trip over only after loading the language model (a missing data file or image folder, an
+    output "folder" that is a file), an output folder that would overwrite the tower's checkpoint, and the launcher's
+    own argument checks: one line, exit status 2, and LLaVA's train() never runs."""
+    train_module = launch.prepare_llava("llava.train.train")
+    tower = tmp_path / "eva-tower"
+    tower.mkdir()
+    (tower / "config.json").write_text("{}")
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    images = tmp_path / "images"
+    images.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    base = ["llava.train.train", "--model_name_or_path", str(tmp_path / "lm"), "--vision_tower", str(tower),
+            "--data_path", str(data), "--image_folder", str(images)]
+    cases = [
+        (["--data_path", str(tmp_path / "nope.json"), "--output_dir", str(tmp_path / "out")],
+         "--data_path", "no such file"),
+        (["--image_folder=" + str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")], "--image_folder",
+         "not a folder"),
+        (["--output_dir", str(a_file)], "--output_dir", "is a file"),
+        (["--output_dir", str(tower)], "vision tower's checkpoint folder", "overwrite"),
+        (["--output_dir", str(tower / "run")], "or inside it", "write the run elsewhere"),
+        (["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer", "-2,-3",
+          "--output_dir", str(tmp_path / "out")], "several layers need an EVA-CLIP tower"),
+    ]
+    for extra, *fragments in cases:
+        checked_first = "--mm_vision_select_layer" not in extra  # that one is LLaVA's parser's (our dataclass hook)
+        if checked_first:
+            monkeypatch.setattr(train_module, "train", lambda: pytest.fail("LLaVA's train() ran"))
+        assert launch.main(base + extra) == 2, extra
+        monkeypatch.undo()
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("run_llava.py: error: "), lines
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+    assert a_file.read_text() == "keep me" and sorted(p.name for p in tower.iterdir()) == ["config.json"]
+    assert not (tmp_path / "out").exists()
