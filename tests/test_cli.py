@@ -464,3 +464,14 @@ def test_damaged_model_files_and_dangling_outputs_are_one_line_errors(vision_dir
     with pytest.raises(bench.BenchmarkError, match=r"--output-dir .*a-file is a file, not a folder"):
         bench.run_benchmark(args, progress=lambda _: pytest.fail("timed before checking its output folder"))
     assert a_file.read_text() == "keep me"
+
+
+def test_similarity_table_keeps_one_line_per_image_for_multi_line_texts():
+    import torch as _torch
+    from llava_evaclip.commands.similarity import render_table
+
+    texts = ["a photo\nof a cat", "a\tdog  "]
+    table = render_table(["x.png", "y.png"], texts, _torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    lines = table.splitlines()
+    assert len(lines) == 4, table  # the caption line, the header, one row per image
+    assert "a photo of a cat" in lines[1] and lines[2].endswith("a photo of a cat") and lines[3].endswith("a dog")

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _clip(text: str, width: int) -> str:
+    """`text` on one table line (runs of whitespace, newlines included, shown as one space), cut to `width`."""
+    text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
