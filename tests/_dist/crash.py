@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import distributed_run
+from common import distributed_run, run_worker
 
 
 def main() -> None:
@@ -43,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_worker(main)

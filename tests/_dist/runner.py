@@ -67,6 +67,7 @@ def worker_env(extra: Optional[dict[str, str]] = None, pythonpath: Sequence[str]
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
         PYTHONWARNINGS="ignore",
+        PYTHONFAULTHANDLER="1",  # a rank killed by a signal prints where it was (a bare SIGABRT says nothing)
     )
     # The transformers 4.37.2 overlay (PYTHONPATH) must reach the workers; the repository must be importable too.
     paths = [*map(str, pythonpath), str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

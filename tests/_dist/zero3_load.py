@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from common import Results, distributed_run, zero3_config
+from common import Results, distributed_run, run_worker, zero3_config
 
 
 def record(results: Results, key: str, model: torch.nn.Module, pixel_values: torch.Tensor) -> None:
@@ -133,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_worker(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from common import Results, distributed_run, zero3_config
+from common import Results, distributed_run, run_worker, zero3_config
 
 
 def _status_kib(field: str) -> int:
@@ -166,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)
