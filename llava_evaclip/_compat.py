@@ -76,11 +76,26 @@ HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointin
 # embeddings as `pooler_output`; 4.x returns the projected tensor.
 FEATURES_RETURN_MODEL_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
 
+# transformers 4.x's `config.torchscript=True` makes models return tuples (`config.use_return_dict`), so that
+# torch.jit.trace takes them; transformers 5 dropped the flag.
+TORCHSCRIPT_RETURNS_TUPLES = int(transformers.__version__.split(".")[0]) < 5
+
+# transformers 5's configs pass `attn_implementation` on to their sub-configs (per tower when given as a dict);
+# 4.x sets it on the top config only.
+SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _in_functorch_transform() -> bool:
+    """True inside torch.func's vmap / grad / jacrev / jvp, which have no batching rules for `out=` writes."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
 
 def is_tracing() -> bool:
-    """True under torch.compile, torch.export or jit tracing, where eager-only kernels (`out=` writes, Python loops
-    over blocks) must step aside for plain module calls that trace into one graph."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+    """True under torch.compile, torch.export, jit tracing or a torch.func transform, where eager-only kernels
+    (`out=` writes, Python loops over blocks, value checks) must step aside for plain module calls that trace into one
+    graph (or that vmap can batch)."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_functorch_transform())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -162,6 +177,8 @@ __all__ = [
     "is_tracing",
     "ALL_ATTENTION_FUNCTIONS",
     "FEATURES_RETURN_MODEL_OUTPUT",
+    "SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION",
+    "TORCHSCRIPT_RETURNS_TUPLES",
     "GradientCheckpointingLayer",
     "HAS_ACTIVATION_CHECKPOINTING",
     "is_partitioned",

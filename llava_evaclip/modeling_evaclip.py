@@ -20,6 +20,8 @@ from ._compat import (
     ALL_ATTENTION_FUNCTIONS,
     FEATURES_RETURN_MODEL_OUTPUT,
     HAS_ACTIVATION_CHECKPOINTING,
+    SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION,
+    TORCHSCRIPT_RETURNS_TUPLES,
     GradientCheckpointingLayer,
     init,
     is_flash_attn_available,
@@ -77,7 +79,8 @@ class EvaCLIPOutput(ModelOutput):
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+    """Cross-entropy against the diagonal; `shape[0]`, not `len()`, which torch.export turns into a constant batch."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
 
 def clip_loss(similarity: torch.Tensor) -> torch.Tensor:
@@ -190,12 +193,13 @@ class EvaCLIPRotaryEmbedding(nn.Module):
         self._cache: dict[tuple[int, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _axis_freqs(self, length: int) -> torch.Tensor:
+        """Always in fp32: transformers 4.x's `from_pretrained(torch_dtype=bf16)` builds the model under that
+        default dtype, where `arange(n) / n` would round the positions to bf16 (angles off by ~0.02 at grid 24)."""
         quarter = self.head_dim // 2
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, quarter, 2)[: quarter // 2].float() / quarter))
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, quarter, 2, dtype=torch.float32)[: quarter // 2] / quarter))
+        positions = torch.arange(length, dtype=torch.float32)
         if self.interpolate_freq:
-            positions = torch.arange(length) / length * self.pt_grid_size
-        else:
-            positions = torch.arange(length).float()
+            positions = positions / length * self.pt_grid_size
         freqs = torch.einsum("i,f->if", positions, inv_freq)
         return freqs.repeat_interleave(2, dim=-1)  # [length, head_dim / 2], pairs share a frequency
 
@@ -204,8 +208,8 @@ class EvaCLIPRotaryEmbedding(nn.Module):
         rows = self._axis_freqs(height)[:, None, :].expand(height, width, -1)
         cols = self._axis_freqs(width)[None, :, :].expand(height, width, -1)
         freqs = torch.cat((rows, cols), dim=-1).reshape(height * width, self.head_dim)
-        cos = torch.cat((torch.ones(1, self.head_dim), freqs.cos()), dim=0)
-        sin = torch.cat((torch.zeros(1, self.head_dim), freqs.sin()), dim=0)
+        cos = torch.cat((torch.ones(1, self.head_dim, dtype=torch.float32), freqs.cos()), dim=0)
+        sin = torch.cat((torch.zeros(1, self.head_dim, dtype=torch.float32), freqs.sin()), dim=0)
         return cos, sin
 
     def _table(
@@ -228,15 +232,28 @@ class EvaCLIPRotaryEmbedding(nn.Module):
         key = (height, width, device, dtype)
         cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[key] = self._table(height, width, dtype, device)
+            # Normal tensors even under torch.inference_mode(): a cached inference tensor would break every later
+            # training step at this grid ("Inference tensors cannot be saved for backward").
+            with torch.inference_mode(False):
+                cached = self._cache[key] = self._table(height, width, dtype, device)
         return cached
 
     def reset_cache(self) -> None:
         self._cache.clear()
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "EvaCLIPRotaryEmbedding":
-        self._cache.clear()  # device / dtype moves invalidate cached copies
-        return super()._apply(fn, *args, **kwargs)
+        """Device / dtype moves invalidate cached copies. A move off the meta device (`to_empty()`, after building
+        on meta for FSDP-style init) leaves uninitialised memory, which no checkpoint fills (the tables are not
+        saved): the tables are recomputed from the config there."""
+        self._cache.clear()
+        was_meta = self.cos.device.type == "meta"
+        result = super()._apply(fn, *args, **kwargs)
+        if was_meta and self.cos.device.type != "meta":
+            cos, sin = self.compute_table(self.grid_size, self.grid_size)
+            with torch.no_grad():
+                self.cos.copy_(cos)
+                self.sin.copy_(sin)
+        return result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -285,7 +302,9 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         module call (`plain_inference_linears`)."""
         conv = self.patch_embedding
         # Tracing is ruled out first: the kernel probe behind `_half_matmul_in_fp32` is not traceable by dynamo.
-        direct = not is_tracing() and conv.padding_mode == "zeros" and plain_inference_linears(pixel_values, (conv,))
+        # `plain_inference_linears` first: it checks that `conv` is a plain nn.Conv2d (a PEFT LoRA wrapper has no
+        # `padding_mode`).
+        direct = not is_tracing() and plain_inference_linears(pixel_values, (conv,)) and conv.padding_mode == "zeros"
         if direct and _half_matmul_in_fp32(pixel_values):
             wide = F.conv2d(
                 pixel_values.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
@@ -521,6 +540,17 @@ def _linear_rows(hidden_states: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return out.view(*hidden_states.shape[:-1], layer.out_features)
 
 
+def _has_hooks(module: Optional[nn.Module]) -> bool:
+    """Whether `module` has forward hooks of torch or accelerate (`_hf_hook`), its own or global ones
+    (`register_module_forward_hook`, as torch's ModuleTracker and activation recorders use): only a module call with
+    its usual input runs them."""
+    hooks = torch.nn.modules.module
+    global_hooks = getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None)
+    return isinstance(module, nn.Module) and bool(
+        module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook") or global_hooks
+    )
+
+
 def plain_inference_linears(hidden_states: torch.Tensor, layers: Sequence[Optional[nn.Module]]) -> bool:
     """Whether `layers` may run as direct matmuls (`out=` writes, row blocks) instead of module calls: no grad and
     no autocast; plain `nn.Linear`s (or the patch embedding's `nn.Conv2d`) whose weights sit in the input's dtype on its device (no hooks of torch or
@@ -532,7 +562,7 @@ def plain_inference_linears(hidden_states: torch.Tensor, layers: Sequence[Option
         type(layer) in (nn.Linear, nn.Conv2d)
         and layer.weight.dtype == hidden_states.dtype
         and layer.weight.device == hidden_states.device
-        and not (layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook"))
+        and not _has_hooks(layer)
         and not is_partitioned(layer.weight)
         for layer in layers
         if layer is not None
@@ -981,7 +1011,11 @@ class EvaCLIPMLP(nn.Module):
         )
 
     def _plain_inference(self, hidden_states: torch.Tensor) -> bool:
-        return plain_inference_linears(hidden_states, (self.fc1, self.fc1_up, self.fc2))
+        """`plain_inference_linears`, and no hooks on the activation or `ffn_ln`: the inference paths call `ffn_ln`
+        on [tokens, C] row blocks and fold SiLU into the matmuls, so such hooks would see other shapes or not run."""
+        return plain_inference_linears(hidden_states, (self.fc1, self.fc1_up, self.fc2)) and not any(
+            _has_hooks(module) for module in (self.activation_fn, self.ffn_ln)
+        )
 
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
         """`act(fc1(x)) * fc1_up(x)` for [N, C] rows: `_aligned_gated_linear` for SiLU (fused where it applies), else
@@ -1157,7 +1191,9 @@ def _resolve_flags(config: Any, output_attentions, output_hidden_states, return_
     if isinstance(output_hidden_states, (int, list, tuple)) and not isinstance(output_hidden_states, bool):
         output_hidden_states = True  # transformers 5's LLaVA passes the index (or indices) it reads, 0 included
     output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-    return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+    if return_dict is None:  # the config's `use_return_dict` of the installed transformers
+        torchscript = TORCHSCRIPT_RETURNS_TUPLES and bool(getattr(config, "torchscript", False))
+        return_dict = getattr(config, "return_dict", True) and not torchscript
     return bool(output_attentions), bool(output_hidden_states), bool(return_dict)
 
 
@@ -1321,9 +1357,10 @@ class EvaCLIPTextTransformer(nn.Module):
                 else type(position_ids).__name__
             raise ValueError(f"position_ids must be an integer (int64) tensor of shape [1 or batch, seq_len] = "
                              f"[1 or {input_ids.shape[0]}, {input_ids.shape[-1]}], got {kind}.")
-        # A value check syncs with the device and cannot be traced: eager only, so torch.compile(fullgraph=True) and
-        # torch.export still see a graph without data-dependent branches (an id out of range fails in the embedding).
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # A value check syncs with the device and cannot be traced: eager only, so torch.compile(fullgraph=True),
+        # torch.export and vmap still see a graph without data-dependent branches (an id out of range fails in the
+        # embedding).
+        if is_tracing():
             return
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
@@ -1607,6 +1644,17 @@ def _features(
     return outputs.to_tuple() if return_dict is False else outputs
 
 
+def _inherit_attn_implementation(config: EvaCLIPConfig, towers: Sequence[Any]) -> None:
+    """The towers take the top-level attention kernel on transformers 4.x, which sets it on the top config only. On
+    5.x transformers sets it on each tower itself (per tower from `attn_implementation={"vision_config": ...,
+    "text_config": ...}`, while the top config then falls back to sdpa), so only a tower with none is filled in."""
+    requested = getattr(config, "_attn_implementation_internal", None)
+    for tower in towers:
+        own = getattr(tower, "_attn_implementation_internal", None)
+        if requested is not None and (own is None or not SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION):
+            tower._attn_implementation_internal = requested
+
+
 class EvaCLIPModel(EvaCLIPPreTrainedModel):
     """Both towers, their projections (visual with a bias unless `projection_bias=False`, text without), a learnable
     temperature and the loss."""
@@ -1622,10 +1670,7 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
                 f"config.vision_config must be an EvaCLIPVisionConfig, got {type(config.vision_config).__name__}."
             )
         text_config, vision_config = config.text_config, config.vision_config
-        # The towers follow the top-level attention choice (transformers 4.x sets it on the top config only).
-        for tower in (text_config, vision_config):
-            if getattr(config, "_attn_implementation_internal", None) is not None:
-                tower._attn_implementation_internal = config._attn_implementation_internal
+        _inherit_attn_implementation(config, (text_config, vision_config))
         self.projection_dim = config.projection_dim
         self.text_embed_dim = text_config.hidden_size
         self.vision_embed_dim = vision_config.hidden_size
@@ -1835,8 +1880,7 @@ class EvaCLIPForImageClassification(EvaCLIPPreTrainedModel):
     def __init__(self, config: EvaCLIPConfig) -> None:
         super().__init__(config)
         vision_config = config.vision_config
-        if getattr(config, "_attn_implementation_internal", None) is not None:  # 4.x sets it on the top config only
-            vision_config._attn_implementation_internal = config._attn_implementation_internal
+        _inherit_attn_implementation(config, (vision_config,))
         self.num_labels = config.num_labels
         self.vision_model = EvaCLIPVisionTransformer(vision_config)
         self.classifier = (
