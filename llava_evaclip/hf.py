@@ -182,6 +182,21 @@ def set_vision_attn_implementation(model: torch.nn.Module, implementation: str) 
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _check_next_options(vision_feature_select_strategy: str) -> None:
+    """What LLaVA-NeXT needs, checked alike by the config and the processor builders."""
+    if not is_llava_next_available():
+        import transformers
+
+        raise ValueError(
+            f"LLaVA-NeXT needs transformers >= 4.39; this is {transformers.__version__}. Use next=False (LLaVA-1.5)."
+        )
+    if vision_feature_select_strategy != "default":
+        raise ValueError(
+            "LLaVA-NeXT reshapes each tile's features into the patch grid, so the CLS token must be dropped: use "
+            "vision_feature_select_strategy='default' with next=True."
+        )
+
+
 def build_llava_config(
     vision_config: Union[EvaCLIPVisionConfig, EvaCLIPConfig],
     text_config: PretrainedConfig,
@@ -220,18 +235,7 @@ def build_llava_config(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if next:
-        if not is_llava_next_available():
-            import transformers
-
-            raise ValueError(
-                f"LLaVA-NeXT needs transformers >= 4.39; this is {transformers.__version__}. "
-                "Use next=False (LLaVA-1.5)."
-            )
-        if vision_feature_select_strategy != "default":
-            raise ValueError(
-                "LLaVA-NeXT reshapes each tile's features into the patch grid, so the CLS token must be dropped: use "
-                "vision_feature_select_strategy='default' with next=True."
-            )
+        _check_next_options(vision_feature_select_strategy)
         pinpoints = image_grid_pinpoints or default_image_grid_pinpoints(vision_config.image_size)
         bad = [p for p in pinpoints if len(p) != 2 or any(int(s) % vision_config.image_size for s in p)]
         if bad:
@@ -428,10 +432,7 @@ def build_llava_processor(
     tokenizer.padding_side = "left"
 
     if next:
-        if not is_llava_next_available():
-            import transformers
-
-            raise ValueError(f"LLaVA-NeXT needs transformers >= 4.39; this is {transformers.__version__}.")
+        _check_next_options(vision_feature_select_strategy)
         pinpoints = image_grid_pinpoints or default_image_grid_pinpoints(vision_config.image_size)
         image_processor = _next_image_processor(image_processor, pinpoints)
         processor_class = LlavaNextProcessor

@@ -93,6 +93,11 @@ def parse_select_feature(select_feature: Any, select_layer: Any, num_hidden_laye
     num_states = num_hidden_layers + 1
     if select_feature.startswith(SLICE_FOUR):
         step = num_states // 4
+        if step == 0:  # LLaVA-NeXT's own range() would fail with "arg 3 must not be zero"
+            raise ValueError(
+                f"mm_vision_select_feature {select_feature!r} reads every (L+1)//4-th hidden state, which needs at least "
+                f"3 layers; this tower has {num_hidden_layers}. Use a deeper tower or another selection."
+            )
         offset = DEFAULT_SELECT_LAYER if select_layer is None else select_layer
         if isinstance(offset, str):
             try:

@@ -340,3 +340,18 @@ def test_integer_pixels_are_refused(full_model_dir, dtype):
         tower(pixels)
     with pytest.raises(ValueError, match=r"floating-point tensor"):
         tower([pixels[0], pixels[0]])
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_slicefour_on_a_tower_under_three_layers_says_so(num_layers):
+    """LLaVA-NeXT's slicefour reads every (L+1)//4-th hidden state: `range(step + layer, L + 1, step)` with step 0 is
+    Python's bare "range() arg 3 must not be zero"; the tower names the problem instead."""
+    from llava_evaclip.tower import parse_select_feature
+
+    with pytest.raises(ValueError, match="range"):
+        hidden_states = list(range(num_layers + 1))  # what its CLIPVisionTower.feature_select indexes
+        step = len(hidden_states) // 4
+        [hidden_states[i] for i in range(step - 2, len(hidden_states), step)]
+    with pytest.raises(ValueError, match=f"slicefour_patch.*needs at least 3 layers; this tower has {num_layers}"):
+        parse_select_feature("slicefour_patch", -2, num_layers)
+    assert parse_select_feature("slicefour_patch", -2, 3) == ("patch", [3, 0, 1, 2, 3])  # LLaVA-NeXT's [-1, 0, 1, 2, 3]

@@ -190,3 +190,63 @@ def test_tunable_tower_gets_gradients_and_its_own_learning_rate(ws, kind, tmp_pa
     others = [group for group in optimizer.param_groups if not {id(p) for p in group["params"]} <= tower_ids]
     assert others and all(group["lr"] == 1e-3 for group in others)
     assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT's "(1x1),...,(6x6)" pinpoint notation at real tile sizes (it asserts a tile size of 224 ... 512, so the
+# tiny towers above cannot take it): the processor's size (the pinpoint unit and base-image size), its crop size (the
+# tile LLaVA-NeXT cuts) and the tower's image_size (the grid llava_arch lays out) must agree as for its CLIP tower.
+# --------------------------------------------------------------------------------------------------------------------
+
+REAL_TILE_PICTURES = [(1000, 300), (300, 1000), (640, 480), (50, 40)]  # (width, height)
+
+
+@pytest.fixture(scope="module")
+def real_tile_towers(tmp_path_factory):
+    """1-layer EVA-CLIP and CLIP towers at 336 / 14 and 448 / 14, the EVA one with the processor our converter saves."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
+    from llava_evaclip.processing import build_image_processor
+
+    root = tmp_path_factory.mktemp("real_tiles")
+    towers = {}
+    for size in (336, 448):
+        shapes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=size, patch_size=14, projection_dim=16)
+        torch.manual_seed(5)
+        config = EvaCLIPVisionConfig(use_rope=True, rope_pt_grid_size=size // 14, use_swiglu=True,
+                                     use_sub_layernorm=True, **shapes)
+        EvaCLIPVisionModel(config).save_pretrained(root / f"eva-{size}")
+        build_image_processor(config).save_pretrained(root / f"eva-{size}")
+        CLIPVisionModel(CLIPVisionConfig(**shapes)).save_pretrained(root / f"clip-{size}")
+        CLIPImageProcessor(size={"shortest_edge": size},
+                           crop_size={"height": size, "width": size}).save_pretrained(root / f"clip-{size}")
+        towers[size] = (str(root / f"eva-{size}"), str(root / f"clip-{size}"))
+    return towers
+
+
+@pytest.mark.parametrize("aspect", ["anyres_max_9", "anyres"])
+@pytest.mark.parametrize("size", [336, 448])
+def test_string_pinpoints_at_real_tile_sizes_as_llava_nexts_clip_tower(real_tile_towers, size, aspect):
+    """Same tiles (pixel for pixel: both processors use OpenAI's mean / std and bicubic resizing) and the same image
+    token counts as LLaVA-NeXT's CLIPVisionTower, with the pinpoints in LLaVA-NeXT's string notation."""
+    generator = torch.Generator().manual_seed(3)
+    pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+                for w, h in REAL_TILE_PICTURES]
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 6]] * len(pictures))
+    results = []
+    for tower in real_tile_towers[size]:
+        model = build("qwen", tower, "spatial_unpad", aspect, image_grid_pinpoints="(1x1),...,(6x6)")
+        images = process_images(pictures, model.get_vision_tower().image_processor, model.config)
+        with torch.no_grad():
+            _, _, mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+                ids, None, torch.ones_like(ids, dtype=torch.bool), None, ids.clone(), images,
+                ["image"] * len(pictures), image_sizes=[p.size for p in pictures])
+        results.append((images, (mask.sum(dim=1) - 2).tolist()))
+    (eva_images, eva_counts), (clip_images, clip_counts) = results
+    assert isinstance(build("qwen", real_tile_towers[size][0], "flat", "pad").get_vision_tower(), EvaCLIPVisionTower)
+    assert [tuple(x.shape) for x in eva_images] == [tuple(x.shape) for x in clip_images]
+    assert all(torch.equal(e, c) for e, c in zip(eva_images, clip_images))
+    assert eva_counts == clip_counts
+    assert all(count > (size // 14) ** 2 for count in eva_counts)  # base tile + unpadded grid

@@ -152,6 +152,22 @@ def test_slice_selections_on_a_too_short_tower_fail_clearly(ws, tmp_path):
         EvaCLIPVisionTower(str(ws.eva), tower_args("x", mm_vision_select_feature="slicethree_patch"))
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_slicefour_on_a_tower_under_three_layers_fails_clearly(ws, tmp_path, num_layers):
+    """LLaVA-NeXT's own slicefour fails on such a tower with Python's bare range() error; ours names the problem at
+    construction."""
+    from llava_evaclip import EvaCLIPVisionConfig, EvaCLIPVisionModel
+
+    hidden_states = tuple(torch.zeros(1, 2, 3) for _ in range(num_layers + 1))
+    with pytest.raises(ValueError, match="range"):
+        next_feature_select("slicefour_patch", -2, hidden_states)
+    config = EvaCLIPVisionConfig.from_pretrained(ws.eva)
+    config.num_hidden_layers = num_layers
+    EvaCLIPVisionModel(config).save_pretrained(tmp_path / "short")
+    with pytest.raises(ValueError, match=f"needs at least 3 layers; this tower has {num_layers}"):
+        EvaCLIPVisionTower(str(tmp_path / "short"), tower_args("x", mm_vision_select_feature="slicefour_patch"))
+
+
 def test_attributes_llava_next_reads(ws):
     """What llava_arch.py (anyres, unpad, video pooling), builder.py and train.py read from the tower."""
     eva = EvaCLIPVisionTower(str(ws.eva), tower_args(str(ws.eva)))
