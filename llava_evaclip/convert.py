@@ -63,7 +63,7 @@ from .modeling_evaclip import (
     EvaCLIPVisionModelWithProjection,
 )
 from .processing import build_image_processor
-from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, build_tokenizer
+from .tokenization import PAD_TOKEN_ID, VOCAB_SIZE, build_tokenizer, write_bpe_files
 
 logger = logging.get_logger(__name__)
 
@@ -1637,6 +1637,8 @@ def write_processor(config: Union[EvaCLIPConfig, EvaCLIPVisionConfig], directory
         # tokenizer_config.json) loads as a CLIPProcessor on both lines.
         (directory / "processor_config.json").unlink(missing_ok=True)
         _legacy_merges(directory / "tokenizer.json")
+        if not (directory / "vocab.json").is_file() or not (directory / "merges.txt").is_file():
+            write_bpe_files(directory)  # for the slow tokenizer (use_fast=False) of a 4.x that loads this dir
     image_processor.save_pretrained(directory)
 
 
@@ -1701,8 +1703,8 @@ def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arc
         "## Load", "", "With llava-evaclip installed (`pip install llava-evaclip`), which registers the EVA-CLIP "
         "model types with transformers' Auto classes:", "", "```python", "import llava_evaclip  # noqa: F401",
         "from transformers import AutoModel, AutoProcessor", "",
-        f'model = AutoModel.from_pretrained("{out.name}")',
-        f'processor = AutoProcessor.from_pretrained("{out.name}")', "```", "",
+        f"model = AutoModel.from_pretrained({out.name!r})",  # repr: a name with quotes or backslashes stays one string
+        f"processor = AutoProcessor.from_pretrained({out.name!r})", "```", "",
         "With transformers alone, `AutoProcessor` / `AutoImageProcessor`"
         + (" / `AutoTokenizer`" if text is not None else "") + " load from this folder unchanged, and the weights are "
         "plain safetensors. The model class needs one line first: `pip install llava-evaclip`, then "

@@ -5,10 +5,11 @@ open_clip and BAAI's EVA-CLIP). This module turns that merge list into the `voca
 transformers' `CLIPTokenizer` / `CLIPTokenizerFast` read, so a converted checkpoint carries its tokenizer without any
 download. Ids match open_clip's `SimpleTokenizer` (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) up to and
 including the end token for text that open_clip's cleaning leaves as it is. open_clip first runs `ftfy.fix_text`
-(straight quotes, split ligatures, normal-width letters, no control characters), unescapes HTML entities and collapses
-whitespace; transformers' fast CLIP tokenizer does none of that, so for exact ids pass captions through `clean_text`
-first (it needs `ftfy`). One difference remains: a literal `<|endoftext|>` in a caption is the end token to
-transformers' tokenizers (the tower then pools there), plain characters to open_clip.
+(straight quotes, split ligatures, normal-width letters, no control characters), unescapes HTML entities, collapses
+whitespace and lower-cases with Python's rules (a capital sigma ending a word becomes "ς"); transformers' fast CLIP
+tokenizer does none of that but a plainer lower-casing, so for exact ids pass captions through `clean_text` first (it
+needs `ftfy`). One difference remains: a literal `<|endoftext|>` (or `<|startoftext|>`) in a caption is the special
+token to transformers' tokenizers (the tower then pools at the end token), plain characters to open_clip.
 
 Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text tower is causal and pools
 at the first end token, so right padding (the default) never changes its output; left padding is refused by the
@@ -91,6 +92,18 @@ def build_vocab(merges: tuple[tuple[str, str], ...]) -> dict[str, int]:
     return vocab
 
 
+def write_bpe_files(directory: Path) -> None:
+    """`vocab.json` and `merges.txt`, the files the slow `CLIPTokenizer` reads (transformers 5 saves only
+    `tokenizer.json`, which 4.37's `use_fast=False` cannot read)."""
+    merges = read_bpe_merges()
+    with open(directory / "vocab.json", "w", encoding="utf-8") as handle:
+        json.dump(build_vocab(merges), handle, ensure_ascii=False)
+    with open(directory / "merges.txt", "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n")
+        handle.write("\n".join(f"{left} {right}" for left, right in merges))
+        handle.write("\n")
+
+
 def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: int = CONTEXT_LENGTH) -> list[str]:
     """Write `vocab.json`, `merges.txt`, `tokenizer_config.json` and `special_tokens_map.json` into `directory`.
 
@@ -99,8 +112,7 @@ def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: 
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    merges = read_bpe_merges()
-    vocab = build_vocab(merges)
+    write_bpe_files(directory)
     special_tokens = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -111,12 +123,6 @@ def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: 
         "clean_up_tokenization_spaces": True,
         **special_tokens,
     }
-    with open(directory / "vocab.json", "w", encoding="utf-8") as handle:
-        json.dump(vocab, handle, ensure_ascii=False)
-    with open(directory / "merges.txt", "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n")
-        handle.write("\n".join(f"{left} {right}" for left, right in merges))
-        handle.write("\n")
     with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as handle:
         json.dump(tokenizer_config, handle, indent=2)
     with open(directory / "special_tokens_map.json", "w", encoding="utf-8") as handle:
@@ -126,13 +132,31 @@ def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: 
 
 def clean_text(text: str) -> str:
     """A caption cleaned as open_clip cleans it before BPE (`ftfy.fix_text`, HTML entities unescaped twice, runs of
-    whitespace collapsed, ends stripped), so that the tokenizer's ids equal open_clip's for any caption."""
+    whitespace collapsed, ends stripped, lower-cased), so that the tokenizer's ids equal open_clip's for any caption.
+
+    The lower-casing is Python's, as open_clip's: the fast tokenizer's own lower-casing maps every capital sigma to
+    "σ", where Python gives the final form "ς" at the end of a word ("ΟΔΟΣ" -> "οδος"), another token."""
     try:
         import ftfy
     except ImportError as error:
         raise ImportError("clean_text needs ftfy (pip install ftfy), the text fixer open_clip's tokenizer runs.") from error
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return re.sub(r"\s+", " ", text).strip()
+    return basic_clean(ftfy.fix_text(text))
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """`text` with U+FFFD for each lone surrogate: Python keeps the bytes of a file name or an argument that are not
+    UTF-8 as such (`surrogateescape`), and neither a UTF-8 stream nor the fast tokenizer can take them."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def basic_clean(text: str) -> str:
+    """open_clip's cleaning without ftfy: HTML entities unescaped twice, runs of whitespace collapsed, ends stripped,
+    lower-cased (Python's rules). Enough for open_clip's ids on printable ASCII text; `clean_text` does the rest.
+
+    Lone surrogates (undecodable bytes in a command line, `surrogateescape`) become U+FFFD, as ftfy makes them: the
+    fast tokenizer cannot take them at all."""
+    text = html.unescape(html.unescape(replace_lone_surrogates(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def build_tokenizer(use_fast: bool = True, model_max_length: int = CONTEXT_LENGTH) -> PreTrainedTokenizerBase:
@@ -157,9 +181,12 @@ __all__ = [
     "TOKENIZER_FILES",
     "VOCAB_SIZE",
     "build_tokenizer",
+    "basic_clean",
+    "replace_lone_surrogates",
     "build_vocab",
     "clean_text",
     "byte_to_unicode",
     "read_bpe_merges",
+    "write_bpe_files",
     "write_tokenizer_files",
 ]

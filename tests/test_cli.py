@@ -475,3 +475,24 @@ def test_similarity_table_keeps_one_line_per_image_for_multi_line_texts():
     lines = table.splitlines()
     assert len(lines) == 4, table  # the caption line, the header, one row per image
     assert "a photo of a cat" in lines[1] and lines[2].endswith("a photo of a cat") and lines[3].endswith("a dog")
+
+
+def test_similarity_columns_of_texts_alike_up_to_the_cut_are_told_apart():
+    import torch as _torch
+    from llava_evaclip.commands.similarity import render_table
+
+    texts = ["This is a photo of a small red cat", "This is a photo of a small red dog"]
+    table = render_table(["x.png"], texts, _torch.tensor([[0.3, 0.7]]))
+    header, row = table.splitlines()[1:]
+    assert "[1] This is a photo" in header and "[2] This is a photo" in header, table
+    assert row.split("  ")[-1].startswith("[2] ") and "dog" in row, table
+
+
+@pytest.mark.parametrize("height", [1])
+def test_visualize_reads_an_image_1_pixel_high(vision_dir, tmp_path, height):
+    """transformers 4 guesses the channel axis: a height of 1 was taken for it (a traceback)."""
+    image_path = tmp_path / "strip.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, 50, 3), dtype=np.uint8)).save(image_path)
+    out = tmp_path / "pca.png"
+    assert main(["visualize", str(image_path), "--model", vision_dir, "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0

@@ -5,6 +5,7 @@ written with BAAI's original code."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -425,10 +426,15 @@ def test_model_card_command_is_shell_quoted_and_records_the_arch(tmp_path, toy):
     folder.mkdir()
     shutil.copy(checkpoint, folder / "my ckpt.pt")
     shutil.copy(arch, folder / "my $arch's.json")
-    convert_checkpoint(folder / "my ckpt.pt", folder / "out dir", arch=str(folder / "my $arch's.json"))
-    card = (folder / "out dir" / "README.md").read_text()
+    out_name = 'out "dir" \\ it\'s'  # quotes and a backslash: the card's shell line and Python snippet stay valid
+    convert_checkpoint(folder / "my ckpt.pt", folder / out_name, arch=str(folder / "my $arch's.json"))
+    card = (folder / out_name / "README.md").read_text()
     command = re.search(r"Reproduce: `([^`]*)`", card).group(1)
-    assert shlex.split(command) == ["llava-evaclip", "convert", "my ckpt.pt", "out dir", "--arch", "my $arch's.json"]
+    assert shlex.split(command) == ["llava-evaclip", "convert", "my ckpt.pt", out_name, "--arch", "my $arch's.json"]
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    calls = [node for snippet in snippets for node in ast.walk(ast.parse(snippet))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained"]
+    assert calls and all(ast.literal_eval(call.args[0]) == out_name for call in calls), snippets
     digest = hashlib.sha256((folder / "my $arch's.json").read_bytes()).hexdigest()
     assert f"my $arch's.json`: sha256 `{digest}`" in card
 

@@ -19,6 +19,7 @@ def add_parser(subparsers: Any) -> None:
         help="image-text probabilities with a converted full model (vision + text towers)",
         description="Score every image against every text with the full EVA-CLIP model, as CLIP zero-shot "
                     "classification does: softmax over the texts of logit_scale * cosine(image, text). Texts are "
+                    "cleaned as EVA-CLIP's tokenizer cleans them (ftfy, HTML entities, whitespace, lower case), "
                     "tokenized with the checkpoint's CLIP tokenizer and padded to the text tower's context length, "
                     "as EVA-CLIP does.",
     )
@@ -71,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
     images, names, failures = [], [], []
     for item in items:
         try:
-            images.append(_common.open_rgb(item.path))
+            image = _common.open_rgb(item.path)
+            # convert("RGB") keeps a palette or grey image's transparent colour in `info`, and transformers 5's
+            # processor then paints those pixels white; EVA-CLIP's preprocessing (and transformers 4) use the pixels.
+            image.info.pop("transparency", None)
+            images.append(image)
             names.append(item.path)
         except OSError as error:
             _common.warn(f"skipping {item.path}: {error}")
@@ -80,9 +85,11 @@ def run(args: argparse.Namespace) -> int:
         context_length = model.config.text_config.max_position_embeddings
         # EVA-CLIP pads every text to the full context with no attention mask: the causal tower pools at the first
         # end token, so the padding never reaches the pooled output.
-        tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length,
+        tokens = tokenizer(clean_texts(texts), padding="max_length", truncation=True, max_length=context_length,
                            return_tensors="pt")
-        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        # The images are RGB PIL images, channels last: saying so keeps transformers 4's guess (a first dimension of
+        # 1 or 3 is taken for the channels) from misreading images 1 or 3 pixels high.
+        pixel_values = processor(images, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             output = model(input_ids=tokens["input_ids"].to(device), pixel_values=pixel_values.to(device, dtype))
         probabilities = output.logits_per_image.float().softmax(dim=-1).cpu()
@@ -95,6 +102,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def clean_texts(texts: list[str]) -> list[str]:
+    """The texts cleaned as EVA-CLIP's (open_clip's) tokenizer cleans them, so the ids are EVA-CLIP's: curly quotes,
+    ligatures, full-width letters, HTML entities and Greek final sigmas would otherwise become other tokens. Without
+    ftfy only the ftfy step is missing, which changes nothing in printable ASCII text; other text gets a warning."""
+    from ..tokenization import basic_clean, clean_text
+
+    try:
+        return [clean_text(text) for text in texts]
+    except ImportError:
+        if not all(char.isascii() and (char.isprintable() or char in " \t\n\r") for text in texts for char in text):
+            _common.warn("ftfy is not installed: texts with characters outside printable ASCII may get other token "
+                         "ids than EVA-CLIP's tokenizer gives them (pip install ftfy)")
+        return [basic_clean(text) for text in texts]
+
+
 def _clip(text: str, width: int) -> str:
     """`text` on one table line (runs of whitespace, newlines included, shown as one space), cut to `width`."""
     text = " ".join(text.split())
@@ -103,15 +125,24 @@ def _clip(text: str, width: int) -> str:
 
 def render_table(images: list[str], texts: list[str], probabilities: Any) -> str:
     """Rows are images, columns texts; each row is a probability distribution over the texts (sums to 1)."""
+    from ..tokenization import replace_lone_surrogates  # a strict UTF-8 stdout cannot print undecodable bytes
+
+    images, texts = [replace_lone_surrogates(name) for name in images], [replace_lone_surrogates(t) for t in texts]
     image_width = min(max(len("image"), *(len(name) for name in images)), 60)
     columns = [_clip(text, TEXT_COLUMN_WIDTH) for text in texts]
+    numbered = len(set(columns)) < len(columns)  # texts that differ only past the cut: numbered to tell them apart
+
+    def label(index: int, width: int) -> str:
+        return f"[{index + 1}] " + _clip(texts[index], width - 4) if numbered else _clip(texts[index], width)
+
+    columns = [label(index, TEXT_COLUMN_WIDTH) for index in range(len(texts))]
     widths = [max(len(column), 6) for column in columns]
     lines = ["P(text | image): softmax over the texts of logit_scale * cosine similarity"]
     lines.append("  ".join([f"{'image':<{image_width}}", *(f"{c:>{w}}" for c, w in zip(columns, widths)),
                             "best match"]))
     for name, row in zip(images, probabilities.tolist()):
         cells = [f"{value:>{w}.4f}" for value, w in zip(row, widths)]
-        best = texts[max(range(len(row)), key=row.__getitem__)]
+        best = label(max(range(len(row)), key=row.__getitem__), 40)
         shown = name if len(name) <= image_width else "..." + name[-(image_width - 3):]  # keep the file name
-        lines.append("  ".join([f"{shown:<{image_width}}", *cells, _clip(best, 40)]))
+        lines.append("  ".join([f"{shown:<{image_width}}", *cells, best]))
     return "\n".join(lines)
