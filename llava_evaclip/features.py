@@ -329,8 +329,32 @@ def _tensor_equivalent(image: Any) -> bool:
     return image.mode == "RGB" and image.info.get("transparency") is None
 
 
+# The most pixels an image may have after the processor's shortest-edge resize (before its crop): a 1 x 20000 strip
+# resized to a 224 px short side holds 10^9 pixels, several GiB in each decoding worker, enough to get a long run
+# killed for lack of memory. 2^28 allows aspect ratios up to ~5,000:1 at 224 px, ~1,300:1 at 448 px.
+MAX_RESIZED_PIXELS = 2**28
+
+
+def _check_resized_size(processor: Any, image: Any) -> None:
+    """Refuse (OSError: that image fails, the run goes on) an image the shortest-edge resize would blow up past
+    `MAX_RESIZED_PIXELS`."""
+    size = getattr(processor, "size", None)
+    short_side = size.get("shortest_edge") if hasattr(size, "get") else None  # a dict, or transformers 5's SizeDict
+    if not short_side or not getattr(processor, "do_resize", True):
+        return
+    short, long = sorted((image.width, image.height))
+    resized = short_side * short_side * long / max(short, 1)
+    if resized > MAX_RESIZED_PIXELS:
+        raise OSError(
+            f"image too elongated ({image.width}x{image.height}): resizing its short side to {short_side} px would "
+            f"give {resized / 1e6:.0f} million pixels before the crop (at most {MAX_RESIZED_PIXELS / 1e6:.0f} "
+            "million); crop or pad it first"
+        )
+
+
 def _run_processor(processor: Any, image: Any, tensor_input: bool, **overrides: Any) -> torch.Tensor:
     """The processor's `pixel_values[0]` for one decoded RGB image (`overrides` switch steps off)."""
+    _check_resized_size(processor, image)
     if tensor_input and _tensor_equivalent(image):
         batch = processor([_channel_first(image)], input_data_format="channels_first", return_tensors="pt",
                           **overrides)

@@ -244,6 +244,29 @@ def test_a_name_too_long_for_its_output_fails_that_image_only(tower_dir, tmp_pat
     assert long_name in F.FeatureStore(tmp_path / "shards")
 
 
+def test_an_image_the_resize_would_blow_up_fails_that_image_only(tower_dir, tmp_path, capsys):
+    """A thin strip resized to the short side would hold billions of pixels (several GiB per worker, the whole run
+    killed for lack of memory): that image fails with the reason, the others get LLaVA's features."""
+    processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    short_side = processor.size["shortest_edge"]
+    images = tmp_path / "images"
+    write_image(images / "a.png", seed=0)
+    # The longest strip under the limit (still LLaVA's features) and one pixel past it.
+    ok_width = F.MAX_RESIZED_PIXELS // short_side**2 // 4
+    write_image(images / "wide_ok.png", size=(ok_width, 4), seed=1)
+    strip_width = F.MAX_RESIZED_PIXELS // short_side**2 + 1
+    Image.fromarray(np.zeros((1, strip_width, 3), dtype=np.uint8)).save(images / "strip.png")
+    out = tmp_path / "out"
+    assert main(["features", str(images), "--model", tower_dir, "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "3 images: 2 written, 0 skipped (output exists), 1 failed" in captured.out, captured
+    failure = [line for line in captured.err.splitlines() if line.startswith(f"  {images / 'strip.png'}: ")]
+    assert len(failure) == 1 and f"image too elongated ({strip_width}x1)" in failure[0], captured.err
+    for name in ("a.png", "wide_ok.png"):
+        torch.testing.assert_close(F.FeatureStore(out)[name], llava_features(tower_dir, images / name),
+                                   atol=1e-5, rtol=0)
+
+
 def test_temp_names_stay_within_name_max_and_are_recognised():
     for name in ["a.png.safetensors", "y" * 230 + ".png.safetensors", "é" * 120 + ".safetensors"]:
         temp = F._temp_name(name)
