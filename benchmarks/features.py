@@ -3,7 +3,10 @@ ranks, bytes on disk, and LLaVA stage-1 step time from cached features.
 
     python -m benchmarks.features --models EVA02-CLIP-B-16 --images 64 --reps 3    # -> results/features.{json,md}
     python -m benchmarks.features --models tiny --images 512 --reps 5 --name features_tiny512
-    python -m benchmarks.features --quick      # 16 images, one repetition: a smoke run
+    python -m benchmarks.features --quick      # 16 images, one repetition: a smoke run -> results/features_quick.*
+
+Existing result files are never replaced without --overwrite (the run refuses before it starts); --output-dir and
+--name put them elsewhere.
 
 For each model, in one process and round-robin over `--reps` repetitions (medians reported):
 - bare: the tower's forward on the same batches, pixels decoded and preprocessed beforehand;
@@ -309,17 +312,45 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["tiny", "EVA02-CLIP-B-16"])
-    parser.add_argument("--quick", action="store_true", help="16 images, one repetition, no ranks")
-    parser.add_argument("--name", default="features")
-    args = parser.parse_args()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.features",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--images", type=int, default=64, help="JPEGs of 640x480 to run on (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--reps", type=int, default=3, help="round-robin repetitions, medians reported (default: 3)")
+    parser.add_argument("--models", nargs="+", default=["tiny", "EVA02-CLIP-B-16"],
+                        help="'tiny' and/or preset names (default: tiny EVA02-CLIP-B-16)")
+    parser.add_argument("--quick", action="store_true",
+                        help="16 images, one repetition, no ranks: a smoke run (numbers meaningless)")
+    parser.add_argument("--output-dir", default=str(RESULTS),
+                        help=f"where NAME.json and NAME.md go (default: {RESULTS})")
+    parser.add_argument("--name", default=None,
+                        help="basename of the result files (default: features, with --quick features_quick)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    args = parser.parse_args(argv)
     if args.quick:
         args.images, args.reps = 16, 1
+    if args.name is None:
+        args.name = "features_quick" if args.quick else "features"
+    for flag, value in (("--images", args.images), ("--batch-size", args.batch_size), ("--reps", args.reps)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    return args
+
+
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
+    directory = Path(args.output_dir)
+    return {"json": directory / f"{args.name}.json", "md": directory / f"{args.name}.md"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = output_paths(args)
+    existing = [path for path in paths.values() if os.path.lexists(path)]
+    if existing and not args.overwrite:  # refused before minutes of timing, never a committed result replaced
+        print(f"python -m benchmarks.features: error: {existing[0]} already exists; pass --overwrite to replace it "
+              f"(or --output-dir / --name)", file=sys.stderr)
+        return 2
     import torch
 
     results: dict[str, Any] = {"images": args.images, "reps": args.reps, "torch": torch.__version__,
@@ -329,10 +360,10 @@ def main() -> None:
         root = Path(temp)
         image_dir = root / "images"
         image_dir.mkdir()
-        paths = make_images(image_dir, args.images)
+        paths_ = make_images(image_dir, args.images)
         for name in args.models:
             tower_dir = save_tower(name, root / f"tower_{name}")
-            model: dict[str, Any] = {"throughput": throughput(tower_dir, paths, args.batch_size, args.reps),
+            model: dict[str, Any] = {"throughput": throughput(tower_dir, paths_, args.batch_size, args.reps),
                                      "ranks": {}}
             if not args.quick:
                 for nproc in (1, 2):
@@ -345,11 +376,12 @@ def main() -> None:
                 results["stage1_step"] = stage1_step(tower_dir, image_dir, root / "disk_shards", args.reps, 4)
         if "disk" not in results:
             results["disk"] = disk_bytes(save_tower("tiny", root / "tower_tiny"), image_dir, root, args.images)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, RESULTS / f"{args.name}.md")
-    print((RESULTS / f"{args.name}.md").read_text())
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps(results, indent=1))
+    write_markdown(results, paths["md"])
+    print(paths["md"].read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

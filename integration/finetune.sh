@@ -5,7 +5,7 @@
 #
 # Every path, the launcher and the DeepSpeed config can be overridden from the environment, and any extra arguments
 # are appended to LLaVA's (the last occurrence of a flag wins), e.g. `--unfreeze_mm_vision_tower True` to train the
-# tower too, or `--mm_vision_select_layer=-2,-5,-8` for several layers.
+# tower too, or `--mm_vision_select_layer=-2,-5,-8` for several layers; `--report_to none` unless wandb is installed.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

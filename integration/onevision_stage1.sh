@@ -7,7 +7,8 @@
 # are appended to LLaVA-NeXT's (the last occurrence of a flag wins), e.g.
 #   VISION_TOWER=./checkpoints/EVA02-CLIP-L-14-336 bash integration/onevision_stage1.sh --max_steps 10
 #   LAUNCHER="torchrun --nproc_per_node 8" bash integration/onevision_stage1.sh
-#   LAUNCHER=python DEEPSPEED_CONFIG= bash integration/onevision_stage1.sh --bf16 False --tf32 False
+#   LAUNCHER=python DEEPSPEED_CONFIG= bash integration/onevision_stage1.sh --bf16 False --tf32 False --report_to none
+# (--report_to none unless wandb is installed: the Trainer refuses to start with --report_to wandb without it)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # LLaVA-OneVision's full-model stages with an EVA-CLIP vision tower, in the shape of LLaVA-NeXT's
 # scripts/train/finetune_ov.sh: Stage 1.5 (high-quality knowledge), Stage 2 single-image and Stage 2 OneVision differ
-# only in DATA_PATH and in MODEL_PATH (the previous stage's output; for Stage 1.5 the language model, with
-# PRETRAIN_MM_MLP_ADAPTER the projector Stage 1 wrote). The tower, projector and language model are trained
+# only in DATA_PATH, OUTPUT_DIR (one per stage: an OUTPUT_DIR that is MODEL_PATH is refused) and MODEL_PATH (the
+# previous stage's output; for Stage 1.5 the language model, with PRETRAIN_MM_MLP_ADAPTER the projector Stage 1
+# wrote, and empty PRETRAIN_MM_MLP_ADAPTER= after it). The tower, projector and language model are trained
 # (`--mm_tunable_parts`), the tower at its own learning rate (`--mm_vision_tower_lr`); images are tiled with
 # anyres_max_9 over grids of 1x1 to 6x6 tower tiles. Needs LLaVA-NeXT's `llava` package on PYTHONPATH and
-# transformers 4.x. Environment overrides and extra arguments as in onevision_stage1.sh.
+# transformers 4.x. Environment overrides and extra arguments as in onevision_stage1.sh (`--report_to none` unless
+# wandb is installed).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

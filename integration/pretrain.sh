@@ -6,7 +6,9 @@
 # are appended to LLaVA's (the last occurrence of a flag wins), e.g.
 #   VISION_TOWER=./checkpoints/EVA02-CLIP-L-14-336 bash integration/pretrain.sh --max_steps 10
 #   LAUNCHER="torchrun --nproc_per_node 8" bash integration/pretrain.sh
-#   LAUNCHER=python DEEPSPEED_CONFIG= ENTRY=llava.train.train bash integration/pretrain.sh --bf16 False --tf32 False
+#   LAUNCHER=python DEEPSPEED_CONFIG= ENTRY=llava.train.train bash integration/pretrain.sh --bf16 False --tf32 False \
+#       --report_to none
+# (--report_to none unless wandb is installed: the Trainer refuses to start with --report_to wandb without it)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

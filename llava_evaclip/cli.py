@@ -31,8 +31,16 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Argument errors as the README promises them: one line on stderr and exit status 2 (argparse's default
+    prints the whole usage block first); the sub-command parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-evaclip", description="EVA-CLIP towers for LLaVA.")
+    parser = _OneLineErrorParser(prog="llava-evaclip", description="EVA-CLIP towers for LLaVA.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
@@ -61,8 +69,32 @@ def _stdout_closed() -> int:
     return 1
 
 
+_LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def _take_launcher_local_rank(argv: Sequence[str]) -> list[str]:
+    """`deepspeed --module llava_evaclip features ...` (and torch.distributed.launch) run
+    `python -m llava_evaclip --local_rank=N features ...`: the flag comes before the command, where the top-level
+    parser has no such option. Drop it there (every such launcher also sets LOCAL_RANK, which the commands read; it
+    is set from the flag where it is missing)."""
+    argv = list(argv)
+    value = None
+    while argv:
+        head = argv[0]
+        if head in _LOCAL_RANK_FLAGS and len(argv) > 1:
+            value, argv = argv[1], argv[2:]
+        elif head.split("=", 1)[0] in _LOCAL_RANK_FLAGS and "=" in head:
+            value, argv = head.split("=", 1)[1], argv[1:]
+        else:
+            break
+    if value is not None and value.strip().isdigit() and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = value.strip()
+    return argv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "command"
+    argv = _take_launcher_local_rank(sys.argv[1:] if argv is None else argv)
     try:
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: signals stay as they are

@@ -587,7 +587,9 @@ def _argument_value(args: Sequence[str], name: str) -> Optional[str]:
 
 def check_paths(args: Sequence[str]) -> None:
     """Paths LLaVA would trip over only after loading the language model (or, for the images, in the first step), and
-    an output folder that would overwrite the vision tower's checkpoint: one line each, before anything loads. Values
+    an output folder that would overwrite the vision tower's checkpoint or the model the run starts from (the next
+    stage's MODEL_PATH set to the previous stage's output, OUTPUT_DIR left the same): one line each, before anything
+    loads. Values
     LLaVA-NeXT reads as several files (commas, globs, braces) are left to it."""
     data_path = _argument_value(args, "data_path")
     if data_path and not any(char in data_path for char in ",*?{[") and not os.path.exists(data_path):
@@ -600,12 +602,17 @@ def check_paths(args: Sequence[str]) -> None:
         return
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ArgumentError(f"--output_dir {output_dir} is a file; give a folder for the checkpoints.")
-    tower = _argument_value(args, "vision_tower")
-    if tower and os.path.isdir(tower):
-        out, tower_dir = os.path.realpath(output_dir), os.path.realpath(tower)
-        if out == tower_dir or out.startswith(tower_dir + os.sep):
-            raise ArgumentError(f"--output_dir {output_dir} is the vision tower's checkpoint folder ({tower}) or inside "
-                                "it: the trainer would overwrite its config.json; write the run elsewhere.")
+    out = os.path.realpath(output_dir)
+    for flag, what in (("vision_tower", "the vision tower's checkpoint folder"),
+                       ("model_name_or_path", "the model this run starts from")):
+        source = _argument_value(args, flag)
+        if source and os.path.isdir(source):
+            folder = os.path.realpath(source)
+            if out == folder or out.startswith(folder + os.sep):
+                raise ArgumentError(
+                    f"--output_dir {output_dir} is {what} (--{flag} {source}) or inside it: the trainer would write its "
+                    "config and weights over it; give this run its own output folder."
+                )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -273,6 +273,9 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
     images.mkdir()
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me")
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / "config.json").write_text("{}")
     base = ["llava.train.train", "--model_name_or_path", str(tmp_path / "lm"), "--vision_tower", str(tower),
             "--data_path", str(data), "--image_folder", str(images)]
     cases = [
@@ -281,8 +284,12 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
         (["--image_folder=" + str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")], "--image_folder",
          "not a folder"),
         (["--output_dir", str(a_file)], "--output_dir", "is a file"),
-        (["--output_dir", str(tower)], "vision tower's checkpoint folder", "overwrite"),
-        (["--output_dir", str(tower / "run")], "or inside it", "write the run elsewhere"),
+        (["--output_dir", str(tower)], "vision tower's checkpoint folder", "write its config and weights over it"),
+        (["--output_dir", str(tower / "run")], "or inside it", "give this run its own output folder"),
+        # The next stage started from the previous stage's output, with OUTPUT_DIR left the same.
+        (["--model_name_or_path", str(stage1), "--output_dir", str(stage1)], "the model this run starts from",
+         "--model_name_or_path"),
+        (["--model_name_or_path", str(stage1), f"--output_dir={stage1}/../stage1/"], "the model this run starts from"),
         (["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer", "-2,-3",
           "--output_dir", str(tmp_path / "out")], "several layers need an EVA-CLIP tower"),
     ]
@@ -297,4 +304,5 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
         for fragment in fragments:
             assert fragment in lines[0], (fragment, lines[0])
     assert a_file.read_text() == "keep me" and sorted(p.name for p in tower.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in stage1.iterdir()) == ["config.json"]
     assert not (tmp_path / "out").exists()
