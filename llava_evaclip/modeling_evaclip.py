@@ -540,14 +540,18 @@ def _linear_rows(hidden_states: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return out.view(*hidden_states.shape[:-1], layer.out_features)
 
 
+# torch's global module hooks (`register_module_forward_hook`), dicts mutated in place, so these stay current.
+_GLOBAL_FORWARD_HOOKS = getattr(torch.nn.modules.module, "_global_forward_hooks", {})
+_GLOBAL_FORWARD_PRE_HOOKS = getattr(torch.nn.modules.module, "_global_forward_pre_hooks", {})
+
+
 def _has_hooks(module: Optional[nn.Module]) -> bool:
     """Whether `module` has forward hooks of torch or accelerate (`_hf_hook`), its own or global ones
     (`register_module_forward_hook`, as torch's ModuleTracker and activation recorders use): only a module call with
-    its usual input runs them."""
-    hooks = torch.nn.modules.module
-    global_hooks = getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None)
+    its usual input runs them. Dict look-ups only: it runs for every MLP and attention of every forward."""
     return isinstance(module, nn.Module) and bool(
-        module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook") or global_hooks
+        module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__
+        or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
     )
 
 
