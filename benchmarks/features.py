@@ -272,7 +272,7 @@ def stage1_step(tower_dir: str, image_dir: Path, store_dir: Path, reps: int, bat
             "speedup": tower_s / cached_s}
 
 
-def write_markdown(results: dict[str, Any], path: Path) -> None:
+def render_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Feature extraction ({results['machine']}, {results['images']} JPEGs of 640x480, CPU, "
              f"median of {results['reps']})", ""]
     lines += ["Steady state (last three quarters of the images: what a large dataset runs at), img/s:", "",
@@ -309,7 +309,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         lines += ["", f"LLaVA stage-1 step (tiny Llama, B-16 tower, batch {step['batch_size']}): tower "
                   f"{step['tower_step_s'] * 1000:.0f} ms, cached features {step['cached_step_s'] * 1000:.0f} ms "
                   f"({step['speedup']:.1f}x)."]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -345,11 +345,16 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths = output_paths(args)
-    existing = [path for path in paths.values() if os.path.lexists(path)]
-    if existing and not args.overwrite:  # refused before minutes of timing, never a committed result replaced
-        print(f"python -m benchmarks.features: error: {existing[0]} already exists; pass --overwrite to replace it "
-              f"(or --output-dir / --name)", file=sys.stderr)
+    from llava_evaclip.commands._common import atomic_write, unwritable_folder
+
+    outputs = output_paths(args)
+    existing = [path for path in outputs.values() if os.path.lexists(path)]
+    # Both refused before minutes of timing: a committed result replaced, or results lost at the end.
+    problem = unwritable_folder(args.output_dir)
+    if problem or (existing and not args.overwrite):
+        reason = f"--output-dir {args.output_dir}: {problem}" if problem else (
+            f"{existing[0]} already exists; pass --overwrite to replace it (or --output-dir / --name)")
+        print(f"python -m benchmarks.features: error: {reason}", file=sys.stderr)
         return 2
     import torch
 
@@ -360,10 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(temp)
         image_dir = root / "images"
         image_dir.mkdir()
-        paths_ = make_images(image_dir, args.images)
+        paths = make_images(image_dir, args.images)
         for name in args.models:
             tower_dir = save_tower(name, root / f"tower_{name}")
-            model: dict[str, Any] = {"throughput": throughput(tower_dir, paths_, args.batch_size, args.reps),
+            model: dict[str, Any] = {"throughput": throughput(tower_dir, paths, args.batch_size, args.reps),
                                      "ranks": {}}
             if not args.quick:
                 for nproc in (1, 2):
@@ -376,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["stage1_step"] = stage1_step(tower_dir, image_dir, root / "disk_shards", args.reps, 4)
         if "disk" not in results:
             results["disk"] = disk_bytes(save_tower("tiny", root / "tower_tiny"), image_dir, root, args.images)
-    paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    paths["json"].write_text(json.dumps(results, indent=1))
-    write_markdown(results, paths["md"])
-    print(paths["md"].read_text())
+    markdown = render_markdown(results)
+    outputs["json"].parent.mkdir(parents=True, exist_ok=True)
+    # Atomic: an interrupted --overwrite run leaves the previous results whole.
+    atomic_write(str(outputs["json"]), lambda temp: Path(temp).write_text(json.dumps(results, indent=1)))
+    atomic_write(str(outputs["md"]), lambda temp: Path(temp).write_text(markdown))
+    print(markdown)
     return 0
 
 

@@ -957,19 +957,6 @@ def render_chart(report: dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temp)
-        raise
-
-
 def _write_text(text: str) -> Callable[[str], None]:
     def write(path: str) -> None:
         # the recorded command line keeps a non-UTF-8 argument (a file name) as surrogates: write those escaped
@@ -1211,10 +1198,12 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
                         progress(f"  {entry['peak_above_weights_mib']:.0f} MiB above {entry['weights_mib']:.0f} MiB")
     report["wall_s"] = time.time() - started
     report["goals"] = evaluate_goals(report)
-    _atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"))
-    _atomic_write(paths["md"], _write_text(render_markdown(report)))
+    from llava_evaclip.commands._common import atomic_write
+
+    atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"))
+    atomic_write(paths["md"], _write_text(render_markdown(report)))
     if "png" in paths:
-        _atomic_write(paths["png"], lambda path: render_chart(report, path))
+        atomic_write(paths["png"], lambda path: render_chart(report, path))
     report["paths"] = paths
     return report
 

@@ -85,10 +85,12 @@ TORCHSCRIPT_RETURNS_TUPLES = int(transformers.__version__.split(".")[0]) < 5
 SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = int(transformers.__version__.split(".")[0]) >= 5
 
 
+_PEEK_FUNCTORCH_STACK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
 def _in_functorch_transform() -> bool:
     """True inside torch.func's vmap / grad / jacrev / jvp, which have no batching rules for `out=` writes."""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    return _PEEK_FUNCTORCH_STACK is not None and _PEEK_FUNCTORCH_STACK() is not None
 
 
 def is_tracing() -> bool:

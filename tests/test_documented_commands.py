@@ -75,6 +75,19 @@ def test_features_benchmark_refuses_to_replace_results_before_running(features_b
     assert json.loads((results / "features_tiny512.json").read_text())["images"] == 512
 
 
+def test_features_benchmark_refuses_an_output_dir_under_a_file_before_running(features_bench, monkeypatch, capsys,
+                                                                              tmp_path):
+    bench, _, calls = features_bench
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    monkeypatch.setattr(sys, "argv", ["features.py", "--quick", "--output-dir", str(a_file / "results")])
+    assert bench.main() == 2
+    assert not calls  # refused before any timing, not after it when the results are written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0], err
+    assert a_file.read_text() == "keep me"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # `deepspeed --module llava_evaclip features ...` (README: works as torchrun does)
 # --------------------------------------------------------------------------------------------------------------------
