@@ -72,6 +72,8 @@ def _register_auto_classes() -> None:
     for mapping in (TOKENIZER_MAPPING, IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING):
         if CLIPConfig in mapping:
             mapping.register(EvaCLIPConfig, mapping[CLIPConfig], exist_ok=True)
+    if CLIPConfig in TOKENIZER_MAPPING:  # a text-tower dir: 4.x's pipelines load a tokenizer for mapped configs only
+        TOKENIZER_MAPPING.register(EvaCLIPTextConfig, TOKENIZER_MAPPING[CLIPConfig], exist_ok=True)
 
 
 if not os.environ.get(DEFER_REGISTRATION_ENV):

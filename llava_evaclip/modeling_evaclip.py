@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.utils import ModelOutput, logging
 
 from . import _compat
@@ -244,11 +245,12 @@ class EvaCLIPRotaryEmbedding(nn.Module):
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "EvaCLIPRotaryEmbedding":
         """Device / dtype moves invalidate cached copies. A move off the meta device (`to_empty()`, after building
         on meta for FSDP-style init) leaves uninitialised memory, which no checkpoint fills (the tables are not
-        saved): the tables are recomputed from the config there."""
+        saved): the tables are recomputed from the config there. So are they after a dtype change: the cast alone
+        would keep a half-precision round trip's rounding (`model.half().float()` ran fp32 with tables 1e-3 off)."""
         self._cache.clear()
-        was_meta = self.cos.device.type == "meta"
+        was_meta, old_dtype = self.cos.device.type == "meta", self.cos.dtype
         result = super()._apply(fn, *args, **kwargs)
-        if was_meta and self.cos.device.type != "meta":
+        if self.cos.device.type != "meta" and (was_meta or self.cos.dtype != old_dtype):
             cos, sin = self.compute_table(self.grid_size, self.grid_size)
             with torch.no_grad():
                 self.cos.copy_(cos)
@@ -768,6 +770,11 @@ class EvaCLIPRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# transformers 4.x's Trainer and LLaVA's trainer keep weight decay off the norm types listed here (LLaMA registers its
+# RMSNorm the same way); the gains are named `layer_norm1` / `layer_norm2`, which no name pattern catches.
+ALL_LAYERNORM_LAYERS.append(EvaCLIPRMSNorm)
 
 
 def build_norm(config: EvaCLIPVisionConfig | EvaCLIPTextConfig, size: int) -> nn.Module:
@@ -1307,12 +1314,41 @@ class EvaCLIPVisionTransformer(nn.Module):
         return outputs.hidden_states
 
 
+def end_token_positions(input_ids: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
+    """Where each text is pooled: its first `eos_token_id`, as transformers' CLIP pools, so that tokens added after
+    the vocabulary (`tokenizer.add_tokens` + `resize_token_embeddings`, textual inversion), whose ids exceed the end
+    token's, are not taken for it. A row without one, an unset id, or CLIP's legacy `eos_token_id=2` keeps BAAI's and
+    open_clip's `input_ids.argmax(-1)`, which is the first end token whenever the ids are the CLIP vocabulary's."""
+    positions = input_ids.argmax(dim=-1)
+    if eos_token_id is None or eos_token_id == 2:
+        return positions
+    is_end = input_ids == eos_token_id
+    return torch.where(is_end.any(dim=-1), is_end.int().argmax(dim=-1), positions)
+
+
 def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)[None, None]
 
 
+def _flex_causal_mask(attention_mask: Optional[torch.Tensor], shape: torch.Size, device: torch.device) -> Any:
+    """The text tower's causal + padding mask as flex_attention's own `BlockMask`, as transformers' models build it:
+    given a dense mask, transformers 5's flex path indexes it element by element, which torch 2.14's compiled CPU
+    kernel turns into heap corruption (the process aborts)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = shape
+    kept = None if attention_mask is None else attention_mask.to(device=device) != 0
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        causal = kv <= q
+        return causal if kept is None else causal & kept[b, kv]
+
+    return create_block_mask(mask_mod, None if kept is None else batch, None, length, length, device=device)
+
+
 class EvaCLIPTextTransformer(nn.Module):
-    """Token + position embeddings, a causal encoder, the final LayerNorm and EOS pooling at `input_ids.argmax(-1)`."""
+    """Token + position embeddings, a causal encoder, the final LayerNorm and pooling at the first end token
+    (`end_token_positions`)."""
 
     def __init__(self, config: EvaCLIPTextConfig) -> None:
         super().__init__()
@@ -1379,7 +1415,8 @@ class EvaCLIPTextTransformer(nn.Module):
         # (left padding) or whose first end token is masked (a padding token) would give another text's embedding.
         if attention_mask is not None:
             kept = attention_mask != 0
-            pooled = kept.gather(1, input_ids.argmax(dim=-1, keepdim=True).to(kept.device)).squeeze(1)
+            ends = end_token_positions(input_ids, self.config.eos_token_id)
+            pooled = kept.gather(1, ends.unsqueeze(1).to(kept.device)).squeeze(1)
             if bool((~kept[:, 0] & kept.any(dim=-1)).any()) or not bool(pooled.all()):
                 raise ValueError("attention_mask masks the start of a text or its first end token (left padding?): "
                                  "the text tower reads absolute positions and pools at the first end token, so pad "
@@ -1400,8 +1437,11 @@ class EvaCLIPTextTransformer(nn.Module):
         self._check_inputs(input_ids, attention_mask, position_ids)
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         dtype, device = hidden_states.dtype, hidden_states.device
-        mask = _causal_mask(input_ids.shape[-1], dtype, device)
-        if attention_mask is not None:
+        if not output_attentions and resolve_attn_implementation(self.config) == "flex_attention":
+            mask = _flex_causal_mask(attention_mask, input_ids.shape, device)
+        else:
+            mask = _causal_mask(input_ids.shape[-1], dtype, device)
+        if attention_mask is not None and isinstance(mask, torch.Tensor):
             padding = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
             mask = mask + padding
             mask = mask.clamp(min=torch.finfo(dtype).min)
@@ -1413,7 +1453,7 @@ class EvaCLIPTextTransformer(nn.Module):
             return_dict=True,
         )
         last_hidden_state = self.final_layer_norm(encoder_outputs.last_hidden_state)
-        eos_positions = input_ids.to(device=device).argmax(dim=-1)
+        eos_positions = end_token_positions(input_ids.to(device=device), self.config.eos_token_id)
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0], device=device), eos_positions]
         if not return_dict:
             extra = tuple(v for v in (encoder_outputs.hidden_states, encoder_outputs.attentions) if v is not None)
@@ -1483,6 +1523,23 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
             if gradient_checkpointing_kwargs is None:
                 gradient_checkpointing_kwargs = {"use_reentrant": False}
             super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint,
+        **kwargs: Any,
+    ) -> None:
+        """Reentrant checkpointing (`use_reentrant=True`, or 4.x's default) runs non-reentrant: our towers have no
+        trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), and transformers 5's
+        `enable_input_require_grads` hooks only the text embedding of EvaCLIPModel (CLIPModel's towers are models of
+        their own, each hooked), so with frozen embeddings (PEFT, partial unfreezing) every vision layer silently got
+        no gradient. transformers 5's layers checkpoint themselves with this function; 4.x's go through
+        `EvaCLIPEncoder._run_layer`, which does the same."""
+        func = gradient_checkpointing_func
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant", True) is not False:
+            func = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+        elif func is torch.utils.checkpoint.checkpoint:
+            func = functools.partial(func, use_reentrant=False)
+        super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         """transformers 5 skips, for code outside transformers, every module without parameters of its own (our
@@ -1692,6 +1749,13 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.embeddings.token_embedding = value
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers 4.x records the new size as `config.vocab_size`; the text tower (its id check) and
+        `from_pretrained` read `config.text_config.vocab_size`, which transformers 5 sets (`get_text_config()`)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.config.text_config.vocab_size = self.get_input_embeddings().num_embeddings
+        return embeddings
 
     def get_text_features(
         self,

@@ -127,6 +127,8 @@ def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
     for section in ("vision_cfg", "text_cfg"):
         if not isinstance(model_cfg[section], dict):
             raise ValueError(f"{section} must be a JSON object, got {type(model_cfg[section]).__name__}.")
+    # `custom_text` only picks BAAI's module layout, which conversion reads from the checkpoint's names.
+    _check_keys("model config", model_cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"})
     embed_dim = _integer("model config", model_cfg, "embed_dim", 0)
     vision = dict(model_cfg["vision_cfg"])
     text = dict(model_cfg["text_cfg"])
@@ -148,6 +150,13 @@ def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
                          "width of one attention head.")
     qkv_bias = _flag("vision_cfg", vision, "qkv_bias", True)
     swiglu = _flag("vision_cfg", vision, "naiveswiglu", False)
+    if _flag("vision_cfg", vision, "subln", False) and not swiglu:
+        # BAAI then builds the plain MLP's sub-LN as nn.LayerNorm(eps=1e-5), not the tower's norm: no release does.
+        raise ValueError("vision_cfg.subln=True needs vision_cfg.naiveswiglu=True (as in every EVA02 release); BAAI's "
+                         "sub-LN in the plain GELU MLP is not supported.")
+    if not _flag("text_cfg", text, "attn_mask", True):
+        raise ValueError("text_cfg.attn_mask=False (bidirectional text attention) is not supported: EVA-CLIP's text "
+                         "tower is causal.")
     vision_config = dict(
         hidden_size=width,
         intermediate_size=int(width * float(_number("vision_cfg", vision, "mlp_ratio", 4.0))),
@@ -183,7 +192,7 @@ def baai_config_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
         num_hidden_layers=_integer("text_cfg", text, "layers", 12),
         num_attention_heads=text_heads,
         max_position_embeddings=_integer("text_cfg", text, "context_length", 77),
-        hidden_act="gelu",
+        hidden_act="quick_gelu" if _flag("model config", model_cfg, "quick_gelu", False) else "gelu",  # text only
         layer_norm_eps=1e-5,
         layer_scale_init_value=_number("text_cfg", text, "ls_init_value", None, layer_scale=True),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -30,6 +31,22 @@ def eva_clip_18b_dir() -> str:
         pytest.skip(f"BAAI's EVA-CLIP-18B reference code not found at {EVACLIP_18B_REFERENCE} "
                     "(set EVACLIP_18B_REFERENCE)")
     return EVACLIP_18B_REFERENCE
+
+
+@pytest.fixture(scope="module")
+def eva_clip():
+    """BAAI's 18B-release package `eva_clip` (its `model` imported), taken from the reference folder and removed again
+    afterwards."""
+    root = eva_clip_18b_dir()
+    sys.path.insert(0, root)
+    try:
+        import eva_clip as package
+        import eva_clip.model  # noqa: F401
+    finally:
+        sys.path.remove(root)
+    yield package
+    for name in [name for name in sys.modules if name == "eva_clip" or name.startswith("eva_clip.")]:
+        del sys.modules[name]
 
 # Vision-tower flags of each released family, at toy width.
 FAMILY_FLAGS = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,21 +36,6 @@ from conftest import BAAI_CONFIG_FILES, eva_clip_18b_dir, features
 from test_convert import CONTEXT, EMBED_DIM, VOCAB_SIZE, Capture, assert_close, compare_vision, randomize_, sample_inputs
 
 BIG_PRESETS = ("EVA-CLIP-8B", "EVA-CLIP-8B-448", "EVA-CLIP-18B")
-
-
-@pytest.fixture(scope="module")
-def eva_clip():
-    """BAAI's 18B-release package `eva_clip`, imported from the reference folder and removed again afterwards."""
-    root = eva_clip_18b_dir()
-    sys.path.insert(0, root)
-    try:
-        import eva_clip as package
-        import eva_clip.model  # noqa: F401
-    finally:
-        sys.path.remove(root)
-    yield package
-    for name in [name for name in sys.modules if name == "eva_clip" or name.startswith("eva_clip.")]:
-        del sys.modules[name]
 
 
 def baai_json(name: str) -> dict:

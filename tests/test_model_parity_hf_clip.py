@@ -181,6 +181,21 @@ def test_vision_embeddings_and_full_tower_match_clip() -> None:
         torch.testing.assert_close(ours_state, clip_state, atol=ATOL, rtol=0)
 
 
+def clip_model_like(ours: EvaCLIPModel) -> CLIPModel:
+    """transformers' CLIPModel holding an EVA01-style EvaCLIPModel's weights (CLIP's visual projection has no bias)."""
+    config = ours.config
+    clip = CLIPModel(CLIPConfig(text_config=_clip_text_config(config.text_config).to_dict(),
+                                vision_config=_clip_vision_config(config.vision_config).to_dict(),
+                                projection_dim=config.projection_dim))
+    _copy_text(ours.text_model, _inner(clip.text_model, "text_model"))
+    _copy_vision(ours.vision_model, _inner(clip.vision_model, "vision_model"))
+    with torch.no_grad():
+        clip.text_projection.weight.copy_(ours.text_projection.weight)
+        clip.visual_projection.weight.copy_(ours.visual_projection.weight)
+        clip.logit_scale.copy_(ours.logit_scale)
+    return clip
+
+
 def test_full_model_matches_clip_model() -> None:
     """Text features, image features, logits and loss of EvaCLIPModel vs CLIPModel. CLIP's visual projection has no
     bias, so ours is zeroed; everything else is copied as is."""
@@ -190,18 +205,7 @@ def test_full_model_matches_clip_model() -> None:
     with torch.no_grad():
         ours.visual_projection.bias.zero_()
         ours.logit_scale.fill_(math.log(20.0))
-    clip_config = CLIPConfig(
-        text_config=_clip_text_config(config.text_config).to_dict(),
-        vision_config=_clip_vision_config(config.vision_config).to_dict(),
-        projection_dim=config.projection_dim,
-    )
-    clip = CLIPModel(clip_config).eval()
-    _copy_text(ours.text_model, _inner(clip.text_model, "text_model"))
-    _copy_vision(ours.vision_model, _inner(clip.vision_model, "vision_model"))
-    with torch.no_grad():
-        clip.text_projection.weight.copy_(ours.text_projection.weight)
-        clip.visual_projection.weight.copy_(ours.visual_projection.weight)
-        clip.logit_scale.copy_(ours.logit_scale)
+    clip = clip_model_like(ours).eval()
 
     ids, mask = _text_inputs(config.text_config)
     pixel_values = torch.randn(3, 3, config.vision_config.image_size, config.vision_config.image_size)
