@@ -9,7 +9,11 @@ Before handing over, the launcher
 - hooks LLaVA's `build_vision_tower` (`register_with_llava()`);
 - for LLaVA's training modules, adds the tower options LLaVA 1.2's `ModelArguments` lacks (`--unfreeze_mm_vision_tower`,
   `--s2`, `--s2_scales`, and several layers in `--mm_vision_select_layer "-2,-5,-8"`), records them in the model config
-  so a saved model rebuilds the same tower, and unfreezes the tower when asked;
+  so a saved model rebuilds the same tower, and unfreezes the tower when asked (and keeps it frozen otherwise);
+- keeps `--lora_enable`'s adapters off the vision tower and the projector (LLaVA's `find_all_linear_names` returns
+  bare layer names that peft also matches inside an already loaded tower);
+- lets transformers 4.37 resume under torch >= 2.6 (the checkpoint's numpy RNG state) and resume a LoRA run from its
+  DeepSpeed checkpoint (non-strict module load, as later transformers do);
 - bridges the transformers APIs LLaVA's trainer was written against (renamed `TrainingArguments` flags, the Trainer's
   `tokenizer` argument and method signatures changed in transformers 5) and rounds the ZeRO bucket sizes transformers
   4.x fills in for "auto" as floats, which current DeepSpeed refuses;
@@ -193,6 +197,66 @@ def patch_deepspeed_auto_fill() -> None:
     HfTrainerDeepSpeedConfig.trainer_config_finalize = trainer_config_finalize
 
 
+def numpy_rng_globals() -> list:
+    """The numpy types a Trainer checkpoint's `rng_state*.pth` holds (numpy's RNG state), for `weights_only` loading."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def patch_trainer_rng_state_loading() -> None:
+    """Resuming (LLaVA's train() resumes by itself when `--output_dir` holds a `checkpoint-*`) reads the checkpoint's
+    RNG states with a bare `torch.load`; since torch 2.6 that means `weights_only=True`, which refuses the numpy RNG
+    state in the file, so transformers 4.37 cannot resume any run ("Weights only load failed ...
+    numpy._core.multiarray._reconstruct"). Allow just those numpy types while the Trainer reads that file, as later
+    transformers do (`trainer_pt_utils.safe_globals`)."""
+    import torch
+    import transformers.trainer_pt_utils as trainer_pt_utils
+    from transformers import Trainer
+
+    serialization = torch.serialization
+    original = Trainer._load_rng_state
+    if hasattr(trainer_pt_utils, "safe_globals") or not hasattr(serialization, "safe_globals") \
+            or getattr(original, "_evaclip_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _load_rng_state(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with serialization.safe_globals(numpy_rng_globals()):
+            return original(self, *args, **kwargs)
+
+    _load_rng_state._evaclip_wrapped = True  # type: ignore[attr-defined]
+    Trainer._load_rng_state = _load_rng_state
+
+
+def patch_deepspeed_resume_for_lora() -> None:
+    """transformers 4.37 resumes a DeepSpeed run with `engine.load_checkpoint(...)` and a strict module load, but the
+    checkpoint of a LoRA run (LLaVA's finetune_lora scripts: ZeRO-3 and `--lora_enable True`) holds only what trains,
+    so every resume fails with "Missing key(s) in state_dict: base_model.model.model.embed_tokens.weight, ...". Later
+    transformers load a peft model non-strictly (`load_module_strict`); do the same where that argument is missing."""
+    import transformers.trainer as trainer_module
+
+    original = getattr(trainer_module, "deepspeed_load_checkpoint", None)
+    if original is None or getattr(original, "_evaclip_wrapped", False) \
+            or "load_module_strict" in inspect.signature(original).parameters:
+        return
+
+    @functools.wraps(original)
+    def deepspeed_load_checkpoint(deepspeed_engine: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(getattr(deepspeed_engine, "module", None), "peft_config"):
+            return original(deepspeed_engine, *args, **kwargs)
+        load_checkpoint = deepspeed_engine.load_checkpoint
+        deepspeed_engine.load_checkpoint = functools.partial(load_checkpoint, load_module_strict=False)
+        try:
+            return original(deepspeed_engine, *args, **kwargs)
+        finally:
+            del deepspeed_engine.load_checkpoint  # the engine's own method again
+
+    deepspeed_load_checkpoint._evaclip_wrapped = True  # type: ignore[attr-defined]
+    trainer_module.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+
+
 def patch_cuda_synchronize() -> None:
     """LLaVA's train.py calls `torch.cuda.synchronize()` before its final DeepSpeed save, which raises without an
     NVIDIA driver (DeepSpeed on CPU ranks, `DS_ACCELERATOR=cpu`). With no CUDA device there is nothing to wait for, so
@@ -307,6 +371,47 @@ def patch_llava_next_trainer(train_module: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# LoRA: keep the adapters off the vision tower and the projector
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The modules LLaVA's `find_all_linear_names` leaves out of LoRA (LLaVA 1.5 and LLaVA-NeXT use the same list).
+LORA_EXCLUDED_MODULES = ("mm_projector", "vision_tower", "vision_resampler")
+
+
+def lora_target_pattern(leaf_names: Sequence[str]) -> str:
+    """A `target_modules` regex (peft full-matches it against each module path) for the Linear layers named
+    `leaf_names` outside the multimodal modules."""
+    excluded = "|".join(re.escape(name) for name in LORA_EXCLUDED_MODULES)
+    leaves = "|".join(re.escape(name) for name in sorted(set(leaf_names)))
+    return rf"(?!.*(?:{excluded}))(?:.*\.)?(?:{leaves})"
+
+
+def patch_lora_targets(train_module: Any) -> None:
+    """LLaVA's `find_all_linear_names` skips the projector and the vision tower but returns bare leaf names ("q_proj",
+    "v_proj", ...), which peft matches as suffixes of every module path, the tower's included. When the tower is
+    already loaded as LoRA is added (training from a LLaVA checkpoint whose tower was trained: its config makes LLaVA
+    build the tower eagerly) its attention projections get adapters too. The EVA-CLIP tower then trains them (it keeps
+    the graph when any of its parameters takes gradients) although the tower was not to be trained, and with
+    `--unfreeze_mm_vision_tower True` the fully trained q/k/v weights are saved in `non_lora_trainables.bin` under
+    peft's `base_layer` names, which LLaVA's loader (`load_pretrained_model(path, base, "...lora...")`) drops silently:
+    the reloaded tower has the base checkpoint's q/k/v. Return the same layers as a regex that excludes the
+    multimodal modules, which is what LLaVA's function means."""
+    original = getattr(train_module, "find_all_linear_names", None)
+    if original is None or getattr(original, "_evaclip_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def find_all_linear_names(model: Any) -> Any:
+        names = original(model)
+        if isinstance(names, str) or not names:
+            return names
+        return lora_target_pattern(names)
+
+    find_all_linear_names._evaclip_wrapped = True  # type: ignore[attr-defined]
+    train_module.find_all_linear_names = find_all_linear_names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Tower options for LLaVA's training script
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -372,7 +477,7 @@ def extend_model_arguments(train_module: Any) -> None:
 def record_tower_options() -> None:
     """After LLaVA's `initialize_vision_modules`, copy the tower options into the model config (so reloading the
     saved model builds the same tower: S2 changes the feature width, and an unfrozen tower's trained weights live in
-    the LLaVA checkpoint, so it must be built eagerly) and unfreeze the tower when asked."""
+    the LLaVA checkpoint, so it must be built eagerly) and unfreeze the tower when asked (freeze it otherwise)."""
     from llava.model.llava_arch import LlavaMetaModel
 
     original = LlavaMetaModel.initialize_vision_modules
@@ -387,6 +492,11 @@ def record_tower_options() -> None:
         if getattr(model_args, "unfreeze_mm_vision_tower", False):
             self.config.unfreeze_mm_vision_tower = True
             self.get_vision_tower().requires_grad_(True)
+        else:
+            # Frozen unless asked, as LLaVA's own tower is. A tower built eagerly inside `from_pretrained` (the model
+            # this run starts from trained it, so its config says unfreeze_mm_vision_tower) comes back from
+            # transformers 5's loading with every parameter requiring grad, and the EVA-CLIP tower would train.
+            self.get_vision_tower().requires_grad_(False)
         # Under ZeRO-3 the projector LLaVA just built is fp32 beside bf16/fp16 partitions; DeepSpeed no longer casts it.
         from .zero import align_unpartitioned_dtypes
 
@@ -549,8 +659,11 @@ def prepare_llava(module: str) -> Optional[Any]:
         provide_llava_next_trainer_imports()
     train_module = importlib.import_module(TRAIN_MODULE)
     patch_deepspeed_auto_fill()
+    patch_trainer_rng_state_loading()
+    patch_deepspeed_resume_for_lora()
     patch_llava_trainer(train_module)
     patch_llava_next_trainer(train_module)
+    patch_lora_targets(train_module)
     extend_model_arguments(train_module)
     record_tower_options()
     add_feature_cache_argument(train_module)
@@ -583,6 +696,36 @@ def _argument_value(args: Sequence[str], name: str) -> Optional[str]:
         elif arg.startswith(f"--{name}="):
             value = arg.split("=", 1)[1]
     return value
+
+
+def _flag_enabled(args: Sequence[str], name: str) -> bool:
+    """Whether a boolean training flag is on as HfArgumentParser reads it (`--name`, `--name True`, `--name=yes`)."""
+    enabled = False
+    for index, arg in enumerate(args):
+        if arg == f"--{name}":
+            following = args[index + 1] if index + 1 < len(args) else "--"
+            enabled = following.startswith("--") or following.lower() in ("true", "t", "yes", "y", "1")
+        elif arg.startswith(f"--{name}="):
+            enabled = arg.split("=", 1)[1].lower() in ("true", "t", "yes", "y", "1")
+    return enabled
+
+
+def check_resume(args: Sequence[str]) -> None:
+    """LLaVA's train() resumes by itself from a `checkpoint-*` in --output_dir. Without DeepSpeed a LoRA run's
+    checkpoint holds only the adapters, so the resumed run would go on with the projector (and an unfrozen tower)
+    back at their initial weights, silently; refuse that instead."""
+    output_dir = _argument_value(args, "output_dir")
+    if not (output_dir and os.path.isdir(output_dir) and _flag_enabled(args, "lora_enable")
+            and not _argument_value(args, "deepspeed")):
+        return
+    checkpoints = sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-"))
+    if checkpoints:
+        raise ArgumentError(
+            f"--output_dir {output_dir} holds {checkpoints[-1]}, which LLaVA would resume from, but without "
+            "--deepspeed a LoRA checkpoint holds only the adapters: the projector (and a trained tower) would restart "
+            "from their initial weights. Remove the checkpoint-* folders or give a new --output_dir (LoRA runs under "
+            "--deepspeed resume)."
+        )
 
 
 def check_paths(args: Sequence[str]) -> None:
@@ -636,6 +779,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = translate_training_args(args)
         try:
             check_paths(args)
+            check_resume(args)
         except LaunchError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2

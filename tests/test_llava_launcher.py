@@ -276,6 +276,8 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
     stage1 = tmp_path / "stage1"
     stage1.mkdir()
     (stage1 / "config.json").write_text("{}")
+    lora_run = tmp_path / "lora-run"
+    (lora_run / "checkpoint-4").mkdir(parents=True)
     base = ["llava.train.train", "--model_name_or_path", str(tmp_path / "lm"), "--vision_tower", str(tower),
             "--data_path", str(data), "--image_folder", str(images)]
     cases = [
@@ -292,6 +294,9 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
         (["--model_name_or_path", str(stage1), f"--output_dir={stage1}/../stage1/"], "the model this run starts from"),
         (["--vision_tower", "openai/clip-vit-large-patch14", "--mm_vision_select_layer", "-2,-3",
           "--output_dir", str(tmp_path / "out")], "several layers need an EVA-CLIP tower"),
+        # LLaVA would resume a LoRA run whose checkpoint (no DeepSpeed) holds only the adapters.
+        (["--lora_enable", "True", "--output_dir", str(lora_run)], "checkpoint-4", "projector"),
+        (["--output_dir", str(lora_run), "--lora_enable"], "checkpoint-4", "holds only the adapters"),
     ]
     for extra, *fragments in cases:
         checked_first = "--mm_vision_select_layer" not in extra  # that one is LLaVA's parser's (our dataclass hook)
@@ -306,3 +311,6 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
     assert a_file.read_text() == "keep me" and sorted(p.name for p in tower.iterdir()) == ["config.json"]
     assert sorted(p.name for p in stage1.iterdir()) == ["config.json"]
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in lora_run.iterdir()) == ["checkpoint-4"]
+    for resumable in (["--lora_enable", "True", "--deepspeed", "zero3.json"], ["--lora_enable", "False"], []):
+        launch.check_resume(["--output_dir", str(lora_run), *resumable])  # DeepSpeed's checkpoint holds every weight
