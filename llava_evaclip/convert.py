@@ -41,6 +41,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -1379,6 +1380,7 @@ def _move_into_place(staging: Path, out: Path, src: Path, overwrite: bool) -> No
     if not (out.exists() or out.is_symlink()):
         os.rename(staging, out)
         return
+    _keep_access(out, staging)
     backup = staging.with_name(staging.name + "-replaced")
     os.rename(out, backup)
     try:
@@ -1386,7 +1388,25 @@ def _move_into_place(staging: Path, out: Path, src: Path, overwrite: bool) -> No
     except BaseException:
         os.rename(backup, out)
         raise
-    _remove(backup)
+    try:
+        _remove(backup)
+    except OSError as error:  # OUT is replaced: a backup that cannot go (read-only, EIO) must not say otherwise
+        logger.warning(
+            f"Replaced {out}, but its previous contents could not be removed ({error.strerror or error}: "
+            f"{error.filename}); they are kept in {backup}. Remove that folder by hand (a later convert into "
+            f"{backup.parent} removes it once it can)."
+        )
+
+
+def _keep_access(previous: Path, staging: Path) -> None:
+    """The replacement of a previous OUT keeps its mode and group (a folder made private with `chmod 700` must not
+    come back readable by everyone under the umask's 755); best effort for the group, which only its members may
+    set."""
+    info = os.stat(previous)
+    os.chmod(staging, stat.S_IMODE(info.st_mode))
+    if info.st_gid != os.stat(staging).st_gid:
+        with contextlib.suppress(OSError):
+            os.chown(staging, -1, info.st_gid)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1714,6 +1734,19 @@ def _model_card(plan: ConversionPlan, src: Path, digests: Mapping[str, str], arc
     return "\n".join(lines)
 
 
+_LIBRARY_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _library_os_error(error: BaseException) -> Optional[int]:
+    """The errno of a system error that a Rust library (tokenizers' `Tokenizer.save`) raised as a plain `Exception`
+    whose message ends "(os error 28)", or None: a full disk while writing tokenizer.json is the system's refusal,
+    to be reported as such, not a converter bug with a traceback."""
+    if type(error) is not Exception:
+        return None
+    match = _LIBRARY_OS_ERROR.search(str(error))
+    return int(match.group(1)) if match else None
+
+
 def convert_checkpoint(
     src: Union[str, os.PathLike],
     out: Union[str, os.PathLike],
@@ -1766,6 +1799,9 @@ def convert_checkpoint(
                 shutil.rmtree(staging, ignore_errors=True)
             if not isinstance(error, _ValueError):  # names and shapes: the data was not read
                 verification.cancel()
+                system_error = _library_os_error(error)
+                if system_error is not None:  # the tokenizers library's `Exception: ... (os error 28)`
+                    raise OSError(system_error, os.strerror(system_error), str(staging)) from error
                 if isinstance(error, OSError) and error.filename is None:  # a write that names no file: say where
                     raise OSError(error.errno, error.strerror or str(error), str(staging)) from error
                 raise

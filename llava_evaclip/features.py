@@ -15,14 +15,18 @@ run's; only missing outputs are computed, by whichever ranks run now.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
+import signal
 import stat
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -515,6 +519,26 @@ def _collate(samples: list[tuple[int, Optional[torch.Tensor], str, float]]) -> d
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # each worker decodes on one core
+    # A SIGTERM sent to the whole process group (Slurm's scancel, `kill -TERM -- -PGID`) reaches the decoding workers
+    # too: by default it kills them, and torch's SIGCHLD handler then raises "DataLoader worker ... is killed by
+    # signal" in the main process, over its own orderly stop (a traceback and exit 1 instead of one line and 143).
+    # The main process ends its workers itself when it stops (and they exit when it is gone).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = functools.partial(_quiet_handover_errors, sys.excepthook)
+
+
+def _quiet_handover_errors(previous: Callable[..., None], kind: type, error: BaseException, trace: Any) -> None:
+    """A worker's `sys.excepthook`: a worker hands each batch's shared memory to the main process through
+    multiprocessing's resource sharer thread, which reports through `sys.excepthook` the ConnectionResetError of a
+    main process that stopped (Ctrl-C, SIGTERM) in the middle of a handover; that is the expected end of the run,
+    not an error to print as a traceback."""
+    frames, step = [], trace
+    while step is not None:
+        frames.append(os.path.basename(step.tb_frame.f_code.co_filename))
+        step = step.tb_next
+    if issubclass(kind, (ConnectionError, EOFError)) and "resource_sharer.py" in frames:
+        return
+    previous(kind, error, trace)
 
 
 class _ThreadShare:
@@ -688,6 +712,9 @@ def check_writable(out_dir: str) -> None:
     """Create `out_dir` if needed and prove a file can be created in it, before any model is loaded."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{display_path(out_dir)} exists and is not a directory.")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise ValueError(f"{display_path(out_dir)} is a symlink to {display_path(os.readlink(out_dir))}, which does "
+                         "not exist; create that folder or use another output folder.")
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
@@ -1129,6 +1156,11 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
                                  f"{', '.join(differences)}; use another output folder.")
             _log_model_path(store.settings, settings, f"the feature store {display_path(out_dir)}")
         entries = store._entries if store is not None else {}
+        missing = sorted({entry["shard"] for entry in entries.values()
+                          if not os.path.isfile(os.path.join(out_dir, SHARDS_DIR, entry["shard"]))})
+        if missing:  # resuming would count their images as done and leave them without features
+            raise ValueError(f"the feature store {display_path(out_dir)} names {len(missing)} shard(s) that are "
+                             f"missing, e.g. {SHARDS_DIR}/{missing[0]}; restore them, or use another output folder.")
         others = [(item, entries[item.key]["source"]) for item in items if item.key in entries
                   and not _same_source(entries[item.key].get("source"), item.path)]
         if others:
@@ -1232,6 +1264,78 @@ def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
                                  "use --format shards or process them in separate runs.")
 
 
+LOCK_NAME = ".llava-evaclip-features.lock"
+
+
+def _try_lock(out_dir: str) -> tuple[Optional[int], Optional[str]]:
+    """(descriptor holding an exclusive flock on OUT/LOCK_NAME, None), or (None, who holds it) when another run does,
+    or (None, None) where no lock can be taken (a file system without flock, an unwritable folder: the run's own
+    checks report those). The lock file is removed when released, so a lock taken on a file that was removed or
+    replaced meanwhile is retried."""
+    import fcntl
+
+    path = os.path.join(out_dir, LOCK_NAME)
+    for _ in range(20):
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted under the lock's name must not make the holder line overwrite its target
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError:
+            return None, None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = None
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                try:
+                    holder = os.pread(descriptor, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                except OSError:
+                    holder = "another process"
+            os.close(descriptor)
+            return None, holder
+        try:
+            current = os.stat(path)
+        except OSError:
+            current = None
+        opened = os.fstat(descriptor)
+        if current is None or (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+            os.close(descriptor)  # the previous holder removed it between our open and our lock: take the new one
+            continue
+        if not stat.S_ISREG(opened.st_mode) or opened.st_nlink != 1:  # not a lock file this package made
+            os.close(descriptor)
+            return None, None
+        try:
+            import socket
+
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same
+            pass
+        return descriptor, None
+    return None, None
+
+
+@contextlib.contextmanager
+def _output_lock(out_dir: str, context: "DistributedContext") -> Iterator[None]:
+    """One run at a time per output folder: rank 0 holds an exclusive lock on OUT/LOCK_NAME for the whole run (the
+    kernel drops it when the process ends, however it ends), and every rank refuses, with a ValueError, an output
+    folder another run is writing. Two runs into one folder would otherwise remove each other's temp files (the
+    resume cleanup of a `--format files` run) and shards (the index merge of a `--format shards` run), leaving an
+    index naming a shard that is gone."""
+    descriptor, holder = _try_lock(out_dir) if context.rank == 0 else (None, None)
+    holder = context.gather(holder)[0]
+    try:
+        if holder is not None:
+            raise ValueError(f"another `llava-evaclip features` run is writing to {display_path(out_dir)} "
+                             f"({holder}); wait for it to end, or use another output folder.")
+        yield
+    finally:
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, LOCK_NAME))  # while still held: see `_try_lock`
+            os.close(descriptor)
+
+
 def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem]], out_dir: str,
                      format: str = "files", batch_size: int = 8, workers: int = 0, shard_size_mb: float = 1024,
                      overwrite: bool = False, context: Optional[DistributedContext] = None,
@@ -1243,6 +1347,15 @@ def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem
     (sorted keys, round-robin) and rank 0 returns the summed report and, for shards, merges the index. A full disk
     stops the run (report.stopped) with every finished output kept."""
     context = context or DistributedContext.from_env()
+    with _output_lock(out_dir, context):
+        return _extract_features(tower, inputs, out_dir, format, batch_size, workers, shard_size_mb, overwrite,
+                                 context, progress, on_failure)
+
+
+def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem]], out_dir: str, format: str,
+                      batch_size: int, workers: int, shard_size_mb: float, overwrite: bool,
+                      context: DistributedContext, progress: Optional[Callable[[int], None]],
+                      on_failure: Optional[Callable[[str, str], None]]) -> ExtractionReport:
     started = time.perf_counter()
     report = ExtractionReport(world_size=context.world_size)
     if inputs and isinstance(inputs[0], ImageItem):

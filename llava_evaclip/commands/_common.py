@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -280,21 +281,33 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+_NO_SPACE_HINTS = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (the disk quota is used up)",
+                   errno.EFBIG: " (a file size limit was reached: see `ulimit -f`)"}
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)` to a hidden temp name beside `path`, then rename: a crash or Ctrl-C never
     leaves a truncated `path`. The file gets the umask's mode, whatever `write` created it with (safetensors: 0600),
-    so another user's job can read it where the umask allows."""
+    so another user's job can read it where the umask allows. A write the system refuses (full disk, file size
+    limit, I/O error) is one CLIError line; the temp file is removed and an existing `path` is left as it was."""
+    from ..features import _temp_name  # `.<name>.<pid>.<hex>.tmp`, cut to fit NAME_MAX
+
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    temp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
+        os.makedirs(directory, exist_ok=True)
         write(temp)
         os.chmod(temp, _new_file_mode())
         os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
+    except BaseException as error:
+        if os.path.lexists(temp):
             os.remove(temp)
-        raise
+        if not isinstance(error, OSError):
+            raise
+        reason = error.strerror or one_line(error)
+        state = "was left as it was" if os.path.lexists(path) else "was not written"
+        raise CLIError(f"cannot write {path}: {reason}{_NO_SPACE_HINTS.get(error.errno, '')}; {path} {state}."
+                       ) from None
 
 
 def check_output_file(path: str, overwrite: bool, option: str = "--out") -> None:

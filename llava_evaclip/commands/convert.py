@@ -37,7 +37,8 @@ def add_parser(subparsers: Any) -> None:
                         help="dtype of the written weights (default: float32)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it is a previous convert output (never SRC or a folder holding it, the "
-                             "current directory or its ancestors, the home directory, or any other folder)")
+                             "current directory or its ancestors, the home directory, or any other folder); the new "
+                             "OUT keeps the old one's permissions")
     parser.set_defaults(func=run)
 
 
