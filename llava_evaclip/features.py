@@ -1068,6 +1068,16 @@ class DistributedContext:
         context = cls(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0))
         if not 0 <= context.rank < context.world_size:
             raise ValueError(f"RANK={context.rank} is not within WORLD_SIZE={context.world_size}.")
+        import torch.distributed as dist
+
+        if context.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            # A WORLD_SIZE left in the environment (a job script's export), not a launcher's: every process would
+            # take rank 0's share, or env:// would fail with a traceback after the model is loaded.
+            missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+            if missing:
+                raise ValueError(f"WORLD_SIZE={context.world_size} is set but {', '.join(missing)} "
+                                 f"{'is' if len(missing) == 1 else 'are'} not: start the ranks with torchrun, "
+                                 "accelerate launch or deepspeed, or unset WORLD_SIZE for one process.")
         return context
 
     def device(self, requested: str = "auto") -> torch.device:
@@ -1101,6 +1111,19 @@ class DistributedContext:
         values: list[Any] = [None] * self.world_size
         torch.distributed.all_gather_object(values, value)
         return values
+
+    def first_error(self, error: Optional[str]) -> Optional[str]:
+        """Collective: the first rank's error (None when no rank has one), the same on every rank, naming the rank
+        when it is another's. A check that fails on one node only (an input or a checkpoint missing there) must stop
+        every rank, not leave the others waiting for it in the next collective."""
+        import socket
+
+        errors = self.gather((socket.gethostname(), error))
+        for rank, (host, message) in enumerate(errors):
+            if message is not None:
+                same = all(other == message for _, other in errors)
+                return message if same or rank == self.rank else f"on rank {rank} ({host}): {message}"
+        return None
 
     def stop(self) -> None:
         if self.owns_group and torch.distributed.is_initialized():
@@ -1315,25 +1338,138 @@ def _try_lock(out_dir: str) -> tuple[Optional[int], Optional[str]]:
     return None, None
 
 
+# Rank 0 writes a file of this name (and a random tail) into OUT; every other rank must read it back there, or OUT is
+# not one folder shared by every node (node-local disks), and rank 0's index would miss the other nodes' shards.
+PROBE_PREFIX = ".llava-evaclip-features.probe."
+PROBE_NAME = re.compile(re.escape(PROBE_PREFIX) + r"[0-9a-f]{32}")
+
+
+def _write_probe(out_dir: str) -> Optional[str]:
+    """Rank 0 (holding the lock): remove the probes of killed runs, write a new one; its name, or None (no space)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out_dir):
+            if PROBE_NAME.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
+    name = PROBE_PREFIX + uuid.uuid4().hex
+    try:
+        descriptor = os.open(os.path.join(out_dir, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(descriptor, name.encode())
+        finally:
+            os.close(descriptor)
+    except OSError:
+        return None
+    return name
+
+
+def _sees_probe(out_dir: str, name: str) -> bool:
+    try:  # open + read, not a stat: NFS's close-to-open consistency makes rank 0's write visible to an open
+        with open(os.path.join(out_dir, name), "rb") as handle:
+            return handle.read(len(name) + 1) == name.encode()
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def _output_lock(out_dir: str, context: "DistributedContext") -> Iterator[None]:
+def _output_lock(out_dir: str, context: "DistributedContext") -> Iterator[Optional[str]]:
     """One run at a time per output folder: rank 0 holds an exclusive lock on OUT/LOCK_NAME for the whole run (the
     kernel drops it when the process ends, however it ends), and every rank refuses, with a ValueError, an output
     folder another run is writing. Two runs into one folder would otherwise remove each other's temp files (the
     resume cleanup of a `--format files` run) and shards (the index merge of a `--format shards` run), leaving an
     index naming a shard that is gone."""
     descriptor, holder = _try_lock(out_dir) if context.rank == 0 else (None, None)
-    holder = context.gather(holder)[0]
+    probe = _write_probe(out_dir) if context.rank == 0 and context.world_size > 1 and holder is None else None
+    holder, probe = context.gather((holder, probe))[0]
     try:
         if holder is not None:
             raise ValueError(f"another `llava-evaclip features` run is writing to {display_path(out_dir)} "
                              f"({holder}); wait for it to end, or use another output folder.")
-        yield
+        yield probe
     finally:
+        if probe is not None and context.rank == 0:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, probe))
         if descriptor is not None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out_dir, LOCK_NAME))  # while still held: see `_try_lock`
             os.close(descriptor)
+
+
+def _digest(parts: Iterable[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def _agree(context: "DistributedContext", out_dir: str, probe: Optional[str], error: Optional[str],
+           options: dict[str, Any], settings: dict[str, str], items: Sequence[ImageItem],
+           todo: Sequence[ImageItem]) -> None:
+    """Collective, before any rank writes: every rank must see rank 0's OUT (one shared folder), run the same options
+    and settings, list the same images at the same paths and read the same state of OUT; otherwise every rank raises
+    the same ValueError. Ranks that disagree would split the work differently (images computed twice or never, a run
+    reported complete), mix dtypes into one store (unreadable afterwards) or record sources that no later run on one
+    node can resume."""
+    import socket
+
+    keyed = sorted(items, key=lambda item: item.key)
+    view = {
+        "host": socket.gethostname(), "error": error, "options": options, "settings": settings,
+        "sees_out": None if probe is None or context.rank == 0 else _sees_probe(out_dir, probe),
+        "images": (len(keyed), _digest(item.key for item in keyed)),
+        "sources": _digest(display_path(os.path.abspath(item.path)) for item in keyed),
+        "example": (keyed[0].key, display_path(os.path.abspath(keyed[0].path))) if keyed else None,
+        "todo": (len(todo), _digest(sorted(item.key for item in todo))),
+    }
+    views = context.gather(view)
+    message = _disagreement(views, display_path(out_dir))
+    if message is not None:
+        raise ValueError(message)
+
+
+def _disagreement(views: list[dict[str, Any]], out: str) -> Optional[str]:
+    """What makes the ranks' views (`_agree`) unfit for one run, most basic first, or None."""
+    first = views[0]
+    others = list(enumerate(views))[1:]
+
+    def who(rank: int) -> str:
+        return f"rank {rank} ({views[rank]['host']})"
+
+    same_command = "every rank must run the same command"
+    for rank, view in others:
+        if view["sees_out"] is False:
+            return (f"--out {out} is not one folder shared by every rank: {who(rank)} does not see the file rank 0 "
+                    f"({first['host']}) wrote there (a node-local disk, or a relative path from another working "
+                    "directory); use a folder on a shared file system.")
+    errors = [(rank, view["error"]) for rank, view in enumerate(views) if view["error"] is not None]
+    if errors:
+        rank, message = errors[0]
+        return message if all(view["error"] == message for view in views) else f"on {who(rank)}: {message}"
+    for rank, view in others:
+        for name, value in view["options"].items():
+            if value != first["options"][name]:
+                return (f"{who(rank)} runs with {name} {value!r}, rank 0 with {first['options'][name]!r}; "
+                        f"{same_command}.")
+        differences = settings_differences(view["settings"], first["settings"], label="rank 0")
+        if differences:
+            return f"{who(rank)} runs with other settings than rank 0: {', '.join(differences)}; {same_command}."
+    for rank, view in others:
+        if view["images"] != first["images"]:
+            return (f"{who(rank)} finds other images than rank 0 ({view['images'][0]} vs {first['images'][0]} under "
+                    "the inputs given); the inputs must hold the same files on every node.")
+        if view["sources"] != first["sources"]:
+            example = (f"e.g. {view['example'][1]} vs {first['example'][1]}"
+                       if view["example"] != first["example"] else "paths differ")
+            return (f"{who(rank)} finds the images under other paths than rank 0 ({example}); the stored source paths "
+                    "would differ by node and later runs would refuse them: give the inputs by the same absolute "
+                    "paths on every node.")
+    for rank, view in others:
+        if view["todo"] != first["todo"]:
+            return (f"{who(rank)} reads another state of {out} than rank 0 ({view['todo'][0]} vs "
+                    f"{first['todo'][0]} images to compute); {out} must be one shared folder that no other program "
+                    "changes during the run.")
+    return None
 
 
 def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem]], out_dir: str,
@@ -1344,29 +1480,46 @@ def extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem
     """Write the features of every image in `inputs` (paths or ImageItems) that has no current output to `out_dir`.
 
     Under several ranks (`context`, default from the environment), each computes an equal share of what is missing
-    (sorted keys, round-robin) and rank 0 returns the summed report and, for shards, merges the index. A full disk
-    stops the run (report.stopped) with every finished output kept."""
+    (sorted keys, round-robin) and rank 0 returns the summed report and, for shards, merges the index. Before any rank
+    writes, every rank must see rank 0's `out_dir` (one shared folder), run the same format, batch size and settings,
+    list the same images at the same absolute paths and read the same state of `out_dir`; otherwise, or when a check
+    fails on any rank, every rank raises the same ValueError. A full disk stops the run (report.stopped) with every
+    finished output kept."""
     context = context or DistributedContext.from_env()
-    with _output_lock(out_dir, context):
+    with _output_lock(out_dir, context) as probe:
         return _extract_features(tower, inputs, out_dir, format, batch_size, workers, shard_size_mb, overwrite,
-                                 context, progress, on_failure)
+                                 context, progress, on_failure, probe)
 
 
 def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageItem]], out_dir: str, format: str,
                       batch_size: int, workers: int, shard_size_mb: float, overwrite: bool,
                       context: DistributedContext, progress: Optional[Callable[[int], None]],
-                      on_failure: Optional[Callable[[str, str], None]]) -> ExtractionReport:
+                      on_failure: Optional[Callable[[str, str], None]], probe: Optional[str] = None
+                      ) -> ExtractionReport:
     started = time.perf_counter()
     report = ExtractionReport(world_size=context.world_size)
-    if inputs and isinstance(inputs[0], ImageItem):
-        items = list(inputs)  # type: ignore[arg-type]
-    else:
-        items, report.skipped_inputs = find_images(inputs)  # type: ignore[arg-type]
-    report.total = len(items)
-    if format == "files":
-        _check_planned_outputs(items, out_dir)
-    settings = tower_settings(tower)
-    todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
+    items: list[ImageItem] = []
+    todo: list[ImageItem] = []
+    planned_failures: list[tuple[str, str]] = []
+    settings: dict[str, str] = {}
+    error = None
+    try:  # every rank's checks: one rank's refusal must reach the others (see `_agree`)
+        if inputs and isinstance(inputs[0], ImageItem):
+            items = list(inputs)  # type: ignore[arg-type]
+        else:
+            items, report.skipped_inputs = find_images(inputs)  # type: ignore[arg-type]
+        report.total = len(items)
+        if format == "files":
+            _check_planned_outputs(items, out_dir)
+        settings = tower_settings(tower)
+        todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
+    except ValueError as raised:
+        if context.world_size == 1:
+            raise
+        error = str(raised)
+    if context.world_size > 1:
+        _agree(context, out_dir, probe, error, {"--format": format, "--batch-size": batch_size,
+                                               "--overwrite": overwrite}, settings, items, todo)
     report.failures = list(planned_failures)
     if format == "files" and context.rank == 0:
         remove_stale_temp_files(out_dir, items)

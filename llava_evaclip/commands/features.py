@@ -59,41 +59,70 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("no input: give image files or folders, or --samples for the bundled sample images.")
     try:
         context = features.DistributedContext.from_env()
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out} exists and is not a directory.")
-        items, skipped_inputs = features.find_images(inputs)
-        if args.format == "files":
-            features._check_planned_outputs(items, args.out)
     except ValueError as error:
         raise CLIError(str(error)) from None
-    source = _common.resolve_model(args.model)
-    _common.selected_layers(args.select_layer, source.vision_config.num_hidden_layers)
-    dtype = _common.resolve_dtype(args.dtype)
     if args.device not in ("auto", "cuda"):
         _common.resolve_device(args.device)  # meta, absent backends, cuda:N past the last GPU: one line, before loading
     try:
         device = context.device(args.device)
     except (ValueError, RuntimeError) as error:
         raise CLIError(_common.one_line(error)) from None
+    # Join the other ranks first: a check that fails on one node only (an input folder, the checkpoint or OUT missing
+    # there) then stops every rank with that line, instead of leaving the others waiting for it.
+    try:
+        context.start(device)
+    except (RuntimeError, ValueError) as error:  # torch's DistStoreError / DistNetworkError: no traceback
+        raise CLIError(f"rank {context.rank} of {context.world_size} cannot join the others through "
+                       f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({_common.one_line(error)}); "
+                       "start every rank with one torchrun / accelerate / deepspeed launch, or unset WORLD_SIZE "
+                       "for one process.") from None
+    try:
+        return _run(features, args, inputs, context, device)
+    finally:
+        context.stop()
+
+
+def _run(features: Any, args: argparse.Namespace, inputs: list, context: Any, device: Any) -> int:
+    error = None
+    try:
+        try:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise ValueError(f"--out {args.out} exists and is not a directory.")
+            items, skipped_inputs = features.find_images(inputs)
+            if args.format == "files":
+                features._check_planned_outputs(items, args.out)
+        except ValueError as raised:
+            raise CLIError(str(raised)) from None
+        source = _common.resolve_model(args.model)
+        _common.selected_layers(args.select_layer, source.vision_config.num_hidden_layers)
+        dtype = _common.resolve_dtype(args.dtype)
+        try:  # an unwritable or full output folder is found before any weight is read
+            features.check_writable(args.out)
+        except ValueError as raised:
+            raise CLIError(str(raised)) from None
+    except CLIError as raised:
+        error = str(raised)
+    error = context.first_error(error)
+    if error is not None:
+        raise CLIError(error)
     main = context.rank == 0
     if source.random_weights and main:
         print(_common.random_weights_banner(source.preset), file=sys.stderr)
     for path, reason in skipped_inputs:
         if main:
             _common.warn(f"skipping {path}: {reason}")
-
-    try:  # an unwritable or full output folder is found before any weight is read
-        features.check_writable(args.out)
-    except ValueError as error:
-        raise CLIError(str(error)) from None
-    tower = _common.load_tower(source, args.select_layer, args.select_feature, dtype, device)
-    context.start(device)
+    tower = None
+    try:
+        tower = _common.load_tower(source, args.select_layer, args.select_feature, dtype, device)
+    except CLIError as raised:
+        error = str(raised)
+    error = context.first_error(error)
+    if error is not None:
+        raise CLIError(error)
     try:
         report = _extract(features, tower, items, args, context)
-    except ValueError as error:  # a store made with other settings, or a mixed-format output folder
-        raise CLIError(_common.one_line(error)) from None
-    finally:
-        context.stop()
+    except ValueError as raised:  # a store made with other settings, a mixed-format OUT, ranks that disagree
+        raise CLIError(_common.one_line(raised)) from None
     if not main:
         return 1 if report.failures or report.stopped else 0
     report.skipped_inputs = skipped_inputs
