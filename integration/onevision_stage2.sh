@@ -23,10 +23,17 @@ VIDEO_FOLDER=${VIDEO_FOLDER:-./playground/data/onevision/videos}
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-onevision-evaclip-qwen2-7b}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG-$HERE/zero3.json}  # empty: no DeepSpeed
 ATTN_IMPLEMENTATION=${ATTN_IMPLEMENTATION:-sdpa}
+# Empty when the tower is left out of --mm_tunable_parts: LLaVA-NeXT then builds empty tower parameter groups, which
+# ZeRO-3 drops, and its scheduler fails ("zip() argument 2 is longer than argument 1"), with any tower.
+MM_VISION_TOWER_LR=${MM_VISION_TOWER_LR-2e-6}
 
 DEEPSPEED_ARGS=()
 if [ -n "$DEEPSPEED_CONFIG" ]; then
     DEEPSPEED_ARGS=(--deepspeed "$DEEPSPEED_CONFIG")
+fi
+TOWER_LR_ARGS=()
+if [ -n "$MM_VISION_TOWER_LR" ]; then
+    TOWER_LR_ARGS=(--mm_vision_tower_lr "$MM_VISION_TOWER_LR")
 fi
 ADAPTER_ARGS=()  # empty PRETRAIN_MM_MLP_ADAPTER: MODEL_PATH is a LLaVA checkpoint that has its projector
 if [ -n "$PRETRAIN_MM_MLP_ADAPTER" ]; then
@@ -43,7 +50,7 @@ $LAUNCHER "$HERE/run_llava.py" "$ENTRY" \
     --image_folder "$IMAGE_FOLDER" \
     --video_folder "$VIDEO_FOLDER" \
     --mm_tunable_parts "mm_vision_tower,mm_mlp_adapter,mm_language_model" \
-    --mm_vision_tower_lr 2e-6 \
+    ${TOWER_LR_ARGS[@]+"${TOWER_LR_ARGS[@]}"} \
     --vision_tower "$VISION_TOWER" \
     --mm_projector_type mlp2x_gelu \
     --mm_vision_select_layer -2 \

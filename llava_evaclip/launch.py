@@ -11,7 +11,8 @@ Before handing over, the launcher
   `--s2`, `--s2_scales`, and several layers in `--mm_vision_select_layer "-2,-5,-8"`), records them in the model config
   so a saved model rebuilds the same tower, and unfreezes the tower when asked (and keeps it frozen otherwise);
 - keeps `--lora_enable`'s adapters off the vision tower and the projector (LLaVA's `find_all_linear_names` returns
-  bare layer names that peft also matches inside an already loaded tower);
+  bare layer names that peft also matches inside an already loaded tower; also LLaVA-NeXT's `llava.train.train_dpo`,
+  which the launcher then runs as the patched module);
 - lets transformers 4.37 resume under torch >= 2.6 (the checkpoint's numpy RNG state) and resume a LoRA run from its
   DeepSpeed checkpoint (non-strict module load, as later transformers do);
 - bridges the transformers APIs LLaVA's trainer was written against (renamed `TrainingArguments` flags, the Trainer's
@@ -48,6 +49,7 @@ USAGE = (
 )
 TRAIN_PACKAGE = "llava.train"
 TRAIN_MODULE = "llava.train.train"
+DPO_MODULE = "llava.train.train_dpo"  # LLaVA-NeXT's DPO training: its own copy of find_all_linear_names
 
 
 class LaunchError(Exception):
@@ -516,6 +518,19 @@ class FeatureCacheError(LaunchError):
     """--vision_feature_cache cannot stand in for the tower: reported in one line, exit status 2."""
 
 
+LLAVA_NEXT_FEATURE_CACHE = (
+    "--vision_feature_cache works with LLaVA 1.5's training only: LLaVA-NeXT's dataset hands its model (image, size, "
+    "modality) tuples, anyres tiles and video frames, for which the store's one square image per sample cannot stand "
+    "in; train without the cache.")
+
+
+def check_feature_cache(args: Sequence[str]) -> None:
+    """Refuse `--vision_feature_cache` with LLaVA-NeXT's training before anything loads (it would fail in the first
+    training step, inside LLaVA-NeXT's model, after the language model has loaded)."""
+    if _argument_value(args, "vision_feature_cache") and is_llava_next():
+        raise FeatureCacheError(LLAVA_NEXT_FEATURE_CACHE)
+
+
 _feature_cache: dict[str, Any] = {}  # "store" and the tower it stands in for, once training set them up
 
 
@@ -540,6 +555,11 @@ def attach_feature_cache(tower: Any, directory: str, model_args: Any) -> Any:
     if getattr(model_args, "unfreeze_mm_vision_tower", False):
         raise FeatureCacheError("--vision_feature_cache cannot be used with --unfreeze_mm_vision_tower: cached features "
                                 "are of the frozen tower; train the tower without the cache.")
+    if "mm_vision_tower" in str(getattr(model_args, "mm_tunable_parts", None) or "").split(","):
+        raise FeatureCacheError("--vision_feature_cache cannot be used with --mm_tunable_parts naming mm_vision_tower: "
+                                "cached features are of the frozen tower; train the tower without the cache.")
+    if is_llava_next():
+        raise FeatureCacheError(LLAVA_NEXT_FEATURE_CACHE)
     if not hasattr(tower, "select_layers") or getattr(tower, "s2", False):
         raise FeatureCacheError("--vision_feature_cache needs an EVA-CLIP tower without S2 (the store holds its "
                                 f"single-scale features); got {type(tower).__name__}.")
@@ -664,6 +684,8 @@ def prepare_llava(module: str) -> Optional[Any]:
     patch_llava_trainer(train_module)
     patch_llava_next_trainer(train_module)
     patch_lora_targets(train_module)
+    if module == DPO_MODULE:  # run as an imported module (see `main`), so that its LoRA targets are ours too
+        patch_lora_targets(importlib.import_module(DPO_MODULE))
     extend_model_arguments(train_module)
     record_tower_options()
     add_feature_cache_argument(train_module)
@@ -780,15 +802,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             check_paths(args)
             check_resume(args)
+            check_feature_cache(args)
         except LaunchError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
     try:
-        if module == TRAIN_MODULE:
-            # Its `__main__` block is `train()`; calling it on the imported module keeps the extensions above in
+        if module in (TRAIN_MODULE, DPO_MODULE):
+            # Their `__main__` block is `train()`; calling it on the imported module keeps the extensions above in
             # effect (runpy would execute a second copy of the module).
-            sys.argv = [train_module.__file__, *args]
-            train_module.train()
+            entry = sys.modules[module]
+            sys.argv = [entry.__file__, *args]
+            entry.train()
         else:
             sys.argv = [module, *args]
             runpy.run_module(module, run_name="__main__", alter_sys=True)
