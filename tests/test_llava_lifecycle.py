@@ -17,23 +17,12 @@ pytest.importorskip("sentencepiece")
 
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
-from llava_evaclip import EvaCLIPModel, launch, register_with_llava, unregister_from_llava  # noqa: E402
-from llava_evaclip.processing import build_image_processor  # noqa: E402
+from llava_evaclip import launch, register_with_llava, unregister_from_llava  # noqa: E402
 from test_llava_launcher import workspace, write_tokenizer  # noqa: E402,F401  (workspace: a fixture)
+from test_llava_model import eva_dir as tower_dir  # noqa: E402,F401  (a fixture: the converted-style tower)
 from test_llava_model import model_args  # noqa: E402
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
-
-
-@pytest.fixture(scope="module")
-def tower_dir(tmp_path_factory):
-    torch.manual_seed(11)
-    config = tiny_config("eva02")
-    path = tmp_path_factory.mktemp("lifecycle_tower")
-    EvaCLIPModel(config).save_pretrained(path)
-    build_image_processor(config).save_pretrained(path)
-    return path
 
 
 def _save_llava_with_trained_tower(root, tower):
