@@ -892,8 +892,8 @@ class FeatureStore:
         merged: set[str] = set()
         index_path = os.path.join(self.directory, INDEX_NAME)
         if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as handle:
-                index = json.load(handle)
+            index = self._load_json(index_path, "remove it and rerun: the index is rebuilt from the shards' "
+                                                "fragments (shards/*.json)")
             self._check_format(index, index_path)
             self.settings = index["settings"]
             self._entries.update(index["entries"])
@@ -905,8 +905,7 @@ class FeatureStore:
             if not name.endswith(".json") or name.startswith(".") or name in merged:
                 continue
             path = os.path.join(directory, name)
-            with open(path, encoding="utf-8") as handle:
-                fragment = json.load(handle)
+            fragment = self._load_json(path, "remove it and the shard of the same name to recompute their images")
             self._check_format(fragment, path)
             differences = settings_differences(fragment["settings"], self.settings) if self.settings else []
             if differences:
@@ -915,6 +914,16 @@ class FeatureStore:
             self.settings = self.settings or fragment["settings"]
             self._entries.update(fragment["entries"])
             self._fragments.append(name)
+
+    @staticmethod
+    def _load_json(path: str, remedy: str) -> Any:
+        """A JSON file of the store, or a ValueError naming it and what to do (its own writes are atomic: a damaged
+        one was damaged by something else)."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{display_path(path)} is damaged (not valid JSON: {error}); {remedy}.") from None
 
     @staticmethod
     def _check_format(data: Any, path: str) -> None:

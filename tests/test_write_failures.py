@@ -158,6 +158,30 @@ def test_resuming_a_store_whose_index_names_a_missing_shard_is_refused(tower_dir
     assert sorted(path.name for path in out.rglob("*")) == before
 
 
+def test_a_damaged_index_is_named_and_the_remedy_it_gives_restores_the_store(tower_dir, tmp_path, capsys):
+    """An index.json damaged outside the program (its own writes are atomic) gave json's bare "Expecting property
+    name ..." with no file named. Now one line names it and says to remove it; doing so rebuilds the index from the
+    shards' fragments, and the store reads back exactly as before."""
+    for index in range(3):
+        write_image(tmp_path / "images" / f"{index}.png", seed=index)
+    out = tmp_path / "out"
+    argv = ["features", str(tmp_path / "images"), "--model", tower_dir, "--out", str(out), "--format", "shards"]
+    assert main(argv) == 0
+    store = F.FeatureStore(str(out))
+    before = {key: store[key].clone() for key in store}
+    (out / "index.json").write_text('{"format": "llava-evaclip')
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = error_lines(capsys.readouterr().err, "features")
+    assert len(lines) == 1 and "index.json is damaged" in lines[0] and "remove it" in lines[0], lines
+    (out / "index.json").unlink()
+    assert main(argv) == 0
+    assert "3 skipped" in capsys.readouterr().out
+    after = F.FeatureStore(str(out))
+    assert len(before) == 3 and sorted(after) == sorted(before)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. convert: writes refused inside libraries, a previous OUT that cannot be removed, the mode of a replaced OUT
 # ----------------------------------------------------------------------------------------------------------------------
