@@ -100,6 +100,35 @@ def is_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_functorch_transform())
 
 
+_FORWARD_AD = torch.autograd.forward_ad
+
+
+def forward_ad_active() -> bool:
+    """True inside a `torch.autograd.forward_ad.dual_level()` (forward-mode AD, which runs under `torch.no_grad()`
+    too): an attribute read, since the inference paths ask it for every attention and MLP."""
+    return _FORWARD_AD._current_level >= 0
+
+
+try:  # the mode that `with torch.device(...)` enters: it only sets factory functions' default device
+    from torch.utils._device import DeviceContext as _DeviceContext
+except ImportError:  # pragma: no cover - every supported torch has it
+    _DeviceContext = None
+
+
+def overriding_modes_active() -> bool:
+    """True while a `TorchDispatchMode` (FlopCounterMode, a user's op logger or rewriter) or a `TorchFunctionMode`
+    other than `with torch.device(...)`'s is active: such modes see, and may replace, the ops a module call runs
+    (`F.linear`, `aten.addmm`), so eager-only kernels must not swap those ops for others. Two C calls when none is
+    active."""
+    if torch._C._len_torch_dispatch_stack():
+        return True
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(type(mode) is not _DeviceContext for mode in _get_current_function_mode_stack())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3 detection (modeling needs it; `zero.py`, a layer above, re-exports it with the rest of its API)
 # --------------------------------------------------------------------------------------------------------------------
@@ -177,6 +206,8 @@ __all__ = [
     "PretrainedConfig",
     "is_flash_attn_available",
     "is_tracing",
+    "forward_ad_active",
+    "overriding_modes_active",
     "ALL_ATTENTION_FUNCTIONS",
     "FEATURES_RETURN_MODEL_OUTPUT",
     "SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION",

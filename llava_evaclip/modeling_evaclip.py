@@ -24,10 +24,12 @@ from ._compat import (
     SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION,
     TORCHSCRIPT_RETURNS_TUPLES,
     GradientCheckpointingLayer,
+    forward_ad_active,
     init,
     is_flash_attn_available,
     is_partitioned,
     is_tracing,
+    overriding_modes_active,
     transformers_zero3_context,
 )
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig
@@ -549,30 +551,60 @@ _GLOBAL_FORWARD_PRE_HOOKS = getattr(torch.nn.modules.module, "_global_forward_pr
 
 def _has_hooks(module: Optional[nn.Module]) -> bool:
     """Whether `module` has forward hooks of torch or accelerate (`_hf_hook`), its own or global ones
-    (`register_module_forward_hook`, as torch's ModuleTracker and activation recorders use): only a module call with
-    its usual input runs them. Dict look-ups only: it runs for every MLP and attention of every forward."""
+    (`register_module_forward_hook`, as torch's ModuleTracker and activation recorders use), or a `forward` set on the
+    instance (accelerate's hooks do that too, as do users' monkeypatches and loralib-style injections): only a module
+    call with its usual input runs them. Dict look-ups only: it runs for every MLP and attention of every forward."""
     return isinstance(module, nn.Module) and bool(
         module._forward_hooks or module._forward_pre_hooks or "_hf_hook" in module.__dict__
-        or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
+        or "forward" in module.__dict__ or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
+    )
+
+
+def _eager_inference(inputs: torch.Tensor) -> bool:
+    """Whether eager inference kernels may replace module calls on `inputs`: a plain tensor (a subclass defines its
+    own `F.linear` or attention, which only the module calls run), no autograd records (grad mode off and no
+    forward-AD level: `out=` writes carry no tangent and oneDNN's fused linears silently drop it), no autocast, and,
+    outside torch.compile (which traces modes itself), no mode that watches or rewrites the module calls' ops
+    (`overriding_modes_active`)."""
+    return type(inputs) is torch.Tensor and not (
+        torch.is_grad_enabled()
+        or forward_ad_active()
+        or _autocast_enabled(inputs.device.type)
+        or (not torch.compiler.is_compiling() and overriding_modes_active())
+    )
+
+
+# The parameter types the inference paths read as plain tensors: a subclass (torchao-style quantized weights, a
+# `__torch_function__` wrapper, DTensor) defines its own `F.linear` / conv, which only a module call runs.
+_PLAIN_PARAMETER_TYPES = (nn.Parameter, torch.Tensor, type(None))
+
+
+def _plain_layer(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> bool:
+    """A plain `nn.Linear` (or the patch embedding's `nn.Conv2d`) without hooks of torch or accelerate (whose offload
+    fills weights only for a called module), adapters or quantized layers, whose weight and bias are plain tensors
+    (`_PLAIN_PARAMETER_TYPES`), the weight dense (a sparse one, as torch's pruning tutorials make, has no `out=`
+    matmul) in `dtype` on `device`, and not partitioned by ZeRO-3 (only a called module's weights are gathered). Each
+    parameter is read once: a module attribute read goes through `nn.Module.__getattr__`."""
+    if type(layer) not in (nn.Linear, nn.Conv2d) or _has_hooks(layer):
+        return False
+    weight, bias = layer.weight, layer.bias
+    return (
+        type(weight) in _PLAIN_PARAMETER_TYPES
+        and type(bias) in _PLAIN_PARAMETER_TYPES
+        and weight.layout == torch.strided
+        and weight.dtype == dtype
+        and weight.device == device
+        and not is_partitioned(weight)
     )
 
 
 def plain_inference_linears(hidden_states: torch.Tensor, layers: Sequence[Optional[nn.Module]]) -> bool:
-    """Whether `layers` may run as direct matmuls (`out=` writes, row blocks) instead of module calls: no grad and
-    no autocast; plain `nn.Linear`s (or the patch embedding's `nn.Conv2d`) whose weights sit in the input's dtype on its device (no hooks of torch or
-    accelerate, whose offload fills weights only for a called module; no adapters or quantized layers); never under
-    ZeRO-3, where only a called module's weights are gathered."""
-    if torch.is_grad_enabled() or _autocast_enabled(hidden_states.device.type):
+    """Whether `layers` may run as direct matmuls (`out=` writes, row blocks) instead of module calls: eager inference
+    (`_eager_inference`) on plain layers (`_plain_layer`; None entries are absent layers)."""
+    if not _eager_inference(hidden_states):
         return False
-    return all(
-        type(layer) in (nn.Linear, nn.Conv2d)
-        and layer.weight.dtype == hidden_states.dtype
-        and layer.weight.device == hidden_states.device
-        and not _has_hooks(layer)
-        and not is_partitioned(layer.weight)
-        for layer in layers
-        if layer is not None
-    )
+    dtype, device = hidden_states.dtype, hidden_states.device
+    return all(layer is None or _plain_layer(layer, dtype, device) for layer in layers)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -632,8 +664,8 @@ def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
     """Unmasked bf16 inference on AVX-512 CPUs only (on AMX torch's fused kernel is ~12% faster in the tower) in eager
-    mode; training keeps sdpa's memory-saving backward, and traced graphs (compile, export) keep the fused op, which
-    the `out=` writes and the Python loop would break; empty inputs too."""
+    mode (`_eager_inference`); training keeps sdpa's memory-saving backward, and traced graphs (compile, export) keep
+    the fused op, which the `out=` writes and the Python loop would break; empty inputs too."""
     return (
         not is_tracing()
         and query.dtype == torch.bfloat16
@@ -641,7 +673,7 @@ def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.
         and query.numel() > 0
         and attention_mask is None
         and dropout == 0.0
-        and not torch.is_grad_enabled()
+        and _eager_inference(query)
     )
 
 
@@ -978,6 +1010,11 @@ else:  # pragma: no cover - torch < 2.4
     aligned_gated_linear = None
 
 
+# The activation modules that are SiLU (what `ACT2FN` builds for "silu" and "swish" on each transformers line), which
+# the inference paths fold into the gate matmul: any other module a user puts in `activation_fn` is called as is.
+_SILU_TYPES = (nn.SiLU, type(ACT2FN["silu"]), type(ACT2FN["swish"]))
+
+
 def _is_exporting() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
@@ -1006,6 +1043,12 @@ class EvaCLIPMLP(nn.Module):
         which autograd, torch.compile and torch.export do not take), under `plain_inference_linears`."""
         return not is_tracing() and self._plain_inference(hidden_states)
 
+    def _silu_gated(self) -> bool:
+        """SwiGLU whose activation module is SiLU, which the inference paths fold into the gate matmul: read from
+        `activation_fn` itself, not the config, since users swap it (activation studies, ReLU-fication) as they can in
+        transformers' models, whose MLPs call whatever module it holds."""
+        return self.fc1_up is not None and type(self.activation_fn) in _SILU_TYPES
+
     def _use_compiled_aligned_swiglu(self, hidden_states: torch.Tensor) -> bool:
         """Whether SwiGLU's input matmuls run as `aligned_gated_linear` (an op inductor calls as is): under
         torch.compile only, never while exporting (exported programs stay aten-only), with the conditions of the
@@ -1013,8 +1056,7 @@ class EvaCLIPMLP(nn.Module):
         return (
             COMPILED_ALIGNED_SWIGLU
             and aligned_gated_linear is not None
-            and self.fc1_up is not None
-            and self.config.hidden_act in ("silu", "swish")
+            and self._silu_gated()
             and torch.compiler.is_compiling()
             and not _is_exporting()
             and not torch.jit.is_tracing()
@@ -1031,7 +1073,7 @@ class EvaCLIPMLP(nn.Module):
     def _aligned_swiglu(self, rows: torch.Tensor) -> torch.Tensor:
         """`act(fc1(x)) * fc1_up(x)` for [N, C] rows: `_aligned_gated_linear` for SiLU (fused where it applies), else
         through `_aligned_gate_up`'s row-aligned buffer."""
-        if self.config.hidden_act in ("silu", "swish"):
+        if self._silu_gated():
             return _aligned_gated_linear(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         gate, up = _aligned_gate_up(rows, self.fc1.weight, self.fc1.bias, self.fc1_up.weight, self.fc1_up.bias)
         return self.activation_fn(gate).mul_(up)
