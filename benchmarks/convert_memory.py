@@ -16,7 +16,7 @@ before every timed run and the written copy or output deleted right after it, so
 dirty pages. The time ratio is the median conversion over the median of all the `cp` runs; the peak RSS is the
 largest of the rounds.
 
-    python -m benchmarks.convert_memory --repeats 3        # results -> benchmarks/results/convert_memory.json
+    python -m benchmarks.convert_memory --repeats 3 --overwrite   # -> benchmarks/results/convert_memory.json
     python -m benchmarks.convert_memory --layers 1 --no-save   # a quick check (1 layer, ~1 GB)
 """
 
@@ -93,19 +93,23 @@ def child_convert(checkpoint: str, out: str, arch: str, dtype: str) -> dict:
     start = time.perf_counter()
     result = convert_checkpoint(checkpoint, out, arch=arch, vision_only=True, dtype=dtype)
     wall = time.perf_counter() - start
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": _peak_rss_bytes(), "baseline_rss_bytes": baseline,
+    return {"wall_s": wall, "peak_rss_bytes": _peak_rss_bytes(), "baseline_rss_bytes": baseline,
             "parameters": result.num_parameters, "transformers": transformers.__version__,
             "output_bytes": sum(os.path.getsize(path) for path in result.files),
             "files": [os.path.basename(path) for path in result.files]}
 
 
 def run_child(*args: str) -> dict:
+    from llava_evaclip.cli import CLIError
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     completed = subprocess.run([sys.executable, "-m", "benchmarks.convert_memory", "--child", *args],
                                capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
-    if completed.returncode != 0:
-        raise SystemExit(f"child {args[0]} failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines:
+        reason = (completed.stderr.strip().splitlines() or ["no output"])[-1]  # the exception's own line
+        raise CLIError(f"child {args[0]} failed (exit status {completed.returncode}): {reason}")
+    return json.loads(lines[-1])
 
 
 def _settle() -> None:
@@ -130,40 +134,82 @@ def time_convert(checkpoint: Path, out: Path, arch: Path, dtype: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+MAX_LAYERS = 32  # EVA-CLIP-8B's depth
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llava_evaclip.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m benchmarks.convert_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=7, help="vision layers kept of 32 (default 7: a 6.6 GB file)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="output dtypes to convert to")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of cp + conversions; medians are reported")
-    parser.add_argument("--workdir", default=None, help="where the checkpoint and outputs go (default: a temp dir)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder in which a fresh temp dir takes the checkpoint and outputs (default: the system's "
+                             "temp folder); that temp dir is removed at the end, nothing else there is touched")
     parser.add_argument("--results", default=str(RESULTS), help="JSON file the results are written to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --results if it exists")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    return parser
 
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """Every argument problem, found before the minutes of writing a multi-GB checkpoint; returns the dtypes."""
+    from llava_evaclip.cli import CLIError
+    from llava_evaclip.commands import _common
+    from llava_evaclip.commands.convert import DTYPE_CHOICES
+
+    if args.repeats < 1:
+        raise CLIError(f"--repeats must be at least 1, got {args.repeats}")
+    if not 1 <= args.layers <= MAX_LAYERS:
+        raise CLIError(f"--layers must be 1 to {MAX_LAYERS} (EVA-CLIP-8B's depth), got {args.layers}")
+    dtypes = [part.strip() for part in args.dtypes.split(",")]
+    unknown = [dtype for dtype in dtypes if dtype not in DTYPE_CHOICES]
+    if unknown or len(set(dtypes)) != len(dtypes):
+        raise CLIError(f"--dtypes {args.dtypes!r}: expected distinct names among {', '.join(DTYPE_CHOICES)}")
+    if args.workdir is not None:
+        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise CLIError(f"--workdir {args.workdir} is a file, not a folder")
+        problem = _common.unwritable_folder(args.workdir)
+        if problem is not None:
+            raise CLIError(f"--workdir {args.workdir}: {problem}")
+    if not args.no_save:
+        _common.check_output_file(args.results, args.overwrite, option="--results")
+    return dtypes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.convert_memory`: errors, Ctrl-C and SIGTERM end it with one line (`run_command`)."""
+    from llava_evaclip.cli import run_command
+
+    return run_command(lambda: "benchmarks.convert_memory", lambda: _run(build_parser().parse_args(argv)))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.child:
         kind, *rest = args.child
         result = child_write(*rest) if kind == "write" else child_convert(*rest)
         print(json.dumps(result))
-        return
+        return 0
+    dtypes = check_arguments(args)
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="evaclip-convert-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    # A fresh dir, always removed: the checkpoint, its copy and the outputs never meet a file of the user's.
+    if args.workdir is not None:
+        os.makedirs(args.workdir, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="evaclip-convert-bench-", dir=args.workdir))
     checkpoint = workdir / f"EVA-CLIP-8B-visual-{args.layers}-layers.pt"
     arch = workdir / "arch.json"
-    arch.write_text(json.dumps(baai_model_config(args.layers)))
     records = []
-    dtypes = args.dtypes.split(",")
     try:
+        arch.write_text(json.dumps(baai_model_config(args.layers)))
         written = run_child("write", str(checkpoint), str(args.layers))
         checkpoint_bytes = checkpoint.stat().st_size
         cp_runs: list[float] = []
         converts: dict[str, list[dict]] = {dtype: [] for dtype in dtypes}
         for _ in range(args.repeats):  # cp and a conversion, alternating
             for dtype in dtypes:
-                cp_runs.append(round(time_cp(checkpoint, workdir / "copy.pt"), 2))
+                cp_runs.append(time_cp(checkpoint, workdir / "copy.pt"))  # ratios from unrounded times
                 converts[dtype].append(time_convert(checkpoint, workdir / f"converted-{dtype}", arch, dtype))
         cp_s = statistics.median(cp_runs)
         for dtype, runs in converts.items():
@@ -177,7 +223,8 @@ def main() -> None:
                 "output_dtype": dtype, "checkpoint_bytes": checkpoint_bytes, "output_bytes": runs[0]["output_bytes"],
                 "output_files": runs[0]["files"], "repeats": args.repeats,
                 "convert_wall_s": round(convert_s, 2), "cp_wall_s": round(cp_s, 2),
-                "convert_runs_s": [run["wall_s"] for run in runs], "cp_runs_s": cp_runs,
+                "convert_runs_s": [round(run["wall_s"], 2) for run in runs],
+                "cp_runs_s": [round(seconds, 2) for seconds in cp_runs],
                 "time_over_cp": round(time_ratio, 2), "goal_time_over_cp": GOAL_TIME_RATIO,
                 "peak_rss_bytes": peak, "baseline_rss_bytes": max(run["baseline_rss_bytes"] for run in runs),
                 "peak_rss_over_checkpoint": round(rss_ratio, 3), "goal_rss_over_checkpoint": GOAL_RSS_RATIO,
@@ -185,8 +232,7 @@ def main() -> None:
                 "transformers": runs[0]["transformers"],
             })
     finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     gib = 1024**3
     for record in records:
@@ -198,7 +244,7 @@ def main() -> None:
               f"{record['peak_rss_over_checkpoint']:.3f}x the checkpoint (goal <= {GOAL_RSS_RATIO}x; imports alone "
               f"{record['baseline_rss_bytes'] / gib:.2f} GiB)")
     if args.no_save:
-        return
+        return 0
     results = {
         "records": records,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -206,13 +252,13 @@ def main() -> None:
         "command": " ".join(["python -m benchmarks.convert_memory", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    results_path = Path(args.results)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = results_path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(staging, results_path)
-    print(f"-> {results_path}")
+    from llava_evaclip.commands._common import atomic_write
+
+    atomic_write(args.results, lambda temp: Path(temp).write_text(json.dumps(results, indent=2) + "\n"),
+                 replace=args.overwrite)
+    print(f"-> {args.results}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ ranks, bytes on disk, and LLaVA stage-1 step time from cached features.
     python -m benchmarks.features --models EVA02-CLIP-B-16 --images 64 --reps 3    # -> results/features.{json,md}
     python -m benchmarks.features --models tiny --images 512 --reps 5 --name features_tiny512
     python -m benchmarks.features --quick      # 16 images, one repetition: a smoke run -> results/features_quick.*
+    python -m benchmarks.features --scale 200000 --reps 3   # start-up and end of a run only -> features_scale_200000.*
 
 Existing result files are never replaced without --overwrite (the run refuses before it starts); --output-dir and
 --name put them elsewhere.
@@ -272,7 +273,102 @@ def stage1_step(tower_dir: str, image_dir: Path, store_dir: Path, reps: int, bat
             "speedup": tower_s / cached_s}
 
 
+def scale_names(root: Path, count: int, per_folder: int = 1000) -> Path:
+    """`count` image names (LLaVA-Pretrain's layout: folders of 1000) as hardlinks to a few 8x8 PNGs (ext4 allows
+    65000 links to one file), so a 600K-image tree costs seconds and no space."""
+    import numpy as np
+    from PIL import Image
+
+    images, bases = root / "images", root / "bases"
+    bases.mkdir(parents=True)
+    sources = []
+    for index in range(count // 50000 + 4):
+        path = bases / f"{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        sources.append(path)
+    for index in range(count):
+        folder = images / f"{index // per_folder:05d}"
+        if index % per_folder == 0:
+            folder.mkdir(parents=True)
+        os.link(sources[index % len(sources)], folder / f"{index:09d}.png")
+    return images
+
+
+def scale_startup(count: int, reps: int) -> dict[str, Any]:
+    """Seconds (medians) of the work a run does before its first image and after its last, at `count` images: listing
+    the inputs, the --format files checks and plan on an empty and on a complete OUT, and for --format shards opening
+    the store, planning a resume and merging the index with nothing new and with one new fragment; and the Python
+    heap an open shard store takes (what each training rank and DataLoader worker holds). Features are
+    stand-ins ([16, 32] zeros): only names, headers and the index are measured. Complete --format files outputs are
+    hardlinks of one output per source PNG (its source is the same file as every image linked to that PNG)."""
+    import tracemalloc
+
+    import torch
+
+    from llava_evaclip import features
+
+    settings = {"model": "bench", "weights_fingerprint": "blake2b:0", "random_weights": "false",
+                "select_layer": "-2", "select_feature": "patch", "image_size": "28", "dtype": "float32"}
+    timings: dict[str, list[float]] = {}
+
+    def timed(name: str, function: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = function()
+        timings.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+
+    with tempfile.TemporaryDirectory(prefix="bench-features-scale-") as temp:
+        root = Path(temp)
+        image_dir = scale_names(root, count)
+        items, _ = features.find_images([str(image_dir)])
+        files, shards = str(root / "files"), str(root / "shards")
+        linked: dict[int, str] = {}  # the output of each source PNG, by inode
+        for item in items:
+            path = features.output_path(files, item.key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            inode = os.stat(item.path).st_ino
+            if inode not in linked:
+                features.FileWriter(files, settings).add(features.Extracted(item, torch.zeros(16, 32), "8x8"))
+                linked[inode] = path
+            else:
+                os.link(linked[inode], path)
+        writer = features.ShardWriter(shards, settings, shard_size_mb=2)
+        for item in items[:-1]:
+            writer.add(features.Extracted(item, torch.zeros(16, 32), "8x8"))
+        writer.close()
+        features.merge_index(shards)
+        last = features.ShardWriter(shards, settings, shard_size_mb=2)
+        last.add(features.Extracted(items[-1], torch.zeros(16, 32), "8x8"))
+        for _ in range(reps):
+            timed("find_images", lambda: features.find_images([str(image_dir)]))
+            timed("files_checks_empty_out", lambda: (features._check_planned_outputs(items, str(root / "none")),
+                                                     features.plan(items, str(root / "none"), settings, "files")))
+            timed("files_checks_complete_out", lambda: (features._check_planned_outputs(items, files),
+                                                        features.plan(items, files, settings, "files")))
+            timed("shards_open_store", lambda: features.FeatureStore(shards))
+            timed("shards_plan_resume", lambda: features.plan(items, shards, settings, "shards"))
+            timed("shards_merge_nothing_new", lambda: features.merge_index(shards))
+        for _ in range(reps):  # one new fragment to fold in, each time
+            last.buffer, last.size = [features.Extracted(items[-1], torch.zeros(16, 32), "8x8")], 1
+            last.flush()
+            timed("shards_merge_one_fragment", lambda: features.merge_index(shards))
+        tracemalloc.start()  # after the timings: tracing slows the process down
+        store = features.FeatureStore(shards)
+        heap = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del store
+    return {"images": count, "reps": reps, "shards_store_heap_mb": heap / 1e6,
+            "seconds": {name: statistics.median(values) for name, values in timings.items()}}
+
+
 def render_markdown(results: dict[str, Any]) -> str:
+    if "scale" in results:
+        scale = results["scale"]
+        lines = [f"# Feature extraction start-up and end at {scale['images']} images ({results['machine']}, "
+                 f"median of {scale['reps']})", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {name} | {seconds:.2f} |" for name, seconds in scale["seconds"].items()]
+        lines += ["", f"Python heap of an open shard store: {scale['shards_store_heap_mb']:.0f} MB."]
+        return "\n".join(lines) + "\n"
     lines = [f"# Feature extraction ({results['machine']}, {results['images']} JPEGs of 640x480, CPU, "
              f"median of {results['reps']})", ""]
     lines += ["Steady state (last three quarters of the images: what a large dataset runs at), img/s:", "",
@@ -327,11 +423,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None,
                         help="basename of the result files (default: features, with --quick features_quick)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    parser.add_argument("--scale", type=int, default=None, metavar="N",
+                        help="only the start-up and end of a run at N images (listing, planning, resume, index "
+                             "merge; no model): results go to features_scale_N.*")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.reps = 16, 1
     if args.name is None:
-        args.name = "features_quick" if args.quick else "features"
+        args.name = (f"features_scale_{args.scale}" if args.scale else
+                     "features_quick" if args.quick else "features")
+    if args.scale is not None and args.scale < 2:
+        parser.error(f"--scale must be at least 2, got {args.scale}")
     for flag, value in (("--images", args.images), ("--batch-size", args.batch_size), ("--reps", args.reps)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
@@ -345,7 +447,7 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from llava_evaclip.commands._common import atomic_write, unwritable_folder
+    from llava_evaclip.commands._common import unwritable_folder
 
     outputs = output_paths(args)
     existing = [path for path in outputs.values() if os.path.lexists(path)]
@@ -361,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"images": args.images, "reps": args.reps, "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, "
                                f"{os.cpu_count()} cores", "models": {}}
+    if args.scale:
+        results["scale"] = scale_startup(args.scale, args.reps)
+        return save_results(outputs, results)
     with tempfile.TemporaryDirectory(prefix="bench-features-") as temp:
         root = Path(temp)
         image_dir = root / "images"
@@ -381,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["stage1_step"] = stage1_step(tower_dir, image_dir, root / "disk_shards", args.reps, 4)
         if "disk" not in results:
             results["disk"] = disk_bytes(save_tower("tiny", root / "tower_tiny"), image_dir, root, args.images)
+    return save_results(outputs, results)
+
+
+def save_results(outputs: dict[str, Path], results: dict[str, Any]) -> int:
+    from llava_evaclip.commands._common import atomic_write
+
     markdown = render_markdown(results)
     outputs["json"].parent.mkdir(parents=True, exist_ok=True)
     # Atomic: an interrupted --overwrite run leaves the previous results whole.

@@ -780,6 +780,19 @@ def add_ceilings(results: dict[str, dict[str, Any]], peak: float) -> None:
         entry["ceiling_fraction"] = entry["gflop"] / seconds / peak
 
 
+def memory_versus_hf_clip(entry: dict[str, Any], memory: Sequence[dict[str, Any]]) -> Optional[float]:
+    """A memory entry's peak above the weights over transformers CLIP's at the same dtype and batch; None where CLIP
+    was not measured or grew by nothing (a tiny --quick model can stay within pages already held: no ratio then,
+    rather than a division by zero after the whole run)."""
+    if "peak_above_weights_mib" not in entry:
+        return None
+    peer = next((m for m in memory if m.get("contender") == "hf_clip" and m["dtype"] == entry["dtype"]
+                 and m["batch"] == entry["batch"] and "peak_above_weights_mib" in m), None)
+    if peer is None or peer["peak_above_weights_mib"] <= 0:
+        return None
+    return entry["peak_above_weights_mib"] / peer["peak_above_weights_mib"]
+
+
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each goal of issue 6 per setting where it can be measured, with `met` true/false."""
     goals = []
@@ -825,12 +838,8 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 add(f"{name} {setting['dtype']} speed-up over fp32 (separate rotations)", key, speedup,
                     GOAL_BF16_SPEEDUP, "higher")
     for entry in report.get("memory", []):
-        if entry.get("contender") != "ours_plain" or "peak_above_weights_mib" not in entry:
-            continue
-        peer = next((m for m in report["memory"] if m.get("contender") == "hf_clip" and m["dtype"] == entry["dtype"]
-                     and m["batch"] == entry["batch"] and "peak_above_weights_mib" in m), None)
-        if peer:
-            ratio = entry["peak_above_weights_mib"] / max(peer["peak_above_weights_mib"], 1e-9)
+        ratio = memory_versus_hf_clip(entry, report["memory"]) if entry.get("contender") == "ours_plain" else None
+        if ratio is not None:
             add("peak memory above weights / transformers CLIP", setting_key(entry["dtype"], entry["batch"]), ratio,
                 GOAL_MEMORY_VS_HF_CLIP, "lower")
     return goals
@@ -892,9 +901,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| `{entry['contender']}` | {entry['dtype']} | {entry['batch']} | | "
                              f"{entry.get('error', 'n/a')} | |")
                 continue
-            peer = next((m for m in memory if m["contender"] == "hf_clip" and m["dtype"] == entry["dtype"]
-                         and m["batch"] == entry["batch"]), None)
-            versus = f"{entry['peak_above_weights_mib'] / peer['peak_above_weights_mib']:.2f}" if peer else ""
+            ratio = memory_versus_hf_clip(entry, memory)
+            versus = "" if ratio is None else f"{ratio:.2f}"
             lines.append(f"| `{entry['contender']}` | {entry['dtype']} | {entry['batch']} | "
                          f"{entry['weights_mib']:.0f} | {entry['peak_above_weights_mib']:.0f} | {versus} |")
         lines += ["", f"Method: {memory[0]['method'] if memory else 'n/a'}.", ""]
@@ -1047,8 +1055,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tower", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from llava_evaclip.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m benchmarks.tower", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser
 
@@ -1063,13 +1073,23 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         args.dtypes = ["bf16"] if cuda else ["fp32", "bf16"]
     if args.warmup is None:
         args.warmup = 3 if cuda else 1
+    for option, values in (("--batch-sizes", args.batch_sizes), ("--dtypes", args.dtypes),
+                           ("--contenders", args.contenders or ()),
+                           ("--memory-batch-sizes", args.memory_batch_sizes or ()),
+                           ("--memory-dtypes", args.memory_dtypes or ())):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:  # a repeated setting would silently replace the first one's results under the same key
+            raise BenchmarkError(f"{option} lists {', '.join(repeated)} more than once")
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in (".", "..")):
+        raise BenchmarkError(f"--name {args.name!r} must be a plain file name (the folder is --output-dir)")
     if args.reps is not None and len(args.reps) not in (1, len(args.batch_sizes)):
         raise BenchmarkError(f"--reps takes one number or one per batch size ({len(args.batch_sizes)}), "
                              f"got {len(args.reps)}")
     if args.warmup < 0:
         raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.threads is not None and args.threads < 1:
-        raise BenchmarkError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= (os.cpu_count() or 1):
+        # past the cores, OpenMP's thread creation can fail and abort the process (libgomp), after the models load
+        raise BenchmarkError(f"--threads must be 1 to {os.cpu_count() or 1} (this machine's cores), got {args.threads}")
     if args.memory_batch_sizes is None:
         args.memory_batch_sizes = [max(args.batch_sizes)]
     if args.memory_dtypes is None:
@@ -1200,10 +1220,10 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
     report["goals"] = evaluate_goals(report)
     from llava_evaclip.commands._common import atomic_write
 
-    atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"))
-    atomic_write(paths["md"], _write_text(render_markdown(report)))
+    atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"), replace=args.overwrite)
+    atomic_write(paths["md"], _write_text(render_markdown(report)), replace=args.overwrite)
     if "png" in paths:
-        atomic_write(paths["png"], lambda path: render_chart(report, path))
+        atomic_write(paths["png"], lambda path: render_chart(report, path), replace=args.overwrite)
     report["paths"] = paths
     return report
 
@@ -1217,21 +1237,26 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
+    """`python -m benchmarks.tower`: errors, Ctrl-C and SIGTERM end it with one line, as `llava-evaclip bench`."""
+    from llava_evaclip.cli import CLIError, run_command
 
-    args = build_parser().parse_args(argv)
-    if args.memory_child is not None:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        print(json.dumps(measure_memory(json.loads(args.memory_child))), flush=True)
+    def body() -> int:
+        import torch
+
+        args = build_parser().parse_args(argv)
+        if args.memory_child is not None:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            print(json.dumps(measure_memory(json.loads(args.memory_child))), flush=True)
+            return 0
+        try:
+            report = run_benchmark(args)
+        except BenchmarkError as error:
+            raise CLIError(str(error)) from None
+        print_summary(report)
         return 0
-    try:
-        report = run_benchmark(args)
-    except BenchmarkError as error:
-        print(f"benchmarks.tower: error: {error}", file=sys.stderr)
-        return 2
-    print_summary(report)
-    return 0
+
+    return run_command(lambda: "benchmarks.tower", body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Per-rank resident parameter memory of the EVA-CLIP vision tower loaded under DeepSpeed ZeRO-3, on 1, 2 and 4 ranks.
 
-    DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory                  # EVA02-CLIP-B-16 tower, 1/2/4 CPU ranks
+    DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --overwrite      # EVA02-CLIP-B-16 tower, 1/2/4 CPU ranks
     DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --ranks 1 2 --preset EVA02-CLIP-L-14
     DS_ACCELERATOR=cpu python -m benchmarks.zero3_memory --ranks 1 2 4 --preset EVA-CLIP-8B --layers 4 \
         --dtype bfloat16 --shard-mb 500 --output benchmarks/results/zero3_memory_8b.json  # 8B width, 4 layers
@@ -210,15 +210,26 @@ def run_world(world: int, checkpoint: Path, workdir: Path, timeout: float, dtype
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
+    from llava_evaclip.cli import CLIError
+
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise SystemExit(f"{world} ranks: no result within {timeout:.0f} s.\n{output[-4000:]}")
+        raise CLIError(f"{world} ranks: no result within {timeout:.0f} s; last output: {_last_line(output)}") from None
+    except BaseException:  # Ctrl-C, SIGTERM: the ranks run in their own session, out of the terminal's reach
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
     if process.returncode != 0 or not part.exists():
-        raise SystemExit(f"{world} ranks failed (exit status {process.returncode}).\n{output[-4000:]}")
+        raise CLIError(f"{world} ranks failed (exit status {process.returncode}): {_last_line(output)}")
     return json.loads(part.read_text())
+
+
+def _last_line(output: str) -> str:
+    """The last non-empty line of the ranks' output (the error of a failed rank), for a one-line message."""
+    return next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
 
 
 def summarize(world: int, ranks: list[dict[str, Any]], full_bytes: int) -> dict[str, Any]:
@@ -246,8 +257,20 @@ def _mib(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`python -m benchmarks.zero3_memory`: errors, Ctrl-C and SIGTERM end it with one line (`run_command`)."""
+    from llava_evaclip.cli import run_command
+
+    return run_command(lambda: "benchmarks.zero3_memory", lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
+    import math
+
+    from llava_evaclip.cli import OneLineErrorParser
+    from llava_evaclip.commands import _common
+
+    parser = OneLineErrorParser(prog="python -m benchmarks.zero3_memory", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="EVA02-CLIP-B-16", help="vision tower preset (default: %(default)s)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes (default: 1 2 4)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (default: %(default)s)")
@@ -256,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-mb", type=int, help="write the checkpoint in shards of about this many MiB")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights written and loaded in this dtype (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--part", type=Path, help=argparse.SUPPRESS)
@@ -263,14 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.checkpoint, args.part, args.dtype)
         return 0
-    if any(world < 1 for world in args.ranks):
-        parser.error("--ranks must be positive integers")
+    if any(world < 1 for world in args.ranks) or len(set(args.ranks)) != len(args.ranks):
+        parser.error("--ranks must be distinct positive integers")
+    most = 4 * (os.cpu_count() or 1)  # each rank imports torch and deepspeed (~0.8 GB): more would swamp the machine
+    if max(args.ranks) > most:
+        parser.error(f"--ranks {max(args.ranks)}: at most {most} ranks (4 per core) on this machine")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.shard_mb is not None and args.shard_mb < 1:
+        parser.error(f"--shard-mb must be at least 1, got {args.shard_mb}")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be a positive integer")
     from llava_evaclip import list_presets
 
     if args.preset not in list_presets():
         parser.error(f"unknown --preset {args.preset!r}; choose one of {', '.join(list_presets())}")
+    _common.check_output_file(str(args.output), args.overwrite, option="--output")  # before minutes of loading
 
     import deepspeed
     import torch
@@ -318,10 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             "backend": "gloo (CPU)",
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.output)
+    _common.atomic_write(str(args.output), lambda temp: Path(temp).write_text(json.dumps(result, indent=2) + "\n"),
+                         replace=args.overwrite)
     print(f"wrote {args.output}")
     return 0 if all(run["meets_goal"] for run in runs) else 1
 

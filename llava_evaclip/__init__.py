@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -76,7 +77,21 @@ def _register_auto_classes() -> None:
         TOKENIZER_MAPPING.register(EvaCLIPTextConfig, TOKENIZER_MAPPING[CLIPConfig], exist_ok=True)
 
 
-if not os.environ.get(DEFER_REGISTRATION_ENV):
+def _imported_by_python_m() -> bool:
+    """Whether this import is `python -m llava_evaclip` locating its `__main__` (sys.argv[0] is "-m" until then).
+    Its CLI then registers when a command needs a model, inside its Ctrl-C / SIGTERM handling, as the console script
+    does: registered here, a Ctrl-C in the first seconds printed a traceback. Unusual spellings (`-Bm`) register here."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    for index, arg in enumerate(sys.orig_argv[1:], 1):
+        if arg == "-m":
+            return sys.orig_argv[index + 1: index + 2] == [__name__]
+        if arg.startswith("-m"):
+            return arg == f"-m{__name__}"
+    return False
+
+
+if not (os.environ.get(DEFER_REGISTRATION_ENV) or _imported_by_python_m()):
     _register_auto_classes()
 
 __all__ = [

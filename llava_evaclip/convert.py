@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from transformers.utils import logging
 
+from ._safetensors import read_safetensors_header
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig, resolve_arch
 from .modeling_evaclip import (
     EvaCLIPModel,
@@ -106,6 +107,11 @@ class ConversionError(ValueError):
 
 class _ValueError(ConversionError):
     """A refusal based on tensor values (not names or shapes), which a corrupted file could also explain."""
+
+
+# Signals that end a conversion through `ConversionTerminated` (cleanup first), and those deferred over renames.
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+DEFERRED_SIGNALS = {signal.SIGINT, *TERMINATING_SIGNALS}
 
 
 class ConversionTerminated(BaseException):
@@ -305,13 +311,9 @@ class _SafetensorsFile:
         try:
             with safe_open(path, framework="pt", device="cpu"):
                 pass
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-        except (SafetensorError, OSError, ValueError, struct.error) as error:
+            header, _, self.data_start = read_safetensors_header(path)
+        except (SafetensorError, OSError, ValueError) as error:
             raise ConversionError(f"{path}: not a readable safetensors file ({error}).") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + length
         self.entries = {}
         for key, entry in header.items():
             dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
@@ -502,7 +504,7 @@ class _BackgroundVerification:
 
     def _run(self, source: SourceCheckpoint) -> None:
         if hasattr(signal, "pthread_sigmask"):  # signals go to the main thread, which may be deferring them
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
         try:
             self.digests = source.verify(self.stop)
         except BaseException as error:  # handed to the main thread by `result`
@@ -1203,11 +1205,12 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether a process with this pid exists here (another user's counts: EPERM); any doubt counts as existing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
+    except (OSError, OverflowError, ValueError):  # EPERM, or no pid could be that number: not ours to judge
         return True
     return True
 
@@ -1234,19 +1237,13 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     """Why `path` is not a complete safetensors file (None when it is): missing, unreadable header, or a length
     other than the one its header describes (a file cut short or still being written)."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if 8 + length > size:
-                return "its header is cut short"
-            header = json.loads(handle.read(length))
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        read_safetensors_header(path)
     except FileNotFoundError:
         return "missing"
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
-        return "not a readable safetensors file"
-    if 8 + length + end != size:
-        return f"{size} bytes where its header describes {8 + length + end}"
+    except OSError as error:
+        return f"not readable ({error.strerror or error})"
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -1329,8 +1326,9 @@ def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """While converting, SIGTERM raises `ConversionTerminated` (as SIGINT raises KeyboardInterrupt), so the staging
-    dir is removed and OUT restored; the previous handler is put back afterwards. Main thread only."""
+    """While converting, SIGTERM and SIGHUP (a closed terminal or ssh session) raise `ConversionTerminated` (as SIGINT
+    raises KeyboardInterrupt), so the staging dir is removed and OUT restored; a SIGHUP the parent ignores (`nohup`)
+    stays ignored, and the previous handlers are put back afterwards. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1338,17 +1336,19 @@ def _sigterm_raises() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
         raise ConversionTerminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {signum: signal.signal(signum, terminate) for signum in TERMINATING_SIGNALS
+                if signal.getsignal(signum) != signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """SIGINT / SIGTERM wait until the block ends (renames and cleanup are not cut in half)."""
-    signals = {signal.SIGINT, signal.SIGTERM}
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends (renames and cleanup are not cut in half)."""
+    signals = DEFERRED_SIGNALS
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return

@@ -28,12 +28,15 @@ import signal
 import stat
 import sys
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers.utils import logging
+
+from ._safetensors import read_safetensors_header
 
 logger = logging.get_logger(__name__)
 
@@ -60,6 +63,8 @@ NAME_MAX = 255  # bytes in one path component on Linux / macOS file systems
 # only names of these shapes are ever removed.
 SHARD_NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}-r\d+-\d{5,}\.(safetensors|json)")
 TEMP_TAIL = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
+# Index entry fields whose values repeat across entries (see `FeatureStore._share_repeated_values`).
+SHARED_ENTRY_FIELDS = ("shard", "tensor", "dtype", "original_size")
 # Batches each decoding worker keeps ready: results arrive in order, so a worker that was descheduled for a moment
 # must not leave the others idle with their queue full (2, torch's default, measurably starves a 2-core machine).
 PREFETCH_BATCHES = 4
@@ -522,8 +527,10 @@ def _worker_init(_: int) -> None:
     # A SIGTERM sent to the whole process group (Slurm's scancel, `kill -TERM -- -PGID`) reaches the decoding workers
     # too: by default it kills them, and torch's SIGCHLD handler then raises "DataLoader worker ... is killed by
     # signal" in the main process, over its own orderly stop (a traceback and exit 1 instead of one line and 143).
-    # The main process ends its workers itself when it stops (and they exit when it is gone).
+    # The main process ends its workers itself when it stops (and they exit when it is gone). SIGHUP (the terminal
+    # went away) reaches the whole group too.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.excepthook = functools.partial(_quiet_handover_errors, sys.excepthook)
 
 
@@ -626,14 +633,25 @@ def iter_features(tower: Any, items: Sequence[ImageItem], batch_size: int = 8, w
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _write_file(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes, made_folders: Optional[set[str]] = None) -> None:
     """Write `data` to `path` through a hidden temp file and a rename; permissions follow the umask (0644 under
-    umask 022). A full disk or quota raises OutputError; the temp file is removed and `path` is left as it was."""
+    umask 022). A full disk or quota raises OutputError; the temp file is removed and `path` is left as it was.
+    `made_folders` (the folders this writer made or found already) spares a mkdir and a stat per file: on a network
+    file system, two of the six round trips of each image's output; a folder removed meanwhile is made again."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
-        os.makedirs(directory, exist_ok=True)
-        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if made_folders is None or directory not in made_folders:
+            os.makedirs(directory, exist_ok=True)
+        try:
+            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:
+            if made_folders is None or directory not in made_folders:
+                raise
+            os.makedirs(directory, exist_ok=True)  # removed since this writer made it
+            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if made_folders is not None:
+            made_folders.add(directory)
         try:
             view = memoryview(data)
             while view:
@@ -752,6 +770,7 @@ class FileWriter:
     def __init__(self, out_dir: str, settings: dict[str, str]) -> None:
         self.out_dir, self.settings = out_dir, settings
         self.written = 0  # images whose file is complete
+        self.folders: set[str] = set()  # made or found: not made again for every image (see `_write_file`)
 
     def add(self, result: Extracted) -> None:
         from safetensors.torch import save
@@ -759,7 +778,7 @@ class FileWriter:
         data = save({"features": result.features.contiguous()}, _metadata(self.settings, result))
         path = output_path(self.out_dir, result.item.key)
         try:
-            _write_file(path, data)
+            _write_file(path, data, self.folders)
         except OSError as error:
             if isinstance(error, OutputError) or error.errno not in NAME_ERRNOS:
                 raise
@@ -810,7 +829,7 @@ class ShardWriter:
         _write_file(os.path.join(self.directory, name), save(tensors, {"format": SHARDS_FORMAT}))
         fragment = {"format": SHARDS_FORMAT, "settings": self.settings, "shard": name, "entries": entries}
         _write_file(os.path.join(self.directory, name[: -len(OUTPUT_SUFFIX)] + ".json"),
-                    json.dumps(fragment, indent=0).encode())
+                    json.dumps(fragment, separators=(",", ":")).encode())
         self.count += 1
         self.written += len(self.buffer)
         self.buffer, self.size = [], 0
@@ -820,13 +839,18 @@ class ShardWriter:
 
 
 def merge_index(out_dir: str) -> dict[str, Any]:
-    """Fold every index fragment into `index.json` (atomically) and drop shards no fragment names (a killed run's)."""
+    """Fold every index fragment into `index.json` (atomically) and drop shards no fragment names (a killed run's).
+
+    The index of a 600K-image store is ~130 MB of JSON: it is rewritten only when there is a fragment to fold in (a
+    resumed run with nothing to compute leaves it as it is), with json's C encoder (`indent` selects the pure-Python
+    one, 2.5x slower; readers parse either)."""
     from . import __version__
 
     store = FeatureStore(out_dir)
     index = {"format": SHARDS_FORMAT, "settings": store.settings, "llava_evaclip_version": __version__,
              "fragments": sorted(store._fragments), "entries": dict(sorted(store._entries.items()))}
-    _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, indent=0).encode())
+    if store._unmerged or not store._indexed:
+        _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, separators=(",", ":")).encode())
     directory = os.path.join(out_dir, SHARDS_DIR)
     used = {entry["shard"] for entry in store._entries.values()} | {
         name[: -len(".json")] + OUTPUT_SUFFIX for name in store._fragments}
@@ -880,6 +904,8 @@ class FeatureStore:
         self._entries: dict[str, dict[str, Any]] = {}
         self.unreadable: list[tuple[str, str]] = []  # .safetensors files of a files store that cannot be read
         self._fragments: list[str] = []
+        self._indexed = False  # an index.json was read
+        self._unmerged = 0  # fragments in shards/ that index.json does not hold yet
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         self.settings: dict[str, str] = {}
@@ -899,6 +925,7 @@ class FeatureStore:
             self._entries.update(index["entries"])
             merged = set(index["fragments"])
             self._fragments.extend(index["fragments"])
+            self._indexed = True
         directory = os.path.join(self.directory, SHARDS_DIR)
         names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
         for name in names:  # fragments of runs not merged yet (a killed run's finished shards count)
@@ -914,6 +941,21 @@ class FeatureStore:
             self.settings = self.settings or fragment["settings"]
             self._entries.update(fragment["entries"])
             self._fragments.append(name)
+            self._unmerged += 1
+        self._share_repeated_values()
+
+    def _share_repeated_values(self) -> None:
+        """One string object per distinct shard name, tensor name, dtype and image size: json makes one for every
+        entry, ~250 of the ~800 bytes a 600K-entry store's entries take each in every process that opens it (every
+        training rank, and each of its DataLoader workers as reads touch the pages)."""
+        pool: dict[str, str] = {}
+        for entry in self._entries.values():
+            if not isinstance(entry, dict):
+                continue
+            for name in SHARED_ENTRY_FIELDS:
+                value = entry.get(name)
+                if isinstance(value, str):
+                    entry[name] = pool.setdefault(value, value)
 
     @staticmethod
     def _load_json(path: str, remedy: str) -> Any:
@@ -973,10 +1015,10 @@ class FeatureStore:
 
     @staticmethod
     def _file_metadata(path: str) -> dict[str, str]:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
+        """A .safetensors file's metadata from its header alone (`read_safetensors_header`: one open, checked as
+        safe_open checks it). safe_open opens and maps the file twice; a resume or a store of 600K files reads every
+        header (on every training rank for a files store)."""
+        return read_safetensors_header(path)[1]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -1168,10 +1210,16 @@ class ExtractionReport:
 
 
 def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], format: str = "files",
-         overwrite: bool = False) -> tuple[list[ImageItem], int, list[tuple[str, str]]]:
+         overwrite: bool = False, share: tuple[int, int] = (0, 1)
+         ) -> tuple[list[ImageItem], int, list[tuple[str, str]]]:
     """(to compute, kept, failures): which images already have a current output. Reads only, so every rank can run
     it before any rank writes; a store or file made with other settings (the model's path aside: its weights
-    fingerprint counts) or from another image under the same key is refused, never silently reused."""
+    fingerprint counts) or from another image under the same key is refused, never silently reused.
+
+    For --format files, what exists is read from one listing per output folder (not a stat per image), and `share`
+    (rank, world_size) opens only every world_size-th existing file, from the rank-th: kept and failures are then that
+    rank's share (the caller gathers them), so resuming a store of N files costs N header reads over all ranks, not
+    N per rank. The images to compute are the same on every rank."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {FORMATS}.")
     is_shards = os.path.isdir(out_dir) and is_shard_store(out_dir)
@@ -1202,19 +1250,22 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
                              f"{display_path(os.path.abspath(item.path))}); use another output folder.")
         todo = [item for item in items if item.key not in entries]
         return todo, len(items) - len(todo), []
-    todo, kept, failures = [], 0, []
-    other_models: set[str] = set()
+    todo, existing, failures = [], [], []
+    listing = _OutputListing(out_dir, items) if not overwrite else None
     for item in items:
         path = output_path(out_dir, item.key)
-        if os.path.exists(path) and not overwrite:
-            problem = _existing_mismatch(path, settings, item.path, other_models)
-            if problem is None:
-                kept += 1
-            else:
-                failures.append((display_path(item.path),
-                                 problem + "; pass --overwrite to replace it or use another --out"))
-            continue
-        todo.append(item)
+        if listing is not None and listing.exists(path):
+            existing.append((item, path))
+        else:
+            todo.append(item)
+    rank, world_size = share
+    other_models: set[str] = set()
+    for item, path in existing[rank::world_size]:
+        problem = _existing_mismatch(path, settings, item.path, other_models)
+        if problem is not None:
+            failures.append((display_path(item.path),
+                             problem + "; pass --overwrite to replace it or use another --out"))
+    kept = len(existing[rank::world_size]) - len(failures)
     for recorded in sorted(other_models):
         _log_model_path({**settings, "model": recorded}, settings, f"existing output in {display_path(out_dir)}")
     return todo, kept, failures
@@ -1242,6 +1293,73 @@ def _has_files(out_dir: str) -> bool:
                 except Exception:  # not safetensors: not ours
                     continue
     return False
+
+
+class _OutputListing:
+    """What exists at the output paths of `items`, from one directory listing per output folder: a stat per image
+    (hundreds of thousands, each a round trip on a network file system, on every rank) would dominate the start of a
+    large run. Folders that cannot be listed (a file in their path, no permission) are answered per path, as before,
+    and so is a name listed only in another case or Unicode normalisation (on a case- or normalisation-insensitive
+    file system, macOS's or Windows', it may be the same file)."""
+
+    def __init__(self, out_dir: str, items: Sequence[ImageItem]) -> None:
+        self.out_dir = out_dir
+        self.folders: dict[str, Optional[tuple[dict[str, os.DirEntry], set[str]]]] = {}
+        for item in items:
+            folder = os.path.dirname(output_path(out_dir, item.key))
+            if folder not in self.folders:
+                self.folders[folder] = self._list(folder)
+
+    @staticmethod
+    def _loose(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
+    @classmethod
+    def _list(cls, folder: str) -> Optional[tuple[dict[str, os.DirEntry], set[str]]]:
+        """({name: entry}, the names' loose forms); empty for a folder not created yet (nothing in it exists), None
+        when it cannot be listed."""
+        try:
+            with os.scandir(folder) as listing:
+                entries = {entry.name: entry for entry in listing}
+        except FileNotFoundError:  # a missing component, never a file in the way (that is ENOTDIR)
+            return {}, set()
+        except OSError:
+            return None
+        return entries, {cls._loose(name) for name in entries}
+
+    def _entry(self, path: str) -> tuple[bool, Optional[os.DirEntry]]:
+        """(answered by the listing, the entry at `path` or None)."""
+        folder, name = os.path.split(path)
+        listed = self.folders.get(folder)
+        if listed is None:
+            return False, None
+        entries, loose = listed
+        entry = entries.get(name)
+        if entry is None and loose and self._loose(name) in loose:
+            return False, None
+        return True, entry
+
+    def exists(self, path: str) -> bool:
+        """`os.path.exists(path)` (a symlink counts when its target exists)."""
+        listed, entry = self._entry(path)
+        if listed and entry is None:
+            return False
+        if listed:
+            with contextlib.suppress(OSError):
+                if not entry.is_symlink():
+                    return True
+        return os.path.exists(path)
+
+    def conflict(self, path: str) -> Optional[str]:
+        """`_path_conflict(out_dir, path)`: a listable folder has only folders in its path."""
+        listed, entry = self._entry(path)
+        if not listed:
+            return _path_conflict(self.out_dir, path)
+        try:
+            in_the_way = entry is not None and entry.is_dir()  # follows a symlink, as os.path.isdir
+        except OSError:
+            in_the_way = False
+        return f"{display_path(path)} is a folder" if in_the_way else None
 
 
 def _path_conflict(out_dir: str, path: str) -> Optional[str]:
@@ -1281,9 +1399,10 @@ def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
     """Outputs that cannot be files: a folder is in the way, or two inputs would make a file and a folder of one name
     (x.jpg beside x.jpg.safetensors/y.jpg)."""
     outputs = {item.key + OUTPUT_SUFFIX: item for item in items}
+    listing = _OutputListing(out_dir, items)
     for item in items:
         path = output_path(out_dir, item.key)
-        conflict = _path_conflict(out_dir, path)
+        conflict = listing.conflict(path)
         if conflict:
             raise ValueError(f"{display_path(item.path)}: its features would go to {display_path(path)}, but "
                              f"{conflict}; move it away or use another output folder.")
@@ -1405,6 +1524,17 @@ def _output_lock(out_dir: str, context: "DistributedContext") -> Iterator[Option
             os.close(descriptor)
 
 
+def _gather_plan_shares(context: "DistributedContext", items: Sequence[ImageItem], kept: int,
+                        failures: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
+    """Collective: every rank's share of `plan` summed, the same on every rank, failures in the order of `items`."""
+    shares = context.gather((kept, failures))
+    merged = [failure for _, share_failures in shares for failure in share_failures]
+    if merged:
+        order = {display_path(item.path): position for position, item in reversed(list(enumerate(items)))}
+        merged.sort(key=lambda failure: order.get(failure[0], 0))
+    return sum(share_kept for share_kept, _ in shares), merged
+
+
 def _digest(parts: Iterable[str]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for part in parts:
@@ -1521,7 +1651,8 @@ def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageIte
         if format == "files":
             _check_planned_outputs(items, out_dir)
         settings = tower_settings(tower)
-        todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite)
+        todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite,
+                                                   share=(context.rank, context.world_size))
     except ValueError as raised:
         if context.world_size == 1:
             raise
@@ -1529,6 +1660,8 @@ def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageIte
     if context.world_size > 1:
         _agree(context, out_dir, probe, error, {"--format": format, "--batch-size": batch_size,
                                                "--overwrite": overwrite}, settings, items, todo)
+        if format == "files":  # each rank read its share of the existing files (see `plan`)
+            report.kept, planned_failures = _gather_plan_shares(context, items, report.kept, planned_failures)
     report.failures = list(planned_failures)
     if format == "files" and context.rank == 0:
         remove_stale_temp_files(out_dir, items)
@@ -1556,12 +1689,14 @@ def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageIte
         report.stopped = str(error)
     report.written = writer.written  # an unwritten shard's buffered features do not count
     report.elapsed = time.perf_counter() - started
-    # `plan` ran on every rank over all images: its counts and failures are rank 0's; the rest is summed.
-    reports = context.gather(dataclasses.asdict(report) if context.rank == 0 else dataclasses.asdict(
+    # `plan`'s counts and failures are the same on every rank: rank 0's, and not sent (a store of 600K files made
+    # with another model is 600K failures); the rest is summed.
+    reports = context.gather(dataclasses.asdict(
         dataclasses.replace(report, failures=report.failures[len(planned_failures):])))
     if context.rank != 0:
         return report
     total = ExtractionReport(**reports[0])
+    total.failures = list(planned_failures) + total.failures
     for other in reports[1:]:
         total.merge(ExtractionReport(**other))
     if format == "shards" and os.path.isdir(os.path.join(out_dir, SHARDS_DIR)) and not total.stopped:

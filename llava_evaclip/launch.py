@@ -637,7 +637,8 @@ def use_feature_cache(train_module: Any) -> None:
             raise FeatureCacheError("--vision_feature_cache holds features of square-preprocessed images; "
                                     "--image_aspect_ratio pad would pad them first: drop it or the cache.")
         folder = getattr(self.data_args, "image_folder", None)
-        keys = [_cache_key(sample, folder) for sample in self.list_data_dict if "image" in sample]
+        # LLaVA's 665K mix names many images several times: each is checked and counted once
+        keys = list(dict.fromkeys(_cache_key(sample, folder) for sample in self.list_data_dict if "image" in sample))
         missing = store.missing(keys)
         if missing:
             raise FeatureCacheError(f"{len(missing)} of {len(keys)} images of the data are not in "

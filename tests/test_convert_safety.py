@@ -221,6 +221,7 @@ def _paused_convert(marker: Path, stderr_path: Path, argv: list[str]) -> None:
     """A forked process running the CLI whose weight writer pauses after its first tensor (saying so through
     `marker`), so a signal lands mid-conversion; its stderr goes to `stderr_path`."""
     sys.stderr = open(stderr_path, "w", buffering=1)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal session, also when the tests run under nohup
     write = convert_module._write_safetensors
 
     def paused_write(path, tensors, produce, written):
@@ -261,11 +262,12 @@ def staging_dirs(parent: Path) -> list[str]:
 
 
 def test_signals_clean_up_and_killed_runs_are_cleaned_next_time(tmp_path, toy):
-    """SIGTERM (exit 143) and SIGINT (exit 130) remove the staging dir and keep the previous OUT; a SIGKILLed run's
-    staging dir is removed by the next conversion into the same parent."""
+    """SIGTERM (exit 143), SIGINT (exit 130) and SIGHUP (a closed terminal, 129) remove the staging dir and keep the
+    previous OUT; a SIGKILLed run's staging dir is removed by the next conversion into the same parent."""
     checkpoint, arch, converted = toy
     runs = {}
-    for name, signum in (("term", signal.SIGTERM), ("int", signal.SIGINT), ("kill", signal.SIGKILL)):
+    for name, signum in (("term", signal.SIGTERM), ("int", signal.SIGINT), ("hup", signal.SIGHUP),
+                         ("kill", signal.SIGKILL)):
         parent = tmp_path / name
         parent.mkdir()
         out = parent / "out"

@@ -9,7 +9,9 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
@@ -163,6 +165,9 @@ def resolve_model(spec: str, option: str = "--model") -> ModelSource:
     presets = ", ".join(list_presets())
     if os.path.isdir(spec):
         config_path = os.path.join(spec, "config.json")
+        if os.path.lexists(config_path) and not os.path.isfile(config_path):  # a folder, a dangling symlink
+            raise CLIError(f"{option} {spec}: {config_path} is not a readable file; expected the config.json of a "
+                           "converted EVA-CLIP checkpoint dir (made by `llava-evaclip convert`).")
         if not os.path.isfile(config_path):
             raise CLIError(
                 f"{option} {spec}: the directory has no config.json; expected a converted EVA-CLIP checkpoint dir "
@@ -285,20 +290,80 @@ _NO_SPACE_HINTS = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (the dis
                    errno.EFBIG: " (a file size limit was reached: see `ulimit -f`)"}
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+# A temp file younger than this is never taken for stale, whatever its pid says: a writer on another machine (or in
+# another pid namespace) sharing the folder has a pid this machine does not know.
+STALE_TEMP_SECONDS = 600
+
+
+def remove_stale_temp_files(path: str) -> int:
+    """Remove the hidden temp files earlier writes of `path` left when they were killed outright (SIGKILL, OOM
+    killer, power loss), so killed runs do not pile up `.x.png.<pid>.<hex>.tmp` files. Only names of exactly that
+    pattern for `path`'s name, regular files owned by this user, whose writer pid is not running here and which
+    nobody touched for STALE_TEMP_SECONDS; anything else is left alone. Returns how many were removed."""
+    from ..convert import _process_exists
+    from ..features import _is_temp_of
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        names = [name for name in os.listdir(directory) if _is_temp_of(name, {os.path.basename(path)})]
+    except OSError:  # no folder yet, or one we cannot list: nothing of ours can be there
+        return 0
+    removed = 0
+    for name in names:
+        temp = os.path.join(directory, name)
+        try:
+            info = os.lstat(temp)
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid()
+                    or time.time() - info.st_mtime < STALE_TEMP_SECONDS or _process_exists(int(name.split(".")[-3]))):
+                continue
+            os.remove(temp)
+            removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _publish(temp: str, path: str, replace: bool) -> None:
+    """Move the finished `temp` to `path`. Without `replace`, a `path` that appeared since the command checked
+    (another run writing the same --out) is kept: a hard link never replaces, so there is no window between a check
+    and the rename; a file system without hard links falls back to a check just before the rename."""
+    if replace:
+        os.replace(temp, path)
+        return
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise CLIError(f"{path} appeared while this command ran (another run writing it?); it was left as it was "
+                       "and nothing was written (pass --overwrite to replace it).") from None
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise CLIError(f"{path} appeared while this command ran; it was left as it was (pass --overwrite to "
+                           "replace it).") from None
+        os.replace(temp, path)
+        return
+    os.remove(temp)
+
+
+def atomic_write(path: str, write: Callable[[str], None], replace: bool = True) -> None:
     """Write through `write(tmp_path)` to a hidden temp name beside `path`, then rename: a crash or Ctrl-C never
     leaves a truncated `path`. The file gets the umask's mode, whatever `write` created it with (safetensors: 0600),
     so another user's job can read it where the umask allows. A write the system refuses (full disk, file size
-    limit, I/O error) is one CLIError line; the temp file is removed and an existing `path` is left as it was."""
+    limit, I/O error) is one CLIError line; the temp file is removed and an existing `path` is left as it was.
+    `replace=False` (no --overwrite) never replaces a `path` that appeared meanwhile (`_publish`)."""
     from ..features import _temp_name  # `.<name>.<pid>.<hex>.tmp`, cut to fit NAME_MAX
 
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, _temp_name(os.path.basename(path)))
+    stale = remove_stale_temp_files(path)
+    if stale:
+        warn(f"removed {stale} temp file(s) that killed writes of {path} had left")
     try:
         os.makedirs(directory, exist_ok=True)
         write(temp)
         os.chmod(temp, _new_file_mode())
-        os.replace(temp, path)
+        _publish(temp, path, replace)
     except BaseException as error:
         if os.path.lexists(temp):
             os.remove(temp)
@@ -342,6 +407,7 @@ __all__ = [
     "collect_images",
     "load_tower",
     "open_rgb",
+    "remove_stale_temp_files",
     "resolve_model",
     "samples_dir",
     "unwritable_folder",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -11,17 +12,31 @@ from typing import Any
 from ..cli import CLIError
 
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TOWER_PATH = os.path.join(_SOURCE_ROOT, "benchmarks", "tower.py")
+_MODULE_NAME = "_llava_evaclip_benchmarks_tower"
 
 
 def _benchmark_module() -> Any:
-    """`benchmarks.tower`, which ships with the source tree, not with the installed package."""
-    if os.path.isfile(os.path.join(_SOURCE_ROOT, "benchmarks", "tower.py")) and _SOURCE_ROOT not in sys.path:
-        sys.path.insert(0, _SOURCE_ROOT)
-    try:
-        from benchmarks import tower
-    except ImportError:
+    """`benchmarks/tower.py` of the source tree, which ships with the checkout, not with the installed package. It is
+    loaded from its file: imported by package name, a `benchmarks` folder in the current directory (a common name,
+    first on `python -m`'s path) was imported instead, running its code on every `llava-evaclip` call and leaving
+    `bench` without its options."""
+    loaded = sys.modules.get("benchmarks.tower")
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", None) or "") == _TOWER_PATH:
+        return loaded  # `python -m benchmarks.tower`, or a test, imported the same file already
+    if _MODULE_NAME in sys.modules:
+        return sys.modules[_MODULE_NAME]
+    if not os.path.isfile(_TOWER_PATH):
         return None
-    return tower
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, _TOWER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_MODULE_NAME] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:
+        del sys.modules[_MODULE_NAME]
+        return None
+    return module
 
 
 def add_parser(subparsers: Any) -> None:

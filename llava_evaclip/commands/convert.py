@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(_os_error_message(error, args.out)) from None
     except (ConversionTerminated, KeyboardInterrupt) as error:
         # The converter has removed its staging dir and left OUT as it was; say so on one line, no traceback.
-        terminated = isinstance(error, ConversionTerminated)
-        print(f"llava-evaclip convert: {'terminated (SIGTERM)' if terminated else 'interrupted'}; temporary files "
-              f"removed, {args.out} left as it was.", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        signum = getattr(error, "signum", signal.SIGINT)
+        how = f"terminated ({signal.Signals(signum).name})" if signum != signal.SIGINT else "interrupted"
+        print(f"llava-evaclip convert: {how}; temporary files removed, {args.out} left as it was.", file=sys.stderr)
+        return 128 + signum
     print(
         f"converted {result.source_kind} checkpoint {args.src} -> {result.output_dir}: {result.model_class}, "
         f"{result.num_parameters / 1e6:.1f}M parameters, {result.dtype}, {len(result.files)} files "

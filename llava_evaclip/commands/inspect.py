@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from .._safetensors import read_safetensors_header
 from ..cli import CLIError
 from . import _common
 from ._common import ModelSource
@@ -83,24 +84,27 @@ def block_description(config: Any) -> str:
     return f"{family}; flags: {', '.join(extras) or 'none'}; qkv bias: {biases or 'none'}"
 
 
+def safetensors_dtypes(path: str) -> set[str]:
+    """The dtypes a .safetensors file stores, from its header (`read_safetensors_header`: Python's own file functions,
+    where the safetensors library refuses paths that are not valid UTF-8, a folder named in Latin-1, and calls such a
+    file unreadable). A header that does not describe the file exactly is a CLIError naming the file."""
+    try:
+        tensors = read_safetensors_header(path)[0]
+    except OSError as error:
+        raise CLIError(f"cannot read {path}: {error.strerror or _common.one_line(error)}.") from None
+    except ValueError as error:
+        raise CLIError(f"cannot read {path}: {_common.one_line(error)} (a damaged or incomplete weights file; convert "
+                       "or download it again).") from None
+    return {SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]) for entry in tensors.values()}
+
+
 def weights_summary(path: str) -> str:
     """Stored weight files, dtypes and bytes, read from the safetensors headers only."""
-    from safetensors import safe_open
-
     files = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
     if not files:
         others = sorted(name for name in os.listdir(path) if name.endswith((".bin", ".pt", ".pth")))
         return f"no .safetensors file ({', '.join(others) or 'no weights found'})"
-    dtypes: set[str] = set()
-    for name in files:
-        try:
-            with safe_open(os.path.join(path, name), framework="pt") as handle:
-                for key in handle.keys():
-                    stored = str(handle.get_slice(key).get_dtype())
-                    dtypes.add(SAFETENSORS_DTYPES.get(stored, stored))
-        except Exception as error:  # safetensors raises its own error type for a damaged header
-            raise CLIError(f"cannot read {os.path.join(path, name)}: {_common.one_line(error)} (a damaged or "
-                           "incomplete weights file; convert or download it again).") from None
+    dtypes = set().union(*(safetensors_dtypes(os.path.join(path, name)) for name in files))
     size = sum(os.path.getsize(os.path.join(path, name)) for name in files)
     return f"{len(files)} safetensors file(s), {_human_bytes(size)}, dtype {', '.join(sorted(dtypes))}"
 

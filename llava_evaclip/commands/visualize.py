@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         left = GAP + index * (panel + GAP)
         draw.text((left, CAPTION_HEIGHT + GAP), caption, fill="black")
         canvas.paste(picture, (left, top))
-    _common.atomic_write(args.out, lambda temp: canvas.save(temp, format="PNG"))
+    _common.atomic_write(args.out, lambda temp: canvas.save(temp, format="PNG"), replace=args.overwrite)
     print(f"wrote {args.out}: {side}x{side} patch grid of hidden_states[{_common.format_select_layer(args.select_layer)}]"
           f", explained variance of PC1-3: {', '.join(f'{r:.3f}' for r in ratios)}")
     return 0

@@ -1,0 +1,253 @@
+"""`llava-evaclip features` at dataset scale (LLaVA's 558K / 665K image sets, many ranks), tested by counting the work
+that grows with the number of images, never by timing: the start-up checks of --format files list each output folder
+once instead of a stat per image, and resuming a store of N files reads N headers over all ranks, not N per rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from llava_evaclip import features as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_features import save_tower, write_image  # noqa: E402
+from test_features_multinode import ThreadGroup  # noqa: E402
+
+SETTINGS = {"model": "m", "weights_fingerprint": "blake2b:0", "random_weights": "false", "select_layer": "-2",
+            "select_feature": "patch", "image_size": "28", "dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory) -> str:
+    return save_tower(tmp_path_factory.mktemp("tower"), seed=1)
+
+
+def count_stats(monkeypatch) -> list:
+    """Every os.stat (os.path.exists / isdir / isfile go through it) made from now on."""
+    calls: list = []
+    stat = os.stat
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return stat(*args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting)
+    return calls
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_files_startup_checks_stat_per_folder_not_per_image(tmp_path, monkeypatch, existing):
+    """600K images at a network file system's ~0.3 ms a stat took minutes per rank before the first image."""
+    folders, per_folder = 3, 60
+    items = [F.ImageItem(str(tmp_path / "in" / f"d{folder}" / f"{index}.png"), f"d{folder}/{index}.png")
+             for folder in range(folders) for index in range(per_folder)]
+    out = tmp_path / "out"
+    if existing:  # some outputs and their folders exist (a resumed run): other files than ours, so nothing is read
+        for folder in range(folders - 1):
+            (out / f"d{folder}").mkdir(parents=True)
+            (out / f"d{folder}" / "0.png.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(F, "_existing_mismatch", lambda *args, **kwargs: None)
+    calls = count_stats(monkeypatch)
+    F._check_planned_outputs(items, str(out))
+    todo, kept, failures = F.plan(items, str(out), SETTINGS, "files")
+    assert (len(todo), kept, failures) == ((folders * per_folder - 2, 2, []) if existing
+                                           else (folders * per_folder, 0, []))
+    assert len(calls) <= 4 * folders, calls
+
+
+def test_files_startup_checks_keep_their_answers(tmp_path):
+    """The listing gives what a stat per path gave: a folder in an output's place, a file where a folder must be,
+    an output behind a symlink (kept when its target exists, computed when it dangles)."""
+    out = tmp_path / "out"
+    (out / "a" / "x.png.safetensors").mkdir(parents=True)
+    (out / "b").write_bytes(b"user file")
+    (out / "c").mkdir()
+    os.symlink(tmp_path / "nowhere", out / "c" / "dangling.png.safetensors")
+    folder_item = F.ImageItem(str(tmp_path / "a" / "x.png"), "a/x.png")
+    file_item = F.ImageItem(str(tmp_path / "b" / "y.png"), "b/y.png")
+    with pytest.raises(ValueError, match="x.png.safetensors is a folder"):
+        F._check_planned_outputs([folder_item], str(out))
+    with pytest.raises(ValueError, match=r"out/b is a file, not a folder"):
+        F._check_planned_outputs([file_item], str(out))
+    dangling = F.ImageItem(str(tmp_path / "c" / "dangling.png"), "c/dangling.png")
+    F._check_planned_outputs([dangling], str(out))
+    assert F.plan([dangling], str(out), SETTINGS, "files") == ([dangling], 0, [])
+
+
+def test_resume_reads_each_existing_file_once_over_all_ranks(tower_dir, tmp_path, monkeypatch):
+    """Every rank used to open every existing output: N x world_size header reads on one shared folder. Each rank
+    now reads its share; kept and the refusals are still the whole store's, on every rank's report as before."""
+    images = tmp_path / "images"
+    for index in range(10):
+        write_image(images / f"d{index % 2}" / f"{index:02d}.png", seed=index)
+    out = tmp_path / "out"
+    tower = F.load_tower(tower_dir)
+    assert F.extract_features(tower, [str(images)], str(out), batch_size=4).written == 10
+    for name in ("d0/02.png", "d1/07.png"):  # refused on resume, by whichever rank reads it (rank 1, rank 0)
+        (out / f"{name}.safetensors").write_bytes(b"not features")
+
+    reads: dict = {}
+    check = F._existing_mismatch
+
+    def counting(path, *args, **kwargs):
+        reads.setdefault(threading.get_ident(), []).append(path)
+        return check(path, *args, **kwargs)
+
+    monkeypatch.setattr(F, "_existing_mismatch", counting)
+    group, sent = ThreadGroup(2), []
+    make_context = group.context
+
+    def recording_context(rank):
+        context = make_context(rank)
+        gather = context.gather
+        context.gather = lambda value: (sent.append(repr(value)), gather(value))[1]
+        return context
+
+    group.context = recording_context
+    results = group.run(lambda rank, context: F.extract_features(
+        F.load_tower(tower_dir), [str(images)], str(out), batch_size=4, context=context))
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert sorted(len(paths) for paths in reads.values()) == [5, 5]
+    assert len({path for paths in reads.values() for path in paths}) == 10
+    report = results[0]
+    assert (report.total, report.kept, report.written) == (10, 8, 0)
+    assert [path for path, _ in report.failures] == [str(images / "d0" / "02.png"), str(images / "d1" / "07.png")]
+    assert all("not a readable features file" in reason for _, reason in report.failures)
+    assert results[1].failures == report.failures  # every rank knows (its exit status), as before
+    # and each refusal crossed between ranks once (from the share that read it), not again in rank 0's report
+    assert sum(payload.count("02.png.safetensors exists") for payload in sent) == 1
+    assert sum(payload.count("07.png.safetensors exists") for payload in sent) == 1
+
+
+def test_files_writer_makes_each_folder_once_and_again_when_removed(tmp_path, monkeypatch):
+    """os.makedirs per image was a mkdir and a stat per output (two network round trips of six) for 558K images."""
+    import torch
+
+    calls: list = []
+    mkdir = os.mkdir
+    monkeypatch.setattr(os, "mkdir", lambda path, *args, **kwargs: (calls.append(path), mkdir(path, *args, **kwargs)))
+    out = tmp_path / "out"
+    writer = F.FileWriter(str(out), SETTINGS)
+    results = [F.Extracted(F.ImageItem(str(tmp_path / f"{index}.png"), f"d{index % 3}/{index}.png"),
+                           torch.full((2, 4), float(index)), "8x8") for index in range(60)]
+    for result in results[:30]:
+        writer.add(result)
+    assert len(calls) <= 3 + 2, calls  # the three folders (and OUT itself with its parent)
+    for name in os.listdir(out / "d0"):  # a user removes a folder during the run: it is made again
+        os.remove(out / "d0" / name)
+    os.rmdir(out / "d0")
+    for result in results[30:]:
+        writer.add(result)
+    assert writer.written == 60
+    store = F.FeatureStore(out)
+    assert len(store) == 50 and torch.equal(store["d0/57.png"], torch.full((2, 4), 57.0))
+
+
+def test_the_shard_index_is_rewritten_only_with_new_fragments_by_the_c_encoder(tower_dir, tmp_path, monkeypatch):
+    """Every run rewrote index.json, ~130 MB at 600K images, with json's pure-Python encoder (indent=0): 13 s at the
+    end of a resumed run that computed nothing. Counted here: index writes, and calls into the Python encoder."""
+    import json.encoder
+
+    images = tmp_path / "images"
+    for index in range(3):
+        write_image(images / f"{index}.png", seed=index)
+    out = tmp_path / "out"
+    tower = F.load_tower(tower_dir)
+
+    def python_encoder(*args, **kwargs):
+        raise AssertionError("the index went through json's pure-Python encoder")
+
+    monkeypatch.setattr(json.encoder, "_make_iterencode", python_encoder)
+    F.extract_features(tower, [str(images)], str(out), format="shards", shard_size_mb=0.001)
+    before = os.stat(out / "index.json")
+    report = F.extract_features(tower, [str(images)], str(out), format="shards")
+    assert (report.written, report.kept) == (0, 3)
+    assert os.stat(out / "index.json").st_ino == before.st_ino  # not replaced
+    write_image(images / "3.png", seed=3)
+    assert F.extract_features(tower, [str(images)], str(out), format="shards").written == 1
+    assert os.stat(out / "index.json").st_ino != before.st_ino
+    store = F.FeatureStore(out)
+    assert sorted(store) == ["0.png", "1.png", "2.png", "3.png"] and store._unmerged == 0 and store.verify() == []
+
+
+def test_headers_are_read_without_safe_open_and_checked_as_it_checks_them(tower_dir, tmp_path, monkeypatch):
+    """safe_open(framework="pt") opened and mapped each file twice to give its metadata: a resume, or a training run
+    over a store of 600K files, reads every header. The header reader gives safe_open's metadata, and refuses what it
+    refuses: a file cut short, a header that is not JSON, data beyond what the header describes."""
+    import safetensors
+    import torch
+    from safetensors.torch import save_file
+
+    images = tmp_path / "images"
+    for index in range(4):
+        write_image(images / f"{index}.png", seed=index)
+    out = tmp_path / "out"
+    tower = F.load_tower(tower_dir)
+    F.extract_features(tower, [str(images)], str(out))
+    F.extract_features(tower, [str(images)], str(tmp_path / "shards"), format="shards")
+    good = [*map(str, out.glob("*.safetensors")), *map(str, (tmp_path / "shards" / "shards").glob("*.safetensors")),
+            *map(str, Path(tower_dir).glob("*.safetensors"))]
+    save_file({"a": torch.zeros(3), "b": torch.ones(2, dtype=torch.int64)}, str(tmp_path / "plain.safetensors"))
+    good.append(str(tmp_path / "plain.safetensors"))
+    for path in good:
+        with safetensors.safe_open(path, framework="pt") as handle:
+            assert F.FeatureStore._file_metadata(path) == (handle.metadata() or {}), path
+    data = (out / "0.png.safetensors").read_bytes()
+    for name, content in [("empty", b""), ("short", data[:5]), ("cut", data[:-1]), ("longer", data + b"\0"),
+                          ("not_json", len(b"{x").to_bytes(8, "little") + b"{x"),
+                          ("huge", (1 << 40).to_bytes(8, "little"))]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(Exception):
+            with safetensors.safe_open(str(path), framework="pt") as handle:
+                handle.metadata()
+        with pytest.raises(ValueError):
+            F.FeatureStore._file_metadata(str(path))
+
+    def no_safe_open(*args, **kwargs):
+        raise AssertionError("safe_open was used to read a header")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_safe_open)
+    assert len(F.FeatureStore(out)) == 4
+    assert F.plan(F.find_images([str(images)])[0], str(out), F.tower_settings(tower), "files")[1] == 4
+
+
+def test_a_name_listed_only_in_another_case_or_normalisation_is_asked_of_the_file_system(tmp_path, monkeypatch):
+    """On macOS's or Windows' file systems `Cat.png.safetensors` and `cat.png.safetensors`, or a name in NFC and in
+    NFD, are one file: the listing cannot tell, so such a name (and only such a name) gets its own stat."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "CAT.PNG.safetensors").write_bytes(b"x")
+    (out / "cafe\u0301.png.safetensors").write_bytes(b"x")  # NFD
+    items = [F.ImageItem(str(tmp_path / name), name) for name in ("cat.png", "caf\u00e9.png", "dog.png")]
+    calls = count_stats(monkeypatch)
+    F._check_planned_outputs(items, str(out))
+    assert F.plan(items, str(out), SETTINGS, "files") == (items, 0, [])  # this file system tells them apart
+    asked = {os.path.basename(path) for path in calls}
+    assert {"cat.png.safetensors", "caf\u00e9.png.safetensors"} <= asked and "dog.png.safetensors" not in asked
+
+
+def test_a_shard_store_keeps_one_string_per_repeated_value(tower_dir, tmp_path):
+    """json gives every entry its own copy of its shard name, tensor name, dtype and image size: ~150 MB of a
+    600K-entry store's ~480 MB, in every training rank and DataLoader worker. Counted: distinct objects."""
+    images = tmp_path / "images"
+    for index in range(12):
+        write_image(images / f"{index:02d}.png", seed=index)
+    out = tmp_path / "out"
+    tower = F.load_tower(tower_dir)
+    F.extract_features(tower, [str(images)], str(out), format="shards", shard_size_mb=0.01)
+    (out / "index.json").unlink()  # read from the fragments, then from the index the next run writes
+    for _ in range(2):
+        store = F.FeatureStore(out)
+        entries = list(store._entries.values())
+        shards = {entry["shard"] for entry in entries}
+        assert len(entries) == 12 and 1 < len(shards) < 12
+        for name, distinct in (("shard", len(shards)), ("dtype", 1), ("original_size", 1),
+                               ("tensor", len({entry["tensor"] for entry in entries}))):
+            assert len({id(entry[name]) for entry in entries}) == distinct, name
+        F.extract_features(tower, [str(images)], str(out), format="shards")
+    assert (out / "index.json").exists()
