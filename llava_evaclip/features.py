@@ -63,6 +63,9 @@ NAME_MAX = 255  # bytes in one path component on Linux / macOS file systems
 # only names of these shapes are ever removed.
 SHARD_NAME = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}-r\d+-\d{5,}\.(safetensors|json)")
 TEMP_TAIL = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
+# Tensors per shard at most, whatever their size: each takes ~70 bytes of the shard's header, which safetensors
+# refuses beyond 100 MB (a tiny tower's ~100-byte features would reach that within a default-size shard).
+MAX_SHARD_TENSORS = 200_000
 # Index entry fields whose values repeat across entries (see `FeatureStore._share_repeated_values`).
 SHARED_ENTRY_FIELDS = ("shard", "tensor", "dtype", "original_size")
 # Batches each decoding worker keeps ready: results arrive in order, so a worker that was descheduled for a moment
@@ -633,11 +636,30 @@ def iter_features(tower: Any, items: Sequence[ImageItem], batch_size: int = 8, w
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _write_file(path: str, data: bytes, made_folders: Optional[set[str]] = None) -> None:
+def _fsync_folder(directory: str) -> None:
+    """Make a rename in `directory` durable, where the system lets a folder be synced (not on file systems that refuse
+    (EINVAL), nor in a folder this user may write but not read)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _write_file(path: str, data: bytes, made_folders: Optional[set[str]] = None, durable: bool = False) -> None:
     """Write `data` to `path` through a hidden temp file and a rename; permissions follow the umask (0644 under
     umask 022). A full disk or quota raises OutputError; the temp file is removed and `path` is left as it was.
     `made_folders` (the folders this writer made or found already) spares a mkdir and a stat per file: on a network
-    file system, two of the six round trips of each image's output; a folder removed meanwhile is made again."""
+    file system, two of the six round trips of each image's output; a folder removed meanwhile is made again.
+    `durable` syncs the data before the rename and the folder after it, for the files other files point to (a shard
+    before the fragment that names it): after a machine crash a name then never points to data the disk lost. Per-image
+    files are not synced (one sync per image; a file cut short is refused on resume by its header's length)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, _temp_name(os.path.basename(path)))
     try:
@@ -656,9 +678,13 @@ def _write_file(path: str, data: bytes, made_folders: Optional[set[str]] = None)
             view = memoryview(data)
             while view:
                 view = view[_write_chunk(descriptor, view):]
+            if durable:
+                os.fsync(descriptor)
         finally:
             os.close(descriptor)
         os.replace(temp, path)
+        if durable:
+            _fsync_folder(directory)
     except BaseException as error:
         if os.path.exists(temp):
             os.remove(temp)
@@ -809,7 +835,7 @@ class ShardWriter:
     def add(self, result: Extracted) -> None:
         self.buffer.append(result)
         self.size += result.features.numel() * result.features.element_size()
-        if self.size >= self.limit:
+        if self.size >= self.limit or len(self.buffer) >= MAX_SHARD_TENSORS:
             self.flush()
 
     def flush(self) -> None:
@@ -826,10 +852,10 @@ class ShardWriter:
                               "source": display_path(os.path.abspath(result.item.path))}
             for position, result in enumerate(self.buffer)
         }
-        _write_file(os.path.join(self.directory, name), save(tensors, {"format": SHARDS_FORMAT}))
+        _write_file(os.path.join(self.directory, name), save(tensors, {"format": SHARDS_FORMAT}), durable=True)
         fragment = {"format": SHARDS_FORMAT, "settings": self.settings, "shard": name, "entries": entries}
         _write_file(os.path.join(self.directory, name[: -len(OUTPUT_SUFFIX)] + ".json"),
-                    json.dumps(fragment, separators=(",", ":")).encode())
+                    json.dumps(fragment, separators=(",", ":")).encode(), durable=True)
         self.count += 1
         self.written += len(self.buffer)
         self.buffer, self.size = [], 0
@@ -850,7 +876,8 @@ def merge_index(out_dir: str) -> dict[str, Any]:
     index = {"format": SHARDS_FORMAT, "settings": store.settings, "llava_evaclip_version": __version__,
              "fragments": sorted(store._fragments), "entries": dict(sorted(store._entries.items()))}
     if store._unmerged or not store._indexed:
-        _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, separators=(",", ":")).encode())
+        _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, separators=(",", ":")).encode(),
+                    durable=True)
     directory = os.path.join(out_dir, SHARDS_DIR)
     used = {entry["shard"] for entry in store._entries.values()} | {
         name[: -len(".json")] + OUTPUT_SUFFIX for name in store._fragments}

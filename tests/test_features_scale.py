@@ -251,3 +251,69 @@ def test_a_shard_store_keeps_one_string_per_repeated_value(tower_dir, tmp_path):
             assert len({id(entry[name]) for entry in entries}) == distinct, name
         F.extract_features(tower, [str(images)], str(out), format="shards")
     assert (out / "index.json").exists()
+
+
+def _results(tmp_path, count: int, shape=(2, 4)) -> list:
+    import torch
+
+    return [F.Extracted(F.ImageItem(str(tmp_path / f"{index}.png"), f"{index}.png"),
+                        torch.full(shape, float(index)), "8x8") for index in range(count)]
+
+
+def test_a_shard_is_on_disk_before_the_fragment_that_names_it(tmp_path, monkeypatch):
+    """A machine crash (not a killed process) could keep a fragment and lose the data of the shard it names: the
+    store then held entries no read could serve. Each shard is synced, then its folder (the rename), before the
+    fragment is written; the fragment and index.json likewise. Recorded: fsyncs (by path) and renames, in order."""
+    events: list = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        stem = F._temp_stem(os.path.basename(path))
+        events.append(("sync", stem[0] if stem else os.path.basename(path)))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", os.path.basename(dst))),
+                                                         replace(src, dst))[1])
+    out = tmp_path / "out"
+    writer = F.ShardWriter(str(out), SETTINGS, shard_size_mb=1000)
+    for result in _results(tmp_path, 3):
+        writer.add(result)
+    writer.close()
+    F.merge_index(str(out))
+    shard = next(name for name in os.listdir(out / "shards") if name.endswith(".safetensors"))
+    fragment = shard[: -len(".safetensors")] + ".json"
+    assert events == [("sync", shard), ("rename", shard), ("sync", "shards"),
+                      ("sync", fragment), ("rename", fragment), ("sync", "shards"),
+                      ("sync", "index.json"), ("rename", "index.json"), ("sync", "out")], events
+
+
+def test_a_shard_holds_at_most_max_shard_tensors_and_their_header_stays_within_safetensors_limit(tmp_path,
+                                                                                                monkeypatch):
+    """Shards were cut by bytes only: a tiny tower's ~100-byte features filled a default-size shard with millions of
+    tensors, whose header safetensors refuses to read past 100 MB. Checked: the cap cuts shards (made small here),
+    and a header of MAX_SHARD_TENSORS entries, measured with safetensors' own writer at a real tower's shape and the
+    longest names a shard uses, stays well within the limit."""
+    import torch
+    from safetensors.torch import save
+
+    from llava_evaclip._safetensors import MAX_HEADER_BYTES
+
+    monkeypatch.setattr(F, "MAX_SHARD_TENSORS", 3)
+    out = tmp_path / "out"
+    writer = F.ShardWriter(str(out), SETTINGS, shard_size_mb=1000)
+    results = _results(tmp_path, 7)
+    for result in results:
+        writer.add(result)
+    writer.close()
+    F.merge_index(str(out))
+    assert writer.count == 3 and len([n for n in os.listdir(out / "shards") if n.endswith(".safetensors")]) == 3
+    store = F.FeatureStore(out)
+    assert all(torch.equal(store[result.item.key], result.features) for result in results)
+    monkeypatch.undo()
+    sample = 20
+    tensors = {f"t{F.MAX_SHARD_TENSORS - 1 - index}": torch.zeros(577, 1024, dtype=torch.float16)
+               for index in range(sample)}
+    per_tensor = int.from_bytes(save(tensors)[:8], "little") / sample
+    assert F.MAX_SHARD_TENSORS * per_tensor * 2 < MAX_HEADER_BYTES, per_tensor
