@@ -1237,7 +1237,7 @@ class ExtractionReport:
 
 
 def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], format: str = "files",
-         overwrite: bool = False, share: tuple[int, int] = (0, 1)
+         overwrite: bool = False, share: tuple[int, int] = (0, 1), listing: Optional["_OutputListing"] = None
          ) -> tuple[list[ImageItem], int, list[tuple[str, str]]]:
     """(to compute, kept, failures): which images already have a current output. Reads only, so every rank can run
     it before any rank writes; a store or file made with other settings (the model's path aside: its weights
@@ -1246,7 +1246,8 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
     For --format files, what exists is read from one listing per output folder (not a stat per image), and `share`
     (rank, world_size) opens only every world_size-th existing file, from the rank-th: kept and failures are then that
     rank's share (the caller gathers them), so resuming a store of N files costs N header reads over all ranks, not
-    N per rank. The images to compute are the same on every rank."""
+    N per rank. The images to compute are the same on every rank. `listing` is `_check_planned_outputs`'s, when it
+    ran just before (the folders are then listed once)."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {FORMATS}.")
     is_shards = os.path.isdir(out_dir) and is_shard_store(out_dir)
@@ -1278,7 +1279,7 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
         todo = [item for item in items if item.key not in entries]
         return todo, len(items) - len(todo), []
     todo, existing, failures = [], [], []
-    listing = _OutputListing(out_dir, items) if not overwrite else None
+    listing = None if overwrite else listing or _OutputListing(out_dir, items)
     for item in items:
         path = output_path(out_dir, item.key)
         if listing is not None and listing.exists(path):
@@ -1422,9 +1423,9 @@ def _existing_mismatch(path: str, settings: dict[str, str], image_path: str,
     return None
 
 
-def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
+def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> "_OutputListing":
     """Outputs that cannot be files: a folder is in the way, or two inputs would make a file and a folder of one name
-    (x.jpg beside x.jpg.safetensors/y.jpg)."""
+    (x.jpg beside x.jpg.safetensors/y.jpg). Returns the output folders' listing, for `plan`."""
     outputs = {item.key + OUTPUT_SUFFIX: item for item in items}
     listing = _OutputListing(out_dir, items)
     for item in items:
@@ -1440,6 +1441,7 @@ def _check_planned_outputs(items: Sequence[ImageItem], out_dir: str) -> None:
                 raise ValueError(f"{display_path(other.path)} and {display_path(item.path)} cannot both be saved: "
                                  f"the features of the first would be a file named like the folder of the second; "
                                  "use --format shards or process them in separate runs.")
+    return listing
 
 
 LOCK_NAME = ".llava-evaclip-features.lock"
@@ -1675,11 +1677,10 @@ def _extract_features(tower: Any, inputs: Union[Sequence[str], Sequence[ImageIte
         else:
             items, report.skipped_inputs = find_images(inputs)  # type: ignore[arg-type]
         report.total = len(items)
-        if format == "files":
-            _check_planned_outputs(items, out_dir)
+        listing = _check_planned_outputs(items, out_dir) if format == "files" else None
         settings = tower_settings(tower)
         todo, report.kept, planned_failures = plan(items, out_dir, settings, format, overwrite,
-                                                   share=(context.rank, context.world_size))
+                                                   share=(context.rank, context.world_size), listing=listing)
     except ValueError as raised:
         if context.world_size == 1:
             raise

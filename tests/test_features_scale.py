@@ -317,3 +317,22 @@ def test_a_shard_holds_at_most_max_shard_tensors_and_their_header_stays_within_s
                for index in range(sample)}
     per_tensor = int.from_bytes(save(tensors)[:8], "little") / sample
     assert F.MAX_SHARD_TENSORS * per_tensor * 2 < MAX_HEADER_BYTES, per_tensor
+
+
+def test_a_files_run_lists_each_output_folder_once(tower_dir, tmp_path, monkeypatch):
+    """The start-up checks and the plan each listed every output folder (two scandirs per folder, on every rank): the
+    plan now takes the checks' listing. Counted: scandirs of OUT's folders in a resumed files run."""
+    images = tmp_path / "images"
+    for folder in range(2):
+        for index in range(3):
+            write_image(images / f"d{folder}" / f"{index}.png", seed=index)
+    out = tmp_path / "out"
+    tower = F.load_tower(tower_dir)
+    assert F.extract_features(tower, [str(images)], str(out), format="files").written == 6
+    listed: list = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": (listed.append(os.fspath(path)), scandir(path))[1])
+    report = F.extract_features(tower, [str(images)], str(out), format="files")
+    assert (report.written, report.kept) == (0, 6)
+    in_out = sorted(path for path in listed if os.path.commonpath([path, str(out)]) == str(out))
+    assert in_out == [str(out / "d0"), str(out / "d1")], listed
