@@ -11,7 +11,7 @@ import importlib
 import os
 import signal
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 COMMANDS = ("convert", "features", "inspect", "similarity", "visualize", "presets", "bench")
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a command ended by Ctrl-C
@@ -41,6 +41,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _print_message(self, message: str, file: Optional[TextIO] = None) -> None:
+        """argparse drops write errors, so `--help > out.txt` on a full disk exited 0 with nothing written: on
+        stdout they propagate (one line, status 2, from `run_command`); stderr keeps argparse's way."""
+        if message and file is sys.stdout:
+            file.write(message)
+        else:
+            super()._print_message(message, file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +179,12 @@ def run_command(label: Callable[[], str], body: Callable[[], Optional[int]]) -> 
         except CLIError as error:
             _say(f"{label()}: error: {error}")
             status = 2
+        except SystemExit:  # argparse's --help / usage error; its output may meet a closed pipe or a full disk too
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                _stdout_closed()
+            raise  # a full disk's OSError replaces this exit (argparse swallowed it): one line below, status 2
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
         return int(status or 0)
     except BrokenPipeError:
@@ -183,12 +197,6 @@ def run_command(label: Callable[[], str], body: Callable[[], Optional[int]]) -> 
     except KeyboardInterrupt:
         _say(f"{label()}: interrupted (SIGINT)")
         return EXIT_SIGINT
-    except SystemExit:  # argparse's --help / usage error: its output may meet a closed pipe or a full disk too
-        try:
-            sys.stdout.flush()
-        except OSError:
-            _stdout_closed()
-        raise
     except BaseException as error:  # SIGTERM / SIGHUP, as raised here or by a command's own handler (convert's)
         signum = getattr(error, "signum", None)
         if signum not in TERMINATING_SIGNALS:
@@ -202,7 +210,7 @@ def run_command(label: Callable[[], str], body: Callable[[], Optional[int]]) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = _take_launcher_local_rank(sys.argv[1:] if argv is None else argv)
-    command = "command"
+    command = ""
 
     def body() -> int:
         nonlocal command
@@ -214,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _register_auto_classes()
         return args.func(args)
 
-    return run_command(lambda: f"llava-evaclip {command}", body)
+    return run_command(lambda: f"llava-evaclip {command}".rstrip(), body)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,24 @@ def test_stdout_on_a_full_disk_is_one_line():
     assert one_line(run.stderr) == "llava-evaclip presets: error: No space left on device"
 
 
+@pytest.mark.parametrize("argv, label", [(["--help"], "llava-evaclip"), (["convert", "--help"], "llava-evaclip"),
+                                         (["-m", "benchmarks.tower", "--help"], "benchmarks.tower")])
+def test_help_on_a_full_disk_is_one_line(argv, label):
+    """argparse drops the error of writing its help, so `--help > out.txt` on a full disk exited 0 with nothing
+    written (under PYTHONUNBUFFERED, as CI and many job scripts run, and when the help outgrows the buffer)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    command = argv if argv[0] == "-m" else ["-c", CONSOLE_SCRIPT, *argv]
+    for unbuffered in ("1", ""):
+        with open("/dev/full", "w") as full:
+            run = subprocess.run([sys.executable, *command], stdout=full, stderr=subprocess.PIPE, text=True,
+                                 env={**ENV, "PYTHONUNBUFFERED": unbuffered}, timeout=120, cwd=REPO)
+        assert run.returncode == 2, (unbuffered, run.stderr)
+        assert one_line(run.stderr) == f"{label}: error: No space left on device"
+    ok = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=ENV, timeout=120, cwd=REPO)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage:") and not ok.stderr
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 4. benchmarks.tower: the ratios, argument checks before the run, one line for Ctrl-C
 # --------------------------------------------------------------------------------------------------------------------
