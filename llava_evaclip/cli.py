@@ -13,13 +13,11 @@ import signal
 import sys
 from typing import Any, Callable, Optional, Sequence, TextIO
 
+from ._processes import TERMINATING_SIGNALS
+
 COMMANDS = ("convert", "features", "inspect", "similarity", "visualize", "presets", "bench")
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, as a shell reports a command ended by Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
-# Signals that end a command through `Terminated` (cleanup runs, one line, exit 128 + N): SIGTERM (kill, Slurm's
-# scancel) and SIGHUP (the terminal or ssh session went away), which would otherwise kill the process on the spot and
-# leave temp files behind.
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class CLIError(Exception):

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import torch
 from transformers.utils import logging
 
+from ._processes import TERMINATING_SIGNALS, process_exists
 from ._safetensors import read_safetensors_header
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig, resolve_arch
 from .modeling_evaclip import (
@@ -109,8 +110,7 @@ class _ValueError(ConversionError):
     """A refusal based on tensor values (not names or shapes), which a corrupted file could also explain."""
 
 
-# Signals that end a conversion through `ConversionTerminated` (cleanup first), and those deferred over renames.
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Signals deferred over renames; TERMINATING_SIGNALS end a conversion through `ConversionTerminated` (cleanup first).
 DEFERRED_SIGNALS = {signal.SIGINT, *TERMINATING_SIGNALS}
 
 
@@ -1204,17 +1204,6 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
                               "replaced. Choose a new OUT; nothing was removed.")
 
 
-def _process_exists(pid: int) -> bool:
-    """Whether a process with this pid exists here (another user's counts: EPERM); any doubt counts as existing."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError, ValueError):  # EPERM, or no pid could be that number: not ours to judge
-        return True
-    return True
-
-
 @functools.lru_cache(maxsize=None)
 def _host_id() -> str:
     """Who can check a staging dir's pid: the hostname plus, where /proc shows it, the pid namespace (two containers
@@ -1293,7 +1282,7 @@ def remove_stale_staging(parent: Union[str, os.PathLike]) -> list[str]:
         if match.group("host") != _host_id():
             foreign.append(name)
             continue
-        if _process_exists(int(match.group("pid"))):
+        if process_exists(int(match.group("pid"))):
             continue
         out = parent / match.group("name")
         try:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Lowest first. Names are the first component below the package; "" is the package's own __init__ (it imports the
 # config and the models eagerly). `presets` is data (plain Python) below the configuration that is built from it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_compat", "_safetensors", "presets", "tokenization"),
+    ("_compat", "_processes", "_safetensors", "presets", "tokenization"),
     ("configuration_evaclip",),
     ("modeling_evaclip", "processing", ""),
     ("convert", "zero"),

@@ -300,7 +300,7 @@ def remove_stale_temp_files(path: str) -> int:
     killer, power loss), so killed runs do not pile up `.x.png.<pid>.<hex>.tmp` files. Only names of exactly that
     pattern for `path`'s name, regular files owned by this user, whose writer pid is not running here and which
     nobody touched for STALE_TEMP_SECONDS; anything else is left alone. Returns how many were removed."""
-    from ..convert import _process_exists
+    from .._processes import process_exists
     from ..features import _is_temp_of
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -314,7 +314,7 @@ def remove_stale_temp_files(path: str) -> int:
         try:
             info = os.lstat(temp)
             if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid()
-                    or time.time() - info.st_mtime < STALE_TEMP_SECONDS or _process_exists(int(name.split(".")[-3]))):
+                    or time.time() - info.st_mtime < STALE_TEMP_SECONDS or process_exists(int(name.split(".")[-3]))):
                 continue
             os.remove(temp)
             removed += 1
