@@ -147,13 +147,15 @@ def _list_keys(keys: Iterable[str]) -> str:
 
 
 def _refusal_reason(message: str) -> str:
-    """The part of torch's weights_only error that names what was refused, without its advice to load the file with
-    weights_only=False (not advice a converter of untrusted downloads should pass on)."""
-    paragraphs = [part.strip() for part in message.split("\n\n") if part.strip()]
+    """The part of torch's weights_only error that names what was refused, on one line, without its advice to load
+    the file with weights_only=False (not advice a converter of untrusted downloads should pass on). torch writes the
+    advice and the refusal in one paragraph (2.6 on) or on one line (2.1-2.5), the refusal after "WeightsUnpickler
+    error:"; other refusals stand in paragraphs of their own."""
+    _, marker, refusal = message.rpartition("WeightsUnpickler error:")
+    paragraphs = [part.strip() for part in (refusal if marker else message).split("\n\n") if part.strip()]
     useful = [part for part in paragraphs
               if not part.startswith(("Weights only load failed", "Check the documentation"))]
-    reason = (useful or paragraphs or ["unknown"])[0]
-    return reason.replace("WeightsUnpickler error:", "").strip()
+    return " ".join((useful or paragraphs or ["unknown"])[0].split())
 
 
 def _torch_load(path: str, mmap_file: bool) -> Any:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -536,6 +537,24 @@ def test_crafted_pickle_is_not_executed(tmp_path, capsys):
     with pytest.raises(ConversionError, match="weights_only=True"):
         convert_checkpoint(legacy, tmp_path / "out", arch="EVA02-CLIP-B-16")
     assert not marker.exists(), "unpickling the checkpoint executed code"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (np.float64(0.5), "numpy"),  # a training checkpoint's metric saved as a numpy scalar
+    (_RunsCode(Path("never")), "posix.system"),
+])
+def test_refused_checkpoint_is_one_line_naming_what_was_refused_without_advice_to_drop_the_guard(
+        payload, refused, tmp_path, capsys):
+    """torch's refusal of a global wraps what was refused in advice to rerun with weights_only=False (torch 2.6 on:
+    in the same paragraph, with terminal escapes); the message was that advice, over several lines."""
+    checkpoint = tmp_path / "trained.pt"
+    torch.save({"visual.cls_token": torch.zeros(1, 1, 8), "best_metric": payload}, checkpoint)
+    assert cli_main(["convert", str(checkpoint), str(tmp_path / "out"), "--arch", "EVA02-CLIP-B-16"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "weights_only=True" in message and refused in message, message
+    for advice in ("set to `False`", "will likely succeed", "\x1b", "trust the source"):
+        assert advice not in message, message
     assert not (tmp_path / "out").exists()
 
 
