@@ -158,6 +158,18 @@ def _processor_output_size(processor: Any) -> Optional[tuple[int, int]]:
         return None
 
 
+def _relative_path_hint(name: str) -> str:
+    """Why a relative tower path that loaded at training fails now: LLaVA records `--vision_tower` in the model's
+    config.json (`mm_vision_tower`) exactly as given, so `./checkpoints/...` is looked up from the current directory."""
+    if os.path.isabs(name) or os.path.exists(name) or not name.startswith((".", "~")) and name.count("/") == 1:
+        return ""  # absolute, present, or shaped like a Hub id ("BAAI/EVA-CLIP-8B")
+    return (
+        f" A relative path is looked up from the current directory ({os.getcwd()}); a LLaVA model's config.json "
+        f"records the tower (`mm_vision_tower`) as given at training: run from that directory or set "
+        f"`mm_vision_tower` to the tower's absolute path."
+    )
+
+
 def _building_on_meta_device() -> bool:
     """True while modules are being built on the meta device, as a parent model's `from_pretrained` does before it
     fills in the weights: transformers 5 opens a `torch.device("meta")` context (tensors created without a device
@@ -237,11 +249,12 @@ class EvaCLIPVisionTower(nn.Module):
                 tried = f"the local path {name!r}, which is a file, not a model directory"
             else:
                 tried = f"{name!r} as a local directory (it does not exist) and as a Hugging Face Hub repo id"
-            hint = ""
             from .presets import list_presets
 
-            if os.path.basename(name.rstrip("/")) in list_presets():
+            if name.rstrip("/") in list_presets():  # "./checkpoints/EVA02-CLIP-L-14-336" is a path, not the preset
                 hint = " It names an architecture preset, which has no weights."
+            else:
+                hint = _relative_path_hint(name)
             raise ValueError(
                 f"Cannot load the EVA-CLIP vision tower {name!r}: tried {tried} ({error}).{hint} Pass a directory "
                 f"written by `llava-evaclip convert` (or EvaCLIPModel/EvaCLIPVisionModel.save_pretrained)."
