@@ -409,13 +409,6 @@ def _out_of_place_rotary() -> tuple[Any, str, Any, str]:
     return modeling_evaclip, "apply_rotary_", _each_heads(modeling_evaclip.apply_rotary), label
 
 
-def _fused_cpu_bf16_attention() -> tuple[Any, str, Any, str]:
-    from llava_evaclip import modeling_evaclip
-
-    label = "ours: tower, torch's fused sdpa kernel for CPU bf16 (ablation)"
-    return modeling_evaclip, "_use_cpu_bf16_attention", lambda *args: False, label
-
-
 def _whole_gemms() -> tuple[Any, str, Any, str]:
     from llava_evaclip import modeling_evaclip
 
@@ -471,7 +464,6 @@ ABLATIONS: dict[str, Callable[[], tuple[Any, str, Any, str]]] = {
     "ours_eva02_rope_5pass": _five_pass_rotary,
     "ours_eva02_rope_pair_swap": _pair_swap_rotary,
     "ours_eva02_rope_out_of_place": _out_of_place_rotary,
-    "ours_eva02_fused_bf16_attention": _fused_cpu_bf16_attention,
     "ours_eva02_whole_gemms_bf16": _whole_gemms,
     "ours_eva02_addmm_bias_bf16": _addmm_bias,
     "ours_eva02_unfused_swiglu_bf16": _unfused_swiglu,

@@ -93,11 +93,24 @@ def _in_functorch_transform() -> bool:
     return _PEEK_FUNCTORCH_STACK is not None and _PEEK_FUNCTORCH_STACK() is not None
 
 
+def _find_is_compiling() -> Callable[[], bool]:
+    """`torch.compiler.is_compiling` (torch >= 2.3). torch 2.1 / 2.2 (LLaVA-NeXT pins 2.1.2) lack it and every
+    forward asks it: there `torch._utils.is_compiling`, which dynamo folds to True while tracing (torch's optimizers
+    ask it there), takes its place; where neither exists nothing can be compiled, so False."""
+    found = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if found is None:
+        found = getattr(torch._utils, "is_compiling", None)
+    return found if found is not None else (lambda: False)
+
+
+is_compiling = _find_is_compiling()
+
+
 def is_tracing() -> bool:
     """True under torch.compile, torch.export, jit tracing or a torch.func transform, where eager-only kernels
     (`out=` writes, Python loops over blocks, value checks) must step aside for plain module calls that trace into one
     graph (or that vmap can batch)."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_functorch_transform())
+    return bool(is_compiling() or torch.jit.is_tracing() or _in_functorch_transform())
 
 
 _FORWARD_AD = torch.autograd.forward_ad
@@ -205,6 +218,7 @@ __all__ = [
     "init",
     "PretrainedConfig",
     "is_flash_attn_available",
+    "is_compiling",
     "is_tracing",
     "forward_ad_active",
     "overriding_modes_active",

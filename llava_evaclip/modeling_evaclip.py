@@ -26,6 +26,7 @@ from ._compat import (
     GradientCheckpointingLayer,
     forward_ad_active,
     init,
+    is_compiling,
     is_flash_attn_available,
     is_partitioned,
     is_tracing,
@@ -360,8 +361,11 @@ class EvaCLIPTextEmbeddings(nn.Module):
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except TypeError:  # torch < 2.4 takes no device type: CUDA's is the unnamed one, others have their own
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        probe = getattr(torch, f"is_autocast_{device_type}_enabled", None)  # cpu, xpu, ipu, xla
+        return bool(probe()) if probe is not None else False
     except RuntimeError:  # a device type without autocast (meta): nothing is autocast there
         return False
 
@@ -370,7 +374,7 @@ def _autocast_enabled(device_type: str) -> bool:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs half-precision matmuls.
     The CPU half-precision paths marked "AVX-512 CPUs only" below were measured where bf16 runs on AVX-512 (AMD Zen 4)
-    and step aside on AMX, where whole matmuls, torch's fused attention and the MLP over the whole batch are faster
+    and step aside on AMX, where whole matmuls and the MLP over the whole batch are faster
     (`cpu_half_kernels`; ablation `ours_eva02_avx512_paths_bf16` in benchmarks/tower.py)."""
     probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
     try:
@@ -386,7 +390,7 @@ def _cpu_half(tensor: torch.Tensor) -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_half_kernels(dtype: torch.dtype) -> str:
     """Which kernels run this CPU's matmuls in half-precision `dtype`, which decides the CPU inference paths:
-    "amx" (oneDNN on AMX tiles: whole matmuls, torch's fused attention, the MLP over the whole batch), "avx512"
+    "amx" (oneDNN on AMX tiles: whole matmuls, the MLP over the whole batch), "avx512"
     (oneDNN on AVX-512: the paths marked "AVX-512 CPUs only" below, measured on AMD Zen 4), or "portable" (no oneDNN
     kernels for `dtype`, e.g. bf16 on AVX2-only CPUs: torch's portable kernels, which the inference paths replace by
     fp32 matmuls, `_half_matmul_in_fp32`)."""
@@ -570,7 +574,7 @@ def _eager_inference(inputs: torch.Tensor) -> bool:
         torch.is_grad_enabled()
         or forward_ad_active()
         or _autocast_enabled(inputs.device.type)
-        or (not torch.compiler.is_compiling() and overriding_modes_active())
+        or (not is_compiling() and overriding_modes_active())
     )
 
 
@@ -632,51 +636,6 @@ def eager_attention(
     return torch.matmul(probs, value).transpose(1, 2), weights
 
 
-# Bytes of attention scores per group of heads in `cpu_bf16_attention`: small enough to stay in cache.
-CPU_SCORES_CHUNK_BYTES = 2 * 2**20
-
-
-def cpu_bf16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Unmasked bf16 inference attention on CPU, returned as [B, N, H, D]. One matmul per head reads q, k and v in
-    place (the projections' [B, N, H * D] rows, no layout copies) and writes its output columns straight into the
-    result; the softmax runs in place over groups of heads whose scores fit in cache. On AVX-512 CPUs torch's CPU flash
-    kernel takes ~1.5x as long in bf16 at ViT sequence lengths (benchmarks/tower.py; on AMX it is the faster one). The
-    probabilities are rounded to the input dtype before `@ v`, as in eager attention and GPU flash attention."""
-    batch, heads, length, _ = query.shape
-    out = query.new_empty(batch, length, heads, query.shape[-1])
-    per_group = max(1, CPU_SCORES_CHUNK_BYTES // (length * length * query.element_size()))
-    groups = -(-heads // per_group)
-    bounds = [heads * index // groups for index in range(groups + 1)]  # balanced: 16 heads as 2,3,3,2,3,3
-    scores = query.new_empty(max(stop - start for start, stop in zip(bounds[:-1], bounds[1:])), length, length)
-    for image in range(batch):
-        queries, keys, values = query[image].unbind(0), key[image].transpose(1, 2).unbind(0), value[image].unbind(0)
-        outputs = out[image].unbind(1)
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            group = scores[: stop - start]
-            heads_scores = list(zip(range(start, stop), group.unbind(0)))
-            for head, head_scores in heads_scores:
-                torch.addmm(head_scores, queries[head], keys[head], beta=0, alpha=scale, out=head_scores)
-            torch.softmax(group, dim=-1, out=group)
-            for head, head_probs in heads_scores:
-                torch.mm(head_probs, values[head], out=outputs[head])
-    return out
-
-
-def _use_cpu_bf16_attention(query: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float) -> bool:
-    """Unmasked bf16 inference on AVX-512 CPUs only (on AMX torch's fused kernel is ~12% faster in the tower) in eager
-    mode (`_eager_inference`); training keeps sdpa's memory-saving backward, and traced graphs (compile, export) keep
-    the fused op, which the `out=` writes and the Python loop would break; empty inputs too."""
-    return (
-        not is_tracing()
-        and query.dtype == torch.bfloat16
-        and _avx512_half(query)
-        and query.numel() > 0
-        and attention_mask is None
-        and dropout == 0.0
-        and _eager_inference(query)
-    )
-
-
 # fp32 CPU inference hands torch's fused attention q, k and v as contiguous [B, H, N, D] copies instead of the
 # projections' transposed views: its CPU kernel reads strided heads ~1.3x slower (16.0 against 20.7 ms at
 # EVA02-L's batch-1 shape on an Intel AMX machine), far more than the three copies cost (0.6 ms each); the tower
@@ -707,11 +666,10 @@ def sdpa_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """torch's fused attention (through transformers' `AttentionInterface` where it exists), except for bf16
-    inference on AVX-512 CPUs (see `cpu_bf16_attention`); fp32 CPU inference passes contiguous heads
-    (`CPU_FP32_CONTIGUOUS_ATTENTION`)."""
-    if _use_cpu_bf16_attention(query, attention_mask, dropout):
-        return cpu_bf16_attention(query, key, value, scaling), None
+    """torch's fused attention (through transformers' `AttentionInterface` where it exists) on every device and
+    dtype; fp32 CPU inference passes contiguous heads (`CPU_FP32_CONTIGUOUS_ATTENTION`). A per-head-matmul bf16
+    kernel for AVX-512 CPUs was removed: it rounded the scores to bf16 before the softmax (2x to 30x the fused
+    kernel's error vs fp64, tests/test_half_precision_accuracy.py), and with fp32 scores its speed-up was gone."""
     if _contiguous_heads(query):
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     if ALL_ATTENTION_FUNCTIONS is not None:
@@ -1057,7 +1015,7 @@ class EvaCLIPMLP(nn.Module):
             COMPILED_ALIGNED_SWIGLU
             and aligned_gated_linear is not None
             and self._silu_gated()
-            and torch.compiler.is_compiling()
+            and is_compiling()
             and not _is_exporting()
             and not torch.jit.is_tracing()
             and self._plain_inference(hidden_states)

@@ -1,0 +1,87 @@
+"""What LLaVA's pinned torch lacks, simulated on the installed torch: LLaVA-NeXT pins torch 2.1.2, which has no
+`torch.compiler.is_compiling` (torch 2.3) and whose `torch.is_autocast_enabled` takes no device type (torch 2.4).
+Every forward asks the first, so before the fallback no model ran there. The reference is the same computation on
+the installed torch, in this process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from _dist.runner import worker_env
+from llava_evaclip import _compat, modeling_evaclip
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Builds a tiny EVA02 model (RoPE, SwiGLU, sub-LN), runs no-grad fp32 and bf16 inference and a backward pass, and
+# prints the results, optionally after removing what torch 2.1 lacks.
+WORKER = r"""
+import json, sys
+import torch
+if sys.argv[1] == "torch-2.1":
+    del torch.compiler.is_compiling
+    torch._utils.is_compiling = lambda: False  # torch 2.1's own, which dynamo replaces while tracing
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_config
+from llava_evaclip import EvaCLIPVisionModel
+torch.manual_seed(0)
+model = EvaCLIPVisionModel(tiny_config("eva02").vision_config).eval()
+pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+with torch.no_grad():
+    fp32 = model(pixels).last_hidden_state
+    bf16 = model.to(torch.bfloat16)(pixels.bfloat16()).last_hidden_state.float()
+model.float()
+model(pixels).last_hidden_state.square().sum().backward()
+grad = model.vision_model.embeddings.patch_embedding.weight.grad
+from llava_evaclip import _compat
+print(json.dumps({"fp32": fp32.tolist(), "bf16": bf16.tolist(), "grad": grad.tolist(),
+                  "torch_utils_fallback": _compat.is_compiling is torch._utils.is_compiling}))
+"""
+
+
+def _run(torch_version: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", WORKER, torch_version, str(REPO / "tests")], env=worker_env(),
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) >= 5,
+                    reason="transformers 5 itself calls torch.compiler.is_compiling (torch >= 2.3); torch 2.1 goes "
+                           "with the 4.x line")
+def test_models_run_without_torch_compiler_is_compiling():
+    old, new = _run("torch-2.1"), _run("installed")
+    assert old["torch_utils_fallback"] and not new["torch_utils_fallback"]  # what torch 2.1's optimizers ask
+    for key in ("fp32", "bf16", "grad"):
+        assert torch.equal(torch.tensor(old[key]), torch.tensor(new[key])), key
+
+
+def test_is_compiling_fallbacks(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "is_compiling")
+    assert _compat._find_is_compiling() is torch._utils.is_compiling
+    monkeypatch.delattr(torch._utils, "is_compiling")
+    assert _compat._find_is_compiling()() is False
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_autocast_probe_without_a_device_argument(monkeypatch, enabled):
+    """torch < 2.4: `torch.is_autocast_enabled()` takes no argument and answers for CUDA only; CPU autocast has its
+    own probe, and a device without one (meta) is never autocast."""
+    cuda_state = not enabled
+
+    def no_device_argument(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return cuda_state
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), monkeypatch.context() as patch:
+        patch.setattr(torch, "is_autocast_enabled", no_device_argument)
+        assert modeling_evaclip._autocast_enabled("cpu") is enabled
+        assert modeling_evaclip._autocast_enabled("cuda") is cuda_state
+        assert modeling_evaclip._autocast_enabled("meta") is False
