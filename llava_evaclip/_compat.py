@@ -84,6 +84,10 @@ TORCHSCRIPT_RETURNS_TUPLES = int(transformers.__version__.split(".")[0]) < 5
 # 4.x sets it on the top config only.
 SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = int(transformers.__version__.split(".")[0]) >= 5
 
+# transformers 5 names the checkpoint dtype `dtype`; 4.x names it `torch_dtype` and keeps any other key as a plain
+# attribute, which its save_pretrained writes back unchanged.
+CONFIG_DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
 
 _PEEK_FUNCTORCH_STACK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
@@ -225,6 +229,7 @@ __all__ = [
     "ALL_ATTENTION_FUNCTIONS",
     "FEATURES_RETURN_MODEL_OUTPUT",
     "SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION",
+    "CONFIG_DTYPE_KEY",
     "TORCHSCRIPT_RETURNS_TUPLES",
     "GradientCheckpointingLayer",
     "HAS_ACTIVATION_CHECKPOINTING",

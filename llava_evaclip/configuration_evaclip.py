@@ -11,7 +11,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 from . import presets
-from ._compat import PretrainedConfig
+from ._compat import CONFIG_DTYPE_KEY, PretrainedConfig
 
 logger = logging.get_logger(__name__)
 
@@ -21,6 +21,21 @@ INTERNVL_TEXT_MODEL_TYPES = ("clip_text_model",)
 INTERNVL_MODEL_TYPES = ("clip",)
 # Fields the port writes into its CLIP-typed tower configs; transformers' own (OpenAI) CLIP configs have none of them.
 INTERNVL_EVA_FIELDS = ("q_bias", "k_bias", "v_bias", "post_layernorm")
+
+
+def _reconcile_dtype_keys(kwargs: dict[str, Any]) -> None:
+    """One checkpoint dtype, read the same on both transformers lines.
+
+    A config written by transformers 5 holds `dtype`, which 4.x does not know: it kept it as an attribute next to its
+    own `torch_dtype` and wrote both back, the `dtype` stale (e.g. "bfloat16" beside "float32" weights). 5.x lets
+    `dtype` win, so it loaded such fp32 weights as bf16, silently. Where both are set the file came from 4.x, whose
+    `torch_dtype` describes the weights; a lone `dtype` is 5.x's and means what `torch_dtype` means on 4.x."""
+    if kwargs.get("torch_dtype") is not None:
+        kwargs.pop("dtype", None)
+    if CONFIG_DTYPE_KEY == "torch_dtype" and "dtype" in kwargs:
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
+
+
 # Read-only properties of the tower configs: a config dict written by other code may carry them; they are checked.
 DERIVED_FIELDS = ("head_dim", "num_patches_per_side")
 
@@ -277,6 +292,7 @@ class EvaCLIPVisionConfig(_EvaCLIPTowerConfig):
         **kwargs: Any,
     ) -> None:
         derived = _pop_derived(type(self), kwargs)
+        _reconcile_dtype_keys(kwargs)
         super().__init__(**kwargs)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -392,6 +408,7 @@ class EvaCLIPTextConfig(_EvaCLIPTowerConfig):
         **kwargs: Any,
     ) -> None:
         derived = _pop_derived(type(self), kwargs)
+        _reconcile_dtype_keys(kwargs)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -475,6 +492,7 @@ class EvaCLIPConfig(PretrainedConfig):
     ) -> None:
         text_config_dict = kwargs.pop("text_config_dict", None)
         vision_config_dict = kwargs.pop("vision_config_dict", None)
+        _reconcile_dtype_keys(kwargs)
         super().__init__(**kwargs)
         if isinstance(text_config, dict) and text_config.get("model_type") in (
             EvaCLIPVisionConfig.model_type,

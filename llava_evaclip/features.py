@@ -53,7 +53,8 @@ SETTING_KEYS = ("model", "weights_fingerprint", "random_weights", "select_layer"
 # What must agree between a store and a LLaVA tower for the store to stand in for it (paths and dtype may differ).
 TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "image_size")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json")
+# processor_config.json: where transformers 5 saves a processor's image processor (read before preprocessor_config.json)
+FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json", "processor_config.json")
 # The output folder takes no more data: a full disk, a quota, a file-size limit (ulimit -f, the file system's maximum).
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # One image's output file cannot have its name here (too long, or characters the file system refuses): that image fails.

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaC
 from transformers import LlavaProcessor
 from transformers.utils import logging
 
-from ._compat import PretrainedConfig
+from ._compat import CONFIG_DTYPE_KEY, PretrainedConfig
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig
 from .modeling_evaclip import EvaCLIPVisionModel, resolve_attn_implementation
 from .processing import build_image_processor, load_image_processor
@@ -262,6 +262,15 @@ def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _forget_checkpoint_dtype(config: PretrainedConfig) -> None:
+    """Drop the dtype a part's checkpoint was saved in from its config, so that `dtype` alone decides what is built.
+
+    transformers 5 builds each part of a LLaVA in its sub-config's `dtype`: a bf16 tower dir gave a bf16 tower beside an
+    fp32 projector (forward failed: "mat1 and mat2 must have the same dtype"), and the saved model then reloaded
+    entirely in bf16; 4.37 ignores the field and built fp32, so the two lines built different models."""
+    setattr(config, CONFIG_DTYPE_KEY, None)
+
+
 def _cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast what the state dict holds (floating parameters and persistent buffers) to `dtype`, as `from_pretrained`
     loads it; the buffers a model computes for itself keep the dtype they were built with (`_default_dtype`), where
@@ -338,6 +347,10 @@ def build_llava(
     pad_token_id = getattr(tokenizer, "pad_token_id", None)
     if pad_token_id is None:
         pad_token_id = getattr(text_config, "pad_token_id", None)
+    if language is not None:
+        text_config = copy.deepcopy(text_config)  # the loaded LM keeps its own config
+    for part_config in (vision_config, text_config):
+        _forget_checkpoint_dtype(part_config)
 
     config = build_llava_config(
         vision_config,

@@ -114,6 +114,26 @@ def test_other_weights_in_the_same_model_dir_are_not_current(tmp_path, capsys):
     assert F.preset_fingerprint("X", config, 0) != F.preset_fingerprint("X", tiny_vision_config("eva01"), 0)
 
 
+@pytest.mark.parametrize("processor_file", ["preprocessor_config.json", "processor_config.json"])
+def test_a_resaved_image_processor_makes_earlier_features_stale(processor_file, tmp_path, capsys):
+    """The tower reads its preprocessing from either file (transformers 5's `processor.save_pretrained` nests it in
+    processor_config.json): changing it changes every feature, so features made before are not current."""
+    model_dir = save_tower(tmp_path / "model", seed=1)
+    images = tmp_path / "images"
+    write_image(images / "a.png", seed=1)
+    out = tmp_path / "out"
+    assert main(["features", str(images), "--model", model_dir, "--out", str(out)]) == 0
+    before = (out / "a.png.safetensors").read_bytes()
+    settings = {**json.loads((Path(model_dir) / "preprocessor_config.json").read_text()),
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    saved = settings if processor_file == "preprocessor_config.json" else {"image_processor": settings}
+    (Path(model_dir) / processor_file).write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["features", str(images), "--model", model_dir, "--out", str(out)]) == 1
+    assert "made with other settings: weights_fingerprint" in capsys.readouterr().err
+    assert (out / "a.png.safetensors").read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Hostile input trees and outputs (issue 12 items 6, 8, 9, 10, 12)
 # --------------------------------------------------------------------------------------------------------------------

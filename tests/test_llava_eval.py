@@ -36,7 +36,7 @@ from _dist.runner import worker_env  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel, register_with_llava, unregister_from_llava  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
-from test_llava_launcher import write_tokenizer  # noqa: E402
+from test_llava_launcher import TINY_LLAMA, write_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ENTRIES = HERE / "_llava" / "eval_entries.py"
@@ -46,8 +46,7 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 SIZE, LAYERS = 28, 4
 # EVA-CLIP's preprocessing as BAAI publishes it (OpenAI's mean / std, bicubic shortest-edge resize, centre crop).
 EVA_MEAN, EVA_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LM = TINY_LLAMA
 PINPOINTS = [[SIZE, 2 * SIZE], [2 * SIZE, SIZE], [2 * SIZE, 2 * SIZE]]
 IMAGE_SHAPES = [(30, 44), (60, 20), (28, 28)]  # (height, width): wide, tall, square
 # LLaVA's eval scripts cast pixels to fp16 (2^-11 of values up to 2.2); LLaVA-NeXT also runs the tower in fp16, which

@@ -175,6 +175,34 @@ def write_tokenizer(directory: Path) -> int:
     return 120
 
 
+# The Llama language model of the tiny LLaVA-1.5 models the tests build (with `write_tokenizer`'s 120 tokens).
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_llava15(directory: Path, tower: Path, seed: int = 0, **vision_options):
+    """A tiny LLaVA-1.5 model whose vision modules LLaVA's own `initialize_vision_modules` builds with our tower
+    (options: `mm_vision_select_layer`, `mm_vision_select_feature`, `mm_patch_merge_type`), its tokenizer written to
+    `directory`; image start/end tokens off, as LLaVA-1.5 trains."""
+    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+    from llava_evaclip import register_with_llava, unregister_from_llava
+
+    vocab = write_tokenizer(directory)
+    torch.manual_seed(seed)
+    register_with_llava()
+    try:
+        model = LlavaLlamaForCausalLM(LlavaConfig(vocab_size=vocab, **TINY_LLAMA))
+        model.get_model().initialize_vision_modules(types.SimpleNamespace(**{
+            "vision_tower": str(tower), "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+            "pretrain_mm_mlp_adapter": None, "mm_patch_merge_type": "flat", "mm_projector_type": "mlp2x_gelu",
+            **vision_options}))
+    finally:
+        unregister_from_llava()
+    model.config.mm_use_im_start_end = model.config.mm_use_im_patch_token = False
+    return model
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny Llama LM + tokenizer, a tiny EVA-CLIP checkpoint and a few images with conversations."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,11 @@ import torch
 pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
 pytest.importorskip("sentencepiece")
 
-from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
-
 from _dist.runner import worker_env  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from llava_evaclip import EvaCLIPModel, register_with_llava, unregister_from_llava  # noqa: E402
+from llava_evaclip import EvaCLIPModel  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
-from test_llava_launcher import write_tokenizer  # noqa: E402
+from test_llava_launcher import tiny_llava15  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_llava" / "serve_llava15.py"
 
@@ -40,19 +37,8 @@ def served_model(tmp_path_factory) -> tuple[Path, Path]:
     build_image_processor(config).save_pretrained(root / "tower")
     model_dir = root / "llava-v1.5-evaclip-tiny"
     model_dir.mkdir()
-    vocab = write_tokenizer(model_dir)
-    register_with_llava()
-    try:
-        model = LlavaLlamaForCausalLM(LlavaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-        model.get_model().initialize_vision_modules(types.SimpleNamespace(
-            vision_tower=str(root / "tower"), mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-            pretrain_mm_mlp_adapter=None, mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu"))
-    finally:
-        unregister_from_llava()
+    model = tiny_llava15(model_dir, root / "tower")
     model.config.image_aspect_ratio = "pad"
-    model.config.mm_use_im_start_end = model.config.mm_use_im_patch_token = False
     model.save_pretrained(model_dir)
     image = root / "view.png"
     Image.fromarray(torch.randint(0, 256, (30, 44, 3), dtype=torch.uint8).numpy()).save(image)
