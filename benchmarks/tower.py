@@ -443,7 +443,7 @@ def _strided_fp32_attention() -> tuple[Any, str, Any, str]:
 def _avx512_paths_on_amx() -> tuple[Any, str, Any, str]:
     from llava_evaclip import modeling_evaclip
 
-    label = ("ours: tower, the AVX-512 CPU paths (row splits, per-head attention, MLP token blocks) also on an AMX CPU "
+    label = ("ours: tower, the AVX-512 CPU paths (row splits, MLP token blocks) also on an AMX CPU "
              "(ablation; a no-op without AMX)")
     real = modeling_evaclip.cpu_half_kernels
     return modeling_evaclip, "cpu_half_kernels", lambda dtype: "avx512" if real(dtype) == "amx" else real(dtype), label
@@ -1023,7 +1023,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="also time ours with each speed-up switched off: every layer and hidden state "
                              "(no early stop), the MLP as module calls, the MLP without token blocks, RoPE in five "
-                             "passes, fp32 attention on strided heads, and (CPU bf16) torch's fused attention kernel")
+                             "passes, fp32 attention on strided heads, and (CPU bf16) whole matmuls, addmm's bias, "
+                             "unfused SwiGLU, the AVX-512 paths on AMX and torch's portable kernels")
     parser.add_argument("--compile", action="store_true",
                         help="also time our tower and timm's EVA-02 under torch.compile (inductor), reporting the "
                              "compile time of each (slow: minutes on CPU); with --ablations also our compiled tower "

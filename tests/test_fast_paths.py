@@ -45,7 +45,7 @@ HALF_KERNELS = modeling_evaclip.cpu_half_kernels
 
 @pytest.fixture(autouse=True)
 def avx512_cpu(monkeypatch):
-    """The CPU half-precision paths tuned for AVX-512 CPUs (row splits, per-head attention, MLP token blocks) step
+    """The CPU half-precision paths tuned for AVX-512 CPUs (row splits, MLP token blocks) step
     aside on AMX CPUs and where torch has only portable half-precision kernels (AVX2); these tests exercise them as an
     AVX-512 CPU runs them, whatever this machine has (oneDNN's fused ops still ask the real probe).
     `test_amx_cpus_take_whole_matmuls_fused_attention_and_whole_mlp` and
@@ -105,7 +105,7 @@ def test_cpu_fp32_inference_attention_gets_contiguous_heads(monkeypatch):
         model(pixel_values)
     assert seen == [(False, False, False)] * 2
     seen.clear()
-    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "amx")  # sdpa, not the per-head kernel
+    monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: "amx")  # half precision keeps the views
     with torch.no_grad():
         copy.deepcopy(model).bfloat16()(pixel_values.bfloat16())
     assert seen == [(False, False, False)] * 2
@@ -932,9 +932,9 @@ def test_portable_half_patch_embedding_runs_in_fp32_where_the_module_call_is_not
 @pytest.mark.parametrize("kernels", ["avx512", "amx", "portable"])
 def test_bf16_tower_fast_paths_match_timm_eva02(monkeypatch, kernels):
     """bf16 inference against timm's independent EVA-02 holding the same bf16-rounded weights in fp32, every layer
-    within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14; per-head attention), as
-    an AMX CPU does (whole matmuls, torch's fused attention), both with the fused SwiGLU where oneDNN has bf16
-    kernels, and as an AVX2 CPU does (the patch embedding and every projection in fp32, rounded once)."""
+    within bf16 rounding: as an AVX-512 CPU runs it (every matmul split, 34 rows as 20 + 14), as an AMX CPU does
+    (whole matmuls), both with torch's fused attention and the fused SwiGLU where oneDNN has bf16 kernels, and as an
+    AVX2 CPU does (the patch embedding and every projection in fp32, rounded once)."""
     monkeypatch.setattr(modeling_evaclip, "CPU_HALF_GEMM_ROWS", 20)
     monkeypatch.setattr(modeling_evaclip, "cpu_half_kernels", lambda dtype: kernels)
     in_fp32 = []

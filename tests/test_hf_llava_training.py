@@ -161,7 +161,7 @@ def test_trainer_fine_tuning_matches_the_clip_tower_llava(frozen, reentrant, bf1
 
 def test_trainer_checkpoint_reloads_with_from_pretrained(tmp_path):
     """A Trainer checkpoint dir (5.x writes LLaVA's legacy key layout there) loads the trained tower back. Note:
-    `Trainer(resume_from_checkpoint=...)` on 5.25 loads none of those keys into a LLaVA model, CLIP-tower or ours
+    `Trainer.train(resume_from_checkpoint=...)` on 5.25 loads none of those keys into a LLaVA model, CLIP-tower or ours
     (it warns of missing / unexpected keys); load the weights with from_pretrained first."""
     eva, _ = _pair()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2,
