@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPImageProcessor
 
-from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionModel
+from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionModel, EvaCLIPVisionModelWithProjection
 from llava_evaclip.cli import main
 from llava_evaclip.presets import list_presets
 from llava_evaclip.processing import build_image_processor
@@ -263,6 +263,19 @@ def test_inspect_dir_counts_match_loaded_model(full_dir):
     assert info["llava"]["tokens_per_image"] == 65 and info["llava"]["hidden_states_indices"] == [1]
     assert "float32" in info["weights"]
 
+
+
+def test_inspect_counts_the_class_a_vision_dir_was_saved_as(tmp_path, capsys):
+    """`convert --vision-only` writes an EvaCLIPVisionModelWithProjection: inspect named it EvaCLIPVisionModel and
+    left its projection out of the counts."""
+    torch.manual_seed(0)
+    model = EvaCLIPVisionModelWithProjection(tiny_vision_config("eva02", projection_dim=16))
+    model.save_pretrained(tmp_path / "vision")
+    assert main(["inspect", str(tmp_path / "vision"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_class"] == "EvaCLIPVisionModelWithProjection"
+    total = sum(p.numel() for p in EvaCLIPVisionModelWithProjection.from_pretrained(tmp_path / "vision").parameters())
+    assert info["parameters"]["total"] == info["parameters"]["vision_tower"] == total
 
 
 def test_inspect_text_form(full_dir, capsys):

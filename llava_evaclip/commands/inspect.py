@@ -39,14 +39,26 @@ def _numel(module: Any) -> int:
     return sum(parameter.numel() for parameter in module.parameters()) if module is not None else 0
 
 
+def model_class(source: ModelSource) -> type:
+    """The class a checkpoint dir was saved as (`architectures` in its config.json: a vision dir written with its
+    projection is an `EvaCLIPVisionModelWithProjection`); for presets, and names that are not ours or do not take
+    this config, the two-tower or the vision model."""
+    from .. import modeling_evaclip
+
+    default = "EvaCLIPModel" if source.has_text_tower else "EvaCLIPVisionModel"
+    saved = (getattr(source.config, "architectures", None) or [default])[0]
+    found = getattr(modeling_evaclip, saved, None) if saved.startswith("EvaCLIP") else None
+    if isinstance(found, type) and getattr(found, "config_class", None) is type(source.config):
+        return found
+    return getattr(modeling_evaclip, default)
+
+
 def count_parameters(source: ModelSource) -> dict[str, int]:
     """Parameters per part, counted on a meta-device build of the real module tree (no weight memory)."""
     from accelerate import init_empty_weights
 
-    from ..modeling_evaclip import EvaCLIPModel, EvaCLIPVisionModel
-
     with init_empty_weights():
-        model = EvaCLIPModel(source.config) if source.has_text_tower else EvaCLIPVisionModel(source.config)
+        model = model_class(source)(source.config)
     vision = model.vision_model
     counts = {
         "vision_embeddings": _numel(vision.embeddings),
@@ -134,7 +146,7 @@ def describe(source: ModelSource, select_layer: Any, select_feature: str) -> dic
     info: dict[str, Any] = {
         "model": source.label,
         "source": "preset: random weights if used to compute features" if source.random_weights else "checkpoint dir",
-        "model_class": "EvaCLIPModel" if source.has_text_tower else "EvaCLIPVisionModel",
+        "model_class": model_class(source).__name__,
         "vision": {
             "blocks": block_description(vision),
             "image_size": vision.image_size,
