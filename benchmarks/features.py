@@ -409,8 +409,10 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.features",
-                                     description=__doc__.split("\n\n")[0].replace("\n", " "))
+    from llava_evaclip.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="python -m benchmarks.features",
+                                description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--images", type=int, default=64, help="JPEGs of 640x480 to run on (default: 64)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--reps", type=int, default=3, help="round-robin repetitions, medians reported (default: 3)")
@@ -446,7 +448,13 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """`python -m benchmarks.features`: --help into a full disk, errors, Ctrl-C and SIGTERM end it with one line."""
+    from llava_evaclip.cli import run_command
+
+    return run_command(lambda: "benchmarks.features", lambda: _run(parse_args(argv)))
+
+
+def _run(args: argparse.Namespace) -> int:
     from llava_evaclip.commands._common import unwritable_folder
 
     outputs = output_paths(args)

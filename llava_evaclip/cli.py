@@ -224,4 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m llava_evaclip.cli`: this module runs as __main__, but the commands raise `llava_evaclip.cli.CLIError`,
+    # a class of the imported module that this copy's `except CLIError` would not catch (a traceback, status 1).
+    from llava_evaclip.cli import main as package_main
+
+    sys.exit(package_main())

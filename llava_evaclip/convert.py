@@ -155,7 +155,9 @@ def _refusal_reason(message: str) -> str:
     paragraphs = [part.strip() for part in (refusal if marker else message).split("\n\n") if part.strip()]
     useful = [part for part in paragraphs
               if not part.startswith(("Weights only load failed", "Check the documentation"))]
-    return " ".join((useful or paragraphs or ["unknown"])[0].split())
+    reason = " ".join((useful or paragraphs or ["unknown"])[0].split())
+    # torch's advice to allowlist the global (add_safe_globals) is for code that loads the file, not a CLI user.
+    return reason.split(" Please use `torch.serialization.add_safe_globals", 1)[0]
 
 
 def _torch_load(path: str, mmap_file: bool) -> Any:

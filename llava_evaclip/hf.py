@@ -25,7 +25,7 @@ from transformers.utils import logging
 from ._compat import CONFIG_DTYPE_KEY, PretrainedConfig
 from .configuration_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig
 from .modeling_evaclip import EvaCLIPVisionModel, resolve_attn_implementation
-from .processing import build_image_processor, load_image_processor
+from .processing import IMAGE_PROCESSOR_FIELDS, build_image_processor, load_image_processor
 
 try:  # LLaVA-NeXT arrived in transformers 4.39
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -393,18 +393,13 @@ def build_llava(
 # Processor
 # --------------------------------------------------------------------------------------------------------------------
 
-_IMAGE_PROCESSOR_FIELDS = (
-    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize",
-    "image_mean", "image_std", "do_convert_rgb",
-)
-
 
 def _next_image_processor(clip_processor: Any, image_grid_pinpoints: Sequence[Sequence[int]]) -> Any:
     """LLaVA-NeXT's anyres image processor with the same resize / crop / normalisation as the EVA-CLIP one."""
     from transformers import LlavaNextImageProcessor
 
     settings = clip_processor.to_dict()
-    fields = {key: settings[key] for key in _IMAGE_PROCESSOR_FIELDS if settings.get(key) is not None}
+    fields = {key: settings[key] for key in IMAGE_PROCESSOR_FIELDS if settings.get(key) is not None}
     return LlavaNextImageProcessor(
         image_grid_pinpoints=[[int(h), int(w)] for h, w in image_grid_pinpoints], do_pad=True, **fields
     )

@@ -17,7 +17,7 @@ from transformers.utils import logging
 from . import zero
 from .configuration_evaclip import EvaCLIPVisionConfig
 from .modeling_evaclip import EvaCLIPVisionModel
-from .processing import build_image_processor, load_image_processor
+from .processing import image_processor_file, load_image_processor
 
 logger = logging.get_logger(__name__)
 
@@ -159,15 +159,25 @@ def _processor_output_size(processor: Any) -> Optional[tuple[int, int]]:
 
 
 def _relative_path_hint(name: str) -> str:
-    """Why a relative tower path that loaded at training fails now: LLaVA records `--vision_tower` in the model's
-    config.json (`mm_vision_tower`) exactly as given, so `./checkpoints/...` is looked up from the current directory."""
-    if os.path.isabs(name) or os.path.exists(name) or not name.startswith((".", "~")) and name.count("/") == 1:
-        return ""  # absolute, present, or shaped like a Hub id ("BAAI/EVA-CLIP-8B")
-    return (
-        f" A relative path is looked up from the current directory ({os.getcwd()}); a LLaVA model's config.json "
+    """Why a tower path that loaded at training fails now: LLaVA records `--vision_tower` in the model's config.json
+    (`mm_vision_tower`) exactly as given, so `./checkpoints/...` is looked up from the current directory, and a `~`
+    that no shell expanded (a quoted argument, a JSON config) names a directory called "~" there."""
+    if os.path.isabs(name) or os.path.exists(name):
+        return ""
+    if name.startswith("~"):
+        expanded = os.path.expanduser(name)
+        found = "is a directory" if os.path.isdir(expanded) else "does not exist either"
+        return (f" Only a shell expands `~`, so it was looked up as a folder named {name.split('/')[0]!r} in the "
+                f"current directory ({os.getcwd()}); {expanded} {found}: set `mm_vision_tower` in the LLaVA model's "
+                f"config.json (or --vision_tower) to the absolute path.")
+    relative = (
+        f"a relative path is looked up from the current directory ({os.getcwd()}); a LLaVA model's config.json "
         f"records the tower (`mm_vision_tower`) as given at training: run from that directory or set "
         f"`mm_vision_tower` to the tower's absolute path."
     )
+    if not name.startswith(".") and name.count("/") == 1:  # also the shape of a Hub id ("BAAI/EVA-CLIP-8B")
+        return f" If it is a local path (`checkpoints/tower`), not a Hub repo id: {relative}"
+    return f" {relative[0].upper()}{relative[1:]}"
 
 
 def _building_on_meta_device() -> bool:
@@ -281,22 +291,17 @@ class EvaCLIPVisionTower(nn.Module):
 
     def _load_image_processor(self) -> CLIPImageProcessor:
         name, config = self.vision_tower_name, self.cfg_only
-        if os.path.isdir(name):
-            processor = load_image_processor(name, config)
-        else:
-            try:
-                processor = CLIPImageProcessor.from_pretrained(name)
-            except (OSError, ValueError):
-                processor = build_image_processor(config)
+        processor = load_image_processor(name, config)
         if self.s2:  # LLaVA's S2 tower preprocesses at the largest scale and resizes down for the others
             processor = copy.deepcopy(processor)
             processor.size = {"shortest_edge": self.s2_image_size}
             processor.crop_size = {"height": self.s2_image_size, "width": self.s2_image_size}
         output_size = _processor_output_size(processor)
         if output_size is not None and output_size != (self.input_size, self.input_size):
+            source = image_processor_file(name) or "image processor"  # the file to fix, where it has one
             raise ValueError(
                 f"The image processor of {name!r} produces {output_size[0]}x{output_size[1]} images but the tower "
-                f"takes {self.input_size}x{self.input_size}; fix crop_size in its preprocessor_config.json."
+                f"takes {self.input_size}x{self.input_size}; fix crop_size in its {source}."
             )
         return processor
 

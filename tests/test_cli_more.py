@@ -214,7 +214,8 @@ def test_stdout_on_a_full_disk_is_one_line():
 
 
 @pytest.mark.parametrize("argv, label", [(["--help"], "llava-evaclip"), (["convert", "--help"], "llava-evaclip"),
-                                         (["-m", "benchmarks.tower", "--help"], "benchmarks.tower")])
+                                         (["-m", "benchmarks.tower", "--help"], "benchmarks.tower"),
+                                         (["-m", "benchmarks.features", "--help"], "benchmarks.features")])
 def test_help_on_a_full_disk_is_one_line(argv, label):
     """argparse drops the error of writing its help, so `--help > out.txt` on a full disk exited 0 with nothing
     written (under PYTHONUNBUFFERED, as CI and many job scripts run, and when the help outgrows the buffer)."""

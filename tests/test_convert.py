@@ -553,7 +553,7 @@ def test_refused_checkpoint_is_one_line_naming_what_was_refused_without_advice_t
     assert cli_main(["convert", str(checkpoint), str(tmp_path / "out"), "--arch", "EVA02-CLIP-B-16"]) == 2
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and "weights_only=True" in message and refused in message, message
-    for advice in ("set to `False`", "will likely succeed", "\x1b", "trust the source"):
+    for advice in ("set to `False`", "will likely succeed", "\x1b", "trust the source", "add_safe_globals"):
         assert advice not in message, message
     assert not (tmp_path / "out").exists()
 
