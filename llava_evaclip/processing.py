@@ -69,8 +69,8 @@ def _nested_image_processor(path: Union[str, os.PathLike]) -> Optional[dict[str,
     with open(file, encoding="utf-8") as handle:
         try:
             saved = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file} is not valid JSON ({error}).") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # UTF-8 JSON is what transformers writes
+            raise ValueError(f"{file} is not valid UTF-8 JSON ({error}).") from None
     nested = saved.get("image_processor") if isinstance(saved, dict) else None
     if nested is not None and not isinstance(nested, dict):
         raise ValueError(f"{file}: 'image_processor' must be an object, not {type(nested).__name__}.")

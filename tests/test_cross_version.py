@@ -451,13 +451,14 @@ def test_processor_config_of_transformers_5_wins_on_this_line(tmp_path):
     assert _processor_fields(tower.image_processor) == expected
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"image_processor": [1, 2]}'])
+@pytest.mark.parametrize("content", [b"{not json", b'{"image_processor": [1, 2]}',
+                                     b'{"image_processor": {"image_mean": "\xff"}}'])  # not UTF-8
 def test_a_broken_processor_config_is_refused_naming_the_file(tmp_path, content):
     """A processor_config.json the tower would read but cannot is one clear ValueError, not a stale processor."""
     from conftest import tiny_config
     from llava_evaclip.processing import load_image_processor
 
-    (tmp_path / "processor_config.json").write_text(content)
+    (tmp_path / "processor_config.json").write_bytes(content)
     with pytest.raises(ValueError, match="processor_config.json"):
         load_image_processor(tmp_path, tiny_config("eva02").vision_config)
 
