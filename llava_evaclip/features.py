@@ -15,13 +15,16 @@ run's; only missing outputs are computed, by whichever ranks run now.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import datetime
 import errno
 import functools
 import hashlib
+import itertools
 import json
+import operator
 import os
 import re
 import signal
@@ -49,9 +52,11 @@ FORMATS = ("files", "shards")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # What must agree before an existing output is accepted as this run's result (resume) or a store feeds training.
 SETTING_KEYS = ("model", "weights_fingerprint", "random_weights", "select_layer", "select_feature", "image_size",
-                "dtype")
+                "dtype", "image_resize")
 # What must agree between a store and a LLaVA tower for the store to stand in for it (paths and dtype may differ).
-TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "image_size")
+TOWER_SETTING_KEYS = ("weights_fingerprint", "select_layer", "select_feature", "image_size", "image_resize")
+# Recorded since outputs carry it; outputs made before lack it and are not refused for that alone.
+LATER_SETTING_KEYS = ("image_resize",)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # processor_config.json: where transformers 5 saves a processor's image processor (read before preprocessor_config.json)
 FINGERPRINTED_CONFIGS = ("config.json", "preprocessor_config.json", "processor_config.json")
@@ -67,8 +72,6 @@ TEMP_TAIL = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
 # Tensors per shard at most, whatever their size: each takes ~70 bytes of the shard's header, which safetensors
 # refuses beyond 100 MB (a tiny tower's ~100-byte features would reach that within a default-size shard).
 MAX_SHARD_TENSORS = 200_000
-# Index entry fields whose values repeat across entries (see `FeatureStore._share_repeated_values`).
-SHARED_ENTRY_FIELDS = ("shard", "tensor", "dtype", "original_size")
 # Batches each decoding worker keeps ready: results arrive in order, so a worker that was descheduled for a moment
 # must not leave the others idle with their queue full (2, torch's default, measurably starves a 2-core machine).
 PREFETCH_BATCHES = 4
@@ -282,6 +285,10 @@ def tower_settings(tower: Any) -> dict[str, str]:
         "select_feature": tower.select_feature,
         "image_size": str(tower.input_size),
         "dtype": str(tower.dtype).replace("torch.", ""),
+        # transformers 5's CLIPImageProcessor resizes with torchvision, transformers 4 (LLaVA's pin) with PIL: up to
+        # ~30 grey levels apart at sharp edges (text, line art), so a store made on one line is not the other's.
+        "image_resize": "torchvision" if _takes_channel_first_tensors(getattr(tower, "image_processor", None))
+        else "pil",
     }
 
 
@@ -300,7 +307,8 @@ def settings_differences(recorded: dict[str, str], expected: dict[str, str],
     same_weights = (recorded.get("weights_fingerprint") not in (None, "unknown")
                     and recorded.get("weights_fingerprint") == expected.get("weights_fingerprint"))
     return [f"{key} {recorded.get(key)!r} ({label} {expected.get(key)!r})" for key in keys
-            if recorded.get(key) != expected.get(key) and not (key == "model" and same_weights)]
+            if recorded.get(key) != expected.get(key) and not (key == "model" and same_weights)
+            and not (key in LATER_SETTING_KEYS and (key not in recorded or key not in expected))]
 
 
 def _log_model_path(recorded: dict[str, str], expected: dict[str, str], where: str) -> None:
@@ -865,7 +873,7 @@ class ShardWriter:
         self.flush()
 
 
-def merge_index(out_dir: str) -> dict[str, Any]:
+def merge_index(out_dir: str) -> None:
     """Fold every index fragment into `index.json` (atomically) and drop shards no fragment names (a killed run's).
 
     The index of a 600K-image store is ~130 MB of JSON: it is rewritten only when there is a fragment to fold in (a
@@ -873,14 +881,14 @@ def merge_index(out_dir: str) -> dict[str, Any]:
     one, 2.5x slower; readers parse either)."""
     from . import __version__
 
-    store = FeatureStore(out_dir)
-    index = {"format": SHARDS_FORMAT, "settings": store.settings, "llava_evaclip_version": __version__,
-             "fragments": sorted(store._fragments), "entries": dict(sorted(store._entries.items()))}
+    store, entries = FeatureStore._unpacked(out_dir)
     if store._unmerged or not store._indexed:
+        index = {"format": SHARDS_FORMAT, "settings": store.settings, "llava_evaclip_version": __version__,
+                 "fragments": sorted(store._fragments), "entries": dict(sorted(entries.items()))}
         _write_file(os.path.join(out_dir, INDEX_NAME), json.dumps(index, separators=(",", ":")).encode(),
                     durable=True)
     directory = os.path.join(out_dir, SHARDS_DIR)
-    used = {entry["shard"] for entry in store._entries.values()} | {
+    used = {entry["shard"] for entry in entries.values()} | {
         name[: -len(".json")] + OUTPUT_SUFFIX for name in store._fragments}
     for name in os.listdir(directory):  # only what ShardWriter writes: a user's own files stay
         temp = _temp_stem(name)
@@ -890,13 +898,126 @@ def merge_index(out_dir: str) -> dict[str, Any]:
     for name in os.listdir(out_dir):  # an index write that was interrupted
         if _is_temp_of(name, {INDEX_NAME}):
             os.remove(os.path.join(out_dir, name))
-    store.close()
-    return index
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading: FeatureStore
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+_NO_FIELD = object()  # what an entry without a field has in its column while the table is built
+
+
+class EntryTable:
+    """A feature store's index entries (key -> dict of fields) packed into a few flat buffers: the keys as one sorted
+    UTF-8 blob with offsets (looked up by bisection), each field as one id per entry into a blob of that field's
+    distinct values.
+
+    Why not a dict of dicts: that takes ~800 bytes and seven Python objects per entry (~500 MB for a 600K-image store)
+    in every process that opens the store, and each forked DataLoader worker reading it copies the pages it touches (a
+    read writes the entry's reference count, the cyclic GC writes every dict's header): a training rank with 4 workers
+    held 5 copies. A buffer is one object whatever its length, and reads leave its pages shared."""
+
+    _ABSENT = -1
+
+    def __init__(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Built with C-level passes (map, dict.fromkeys, str.join): a Python loop per entry and field would double
+        the time a 600K-entry index takes to open."""
+        keys = sorted(entries)  # str order is the UTF-8 byte order `row` bisects in
+        self._keys, self._key_offsets = _pack_text(keys)
+        rows = list(map(entries.__getitem__, keys))
+        # field -> (value id per row, its distinct values packed, their offsets, whether they are all strings)
+        self._fields: dict[str, tuple[array.array, bytes, array.array, bool]] = {}
+        for name in sorted(set().union(*rows)):
+            values = list(map(operator.methodcaller("get", name, _NO_FIELD), rows))
+            is_text = set(map(type, values)) <= {str, type(_NO_FIELD)}
+            # Equal tokens for equal values only: a string stands for itself, another JSON value for its repr (1, 1.0
+            # and true differ; no JSON value's repr is the sentinel's).
+            tokens = values if is_text else list(map(repr, values))
+            absent = _NO_FIELD if is_text else repr(_NO_FIELD)
+            distinct = dict.fromkeys(tokens)
+            distinct.pop(absent, None)
+            if is_text:
+                value_blob, value_offsets = _pack_text(list(distinct))
+            else:
+                value_of = dict(zip(tokens, values))
+                value_blob, value_offsets = _pack_text([json.dumps(value_of[token]) for token in distinct])
+            for position, token in enumerate(distinct):
+                distinct[token] = position
+            distinct[absent] = self._ABSENT
+            code = "i" if len(distinct) < 2**31 else "q"  # 4 bytes a row
+            self._fields[name] = (array.array(code, map(distinct.__getitem__, tokens)), value_blob, value_offsets,
+                                  is_text)
+
+    def __len__(self) -> int:
+        return len(self._key_offsets) - 1
+
+    def key(self, row: int) -> str:
+        return self._keys[self._key_offsets[row] : self._key_offsets[row + 1]].decode("utf-8", "surrogatepass")
+
+    def keys(self) -> Iterator[str]:
+        """Every key, in sorted order."""
+        return (self.key(row) for row in range(len(self)))
+
+    def row(self, key: str) -> Optional[int]:
+        """The row of `key`, or None (bisection over the sorted key blob)."""
+        target, keys, offsets = _encode_text(key), self._keys, self._key_offsets
+        low, high = 0, len(self)
+        while low < high:
+            middle = (low + high) // 2
+            if keys[offsets[middle] : offsets[middle + 1]] < target:
+                low = middle + 1
+            else:
+                high = middle
+        if low < len(self) and keys[offsets[low] : offsets[low + 1]] == target:
+            return low
+        return None
+
+    def rows(self, keys: Iterable[str]) -> list[Optional[int]]:
+        """`row` of each of many keys, through one transient dict of all keys (bisection costs ~6 us a key)."""
+        lookup = {key: row for row, key in enumerate(self.keys())}
+        return [lookup.get(key) for key in keys]
+
+    def value(self, row: int, name: str, default: Any = None) -> Any:
+        field = self._fields.get(name)
+        if field is None or field[0][row] == self._ABSENT:
+            return default
+        return self._decode(field, field[0][row])
+
+    @staticmethod
+    def _decode(field: tuple[array.array, bytes, array.array, bool], value_id: int) -> Any:
+        _, blob, offsets, is_text = field
+        data = blob[offsets[value_id] : offsets[value_id + 1]]
+        return data.decode("utf-8", "surrogatepass") if is_text else json.loads(data)
+
+    def entry(self, row: int) -> dict[str, Any]:
+        """The fields of `row`'s entry, as they were given."""
+        return {name: self._decode(field, field[0][row])
+                for name, field in self._fields.items() if field[0][row] != self._ABSENT}
+
+    def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        return ((self.key(row), self.entry(row)) for row in range(len(self)))
+
+    def distinct(self, name: str) -> set[Any]:
+        """The values field `name` takes over all entries (hashable ones: strings, numbers, None)."""
+        field = self._fields.get(name)
+        if field is None:
+            return set()
+        return {self._decode(field, value_id) for value_id in set(field[0]) if value_id != self._ABSENT}
+
+
+def _encode_text(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # json reads a "\udcff" escape as a lone surrogate
+
+
+def _pack_text(texts: list[str]) -> tuple[bytes, array.array]:
+    """`texts` as one UTF-8 blob, and the len(texts) + 1 offsets that cut it apart again (ASCII, the usual case, is
+    encoded in one call)."""
+    joined = "".join(texts)
+    if joined.isascii():
+        return joined.encode("ascii"), array.array("q", itertools.accumulate(map(len, texts), initial=0))
+    encoded = [_encode_text(text) for text in texts]
+    return b"".join(encoded), array.array("q", itertools.accumulate(map(len, encoded), initial=0))
 
 
 def is_shard_store(directory: str) -> bool:
@@ -925,11 +1046,20 @@ class FeatureStore:
     mixing two models is a ValueError, as a shard store's fragments of other settings are."""
 
     def __init__(self, directory: Union[str, os.PathLike]) -> None:
+        self._entries = EntryTable(self._read(directory))
+
+    @classmethod
+    def _unpacked(cls, directory: Union[str, os.PathLike]) -> tuple["FeatureStore", dict[str, dict[str, Any]]]:
+        """The store's settings and fragments, and its entries as json read them, without building the table (what
+        `merge_index` writes back as they are)."""
+        store = cls.__new__(cls)
+        return store, store._read(directory)
+
+    def _read(self, directory: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
         self.directory = os.fspath(directory)
         if not os.path.isdir(self.directory):
             raise ValueError(f"{display_path(self.directory)} is not a feature store directory.")
         self.format = "shards" if is_shard_store(self.directory) else "files"
-        self._entries: dict[str, dict[str, Any]] = {}
         self.unreadable: list[tuple[str, str]] = []  # .safetensors files of a files store that cannot be read
         self._fragments: list[str] = []
         self._indexed = False  # an index.json was read
@@ -937,20 +1067,19 @@ class FeatureStore:
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         self.settings: dict[str, str] = {}
-        if self.format == "shards":
-            self._read_index()
-        else:
-            self._scan_files()
+        return self._read_index() if self.format == "shards" else self._scan_files()
 
-    def _read_index(self) -> None:
+    def _read_index(self) -> dict[str, dict[str, Any]]:
+        """The entries of index.json, then of the fragments it does not hold yet (a later one replaces a key's)."""
+        entries: dict[str, dict[str, Any]] = {}
         merged: set[str] = set()
         index_path = os.path.join(self.directory, INDEX_NAME)
         if os.path.isfile(index_path):
-            index = self._load_json(index_path, "remove it and rerun: the index is rebuilt from the shards' "
-                                                "fragments (shards/*.json)")
-            self._check_format(index, index_path)
+            remedy = "remove it and rerun: the index is rebuilt from the shards' fragments (shards/*.json)"
+            index = self._load_json(index_path, remedy)
+            self._check_format(index, index_path, remedy)
             self.settings = index["settings"]
-            self._entries.update(index["entries"])
+            entries = index["entries"]
             merged = set(index["fragments"])
             self._fragments.extend(index["fragments"])
             self._indexed = True
@@ -960,30 +1089,18 @@ class FeatureStore:
             if not name.endswith(".json") or name.startswith(".") or name in merged:
                 continue
             path = os.path.join(directory, name)
-            fragment = self._load_json(path, "remove it and the shard of the same name to recompute their images")
-            self._check_format(fragment, path)
+            remedy = "remove it and the shard of the same name to recompute their images"
+            fragment = self._load_json(path, remedy)
+            self._check_format(fragment, path, remedy)
             differences = settings_differences(fragment["settings"], self.settings) if self.settings else []
             if differences:
                 raise ValueError(f"{display_path(path)} was made with other settings than the rest of the store: "
                                  f"{', '.join(differences)}.")
             self.settings = self.settings or fragment["settings"]
-            self._entries.update(fragment["entries"])
+            entries.update(fragment["entries"])
             self._fragments.append(name)
             self._unmerged += 1
-        self._share_repeated_values()
-
-    def _share_repeated_values(self) -> None:
-        """One string object per distinct shard name, tensor name, dtype and image size: json makes one for every
-        entry, ~250 of the ~800 bytes a 600K-entry store's entries take each in every process that opens it (every
-        training rank, and each of its DataLoader workers as reads touch the pages)."""
-        pool: dict[str, str] = {}
-        for entry in self._entries.values():
-            if not isinstance(entry, dict):
-                continue
-            for name in SHARED_ENTRY_FIELDS:
-                value = entry.get(name)
-                if isinstance(value, str):
-                    entry[name] = pool.setdefault(value, value)
+        return entries
 
     @staticmethod
     def _load_json(path: str, remedy: str) -> Any:
@@ -996,12 +1113,22 @@ class FeatureStore:
             raise ValueError(f"{display_path(path)} is damaged (not valid JSON: {error}); {remedy}.") from None
 
     @staticmethod
-    def _check_format(data: Any, path: str) -> None:
+    def _check_format(data: Any, path: str, remedy: str) -> None:
+        """An index or fragment of this format whose parts have the types its writer gives them: an edited one is a
+        ValueError naming it, not a KeyError or AttributeError from a later read."""
         if not isinstance(data, dict) or data.get("format") != SHARDS_FORMAT:
             raise ValueError(f"{display_path(path)} is not a llava-evaclip feature index ({SHARDS_FORMAT}).")
+        entries = data.get("entries")
+        if not (isinstance(data.get("settings"), dict) and isinstance(data.get("fragments", []), list)
+                and isinstance(entries, dict) and set(map(type, entries.values())) <= {dict}
+                and all(set(map(type, map(operator.methodcaller("get", name), entries.values()))) <= {str}
+                        for name in ("shard", "tensor"))):
+            raise ValueError(f"{display_path(path)} is damaged (its settings, fragments or entries are not what "
+                             f"`llava-evaclip features` writes); {remedy}.")
 
-    def _scan_files(self) -> None:
+    def _scan_files(self) -> dict[str, dict[str, Any]]:
         """Every features file below the folder (one header read each), checked to share one set of settings."""
+        entries: dict[str, dict[str, Any]] = {}
         foreign: list[str] = []
         first_key, conflicts = "", []
         for root, dirs, files in os.walk(self.directory):
@@ -1019,8 +1146,8 @@ class FeatureStore:
                     foreign.append(path)
                     continue
                 key = path_key(os.path.relpath(path, self.directory)[: -len(OUTPUT_SUFFIX)])
-                self._entries[key] = {"file": path, "source": metadata.get("source"),
-                                      "original_size": metadata.get("original_size")}
+                entries[key] = {"file": path, "source": metadata.get("source"),
+                                "original_size": metadata.get("original_size")}
                 settings = {setting: metadata[setting] for setting in SETTING_KEYS if setting in metadata}
                 if not self.settings:
                     self.settings, first_key = settings, key
@@ -1037,9 +1164,10 @@ class FeatureStore:
             key, differences = conflicts[0]
             raise ValueError(
                 f"{display_path(self.directory)} mixes features made with different settings: {len(conflicts)} of "
-                f"{len(self._entries)} files differ from {first_key!r}, e.g. {key!r}: "
+                f"{len(entries)} files differ from {first_key!r}, e.g. {key!r}: "
                 f"{', '.join(differences)}; recompute them with `llava-evaclip features "
                 "... --overwrite` and one model, or use another folder.")
+        return entries
 
     @staticmethod
     def _file_metadata(path: str) -> dict[str, str]:
@@ -1052,21 +1180,25 @@ class FeatureStore:
         return len(self._entries)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return self._entries.keys()
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and path_key(key) in self._entries
+        return isinstance(key, str) and self._entries.row(path_key(key)) is not None
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        entry = self._entries.get(path_key(key))
-        if entry is None:
+        row = self._entries.row(path_key(key))
+        if row is None:
             raise KeyError(f"{key!r} is not in the feature store {display_path(self.directory)}")
-        if "file" in entry:
+        return self._tensor(row)
+
+    def _tensor(self, row: int) -> torch.Tensor:
+        path = self._entries.value(row, "file")
+        if path is not None:
             from safetensors import safe_open
 
-            with safe_open(entry["file"], framework="pt") as handle:
+            with safe_open(path, framework="pt") as handle:
                 return handle.get_tensor("features")
-        return self._shard(entry["shard"]).get_tensor(entry["tensor"])
+        return self._shard(self._entries.value(row, "shard")).get_tensor(self._entries.value(row, "tensor"))
 
     def _shard(self, name: str) -> Any:
         from safetensors import safe_open
@@ -1080,10 +1212,14 @@ class FeatureStore:
 
     def entry(self, key: str) -> dict[str, Any]:
         """Where a key's features are (shard and tensor, or file) and what was recorded about its image."""
-        return dict(self._entries[path_key(key)])
+        row = self._entries.row(path_key(key))
+        if row is None:
+            raise KeyError(f"{key!r} is not in the feature store {display_path(self.directory)}")
+        return self._entries.entry(row)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
-        return [key for key in keys if path_key(key) not in self._entries]
+        keys = list(keys)
+        return [key for key, row in zip(keys, self._entries.rows(path_key(key) for key in keys)) if row is None]
 
     def close(self) -> None:
         self._handles.clear()
@@ -1092,10 +1228,9 @@ class FeatureStore:
         """Problems found (empty when consistent): every entry's tensor exists with its recorded shape and dtype and
         finite values, every shard is named by a fragment, per-file settings agree."""
         problems = []
-        for key in self:
-            entry = self._entries[key]
+        for row, (key, entry) in enumerate(self._entries.items()):
             try:
-                tensor = self[key]
+                tensor = self._tensor(row)
             except Exception as error:  # a missing or damaged shard/file
                 problems.append(f"{key}: cannot read its features ({_one_line(error)})")
                 continue
@@ -1104,16 +1239,17 @@ class FeatureStore:
                 differences = settings_differences(metadata, self.settings)
                 if differences:
                     problems.append(f"{key}: other settings than the store: {', '.join(differences)}")
-            elif list(tensor.shape) != entry["shape"] or str(tensor.dtype).replace("torch.", "") != entry["dtype"]:
-                problems.append(f"{key}: stored {list(tensor.shape)} {tensor.dtype}, index says {entry['shape']} "
-                                f"{entry['dtype']}")
+            elif list(tensor.shape) != entry.get("shape") or str(tensor.dtype).replace("torch.", "") != entry.get(
+                    "dtype"):
+                problems.append(f"{key}: stored {list(tensor.shape)} {tensor.dtype}, index says {entry.get('shape')} "
+                                f"{entry.get('dtype')}")
             if not torch.isfinite(tensor).all():
                 problems.append(f"{key}: non-finite values")
         problems += [f"{display_path(path)}: cannot read this .safetensors file ({reason})"
                      for path, reason in self.unreadable]
         if self.format == "shards":
             directory = os.path.join(self.directory, SHARDS_DIR)
-            named = {entry["shard"] for entry in self._entries.values()}
+            named = self._entries.distinct("shard")
             for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
                 if SHARD_NAME.fullmatch(name) and name.endswith(OUTPUT_SUFFIX) and name not in named:
                     problems.append(f"{SHARDS_DIR}/{name}: no index entry names this shard (an unfinished run's; "
@@ -1264,20 +1400,21 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
                 raise ValueError(f"the feature store {display_path(out_dir)} was made with other settings: "
                                  f"{', '.join(differences)}; use another output folder.")
             _log_model_path(store.settings, settings, f"the feature store {display_path(out_dir)}")
-        entries = store._entries if store is not None else {}
-        missing = sorted({entry["shard"] for entry in entries.values()
-                          if not os.path.isfile(os.path.join(out_dir, SHARDS_DIR, entry["shard"]))})
+        entries = store._entries if store is not None else EntryTable({})
+        missing = sorted(shard for shard in entries.distinct("shard")
+                         if not os.path.isfile(os.path.join(out_dir, SHARDS_DIR, shard)))
         if missing:  # resuming would count their images as done and leave them without features
             raise ValueError(f"the feature store {display_path(out_dir)} names {len(missing)} shard(s) that are "
                              f"missing, e.g. {SHARDS_DIR}/{missing[0]}; restore them, or use another output folder.")
-        others = [(item, entries[item.key]["source"]) for item in items if item.key in entries
-                  and not _same_source(entries[item.key].get("source"), item.path)]
+        rows = entries.rows(item.key for item in items)
+        others = [(item, entries.value(row, "source")) for item, row in zip(items, rows)
+                  if row is not None and not _same_source(entries.value(row, "source"), item.path)]
         if others:
             item, recorded = others[0]
             raise ValueError(f"the feature store {display_path(out_dir)} holds features of other images under "
                              f"{len(others)} of these keys, e.g. {item.key!r} from {recorded} (now "
                              f"{display_path(os.path.abspath(item.path))}); use another output folder.")
-        todo = [item for item in items if item.key not in entries]
+        todo = [item for item, row in zip(items, rows) if row is None]
         return todo, len(items) - len(todo), []
     todo, existing, failures = [], [], []
     listing = None if overwrite else listing or _OutputListing(out_dir, items)

@@ -102,6 +102,36 @@ def test_a_cache_that_cannot_stand_in_for_the_tower_is_refused(workspace, tmp_pa
     launch._feature_cache.clear()
 
 
+def test_a_cache_resized_by_the_other_library_is_refused(workspace, tmp_path):
+    """transformers 5's CLIPImageProcessor resizes with torchvision, 4.37's (LLaVA's pin) with PIL: a store made on one
+    line differs from the other's tower by up to 0.19 on text and line art (reviewer's 756x343 image), which the
+    settings did not show. The store records the resize; another one is refused, and a store made before the field
+    existed is still taken."""
+    from llava_evaclip import features
+    from llava_evaclip.tower import EvaCLIPVisionTower
+
+    cache = make_cache(workspace, tmp_path / "cache")
+    args = model_args(workspace)
+    tower = EvaCLIPVisionTower(str(workspace / "tower"), args)
+    here = features.tower_settings(tower)["image_resize"]
+    import transformers
+
+    expected_here = "torchvision" if int(transformers.__version__.split(".")[0]) >= 5 else "pil"
+    assert here == expected_here
+    index_path = cache / "index.json"
+    index = json.loads(index_path.read_text())
+    assert index["settings"]["image_resize"] == here
+    index["settings"]["image_resize"] = {"pil": "torchvision", "torchvision": "pil"}[here]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(launch.FeatureCacheError, match=f"image_resize .*{here}"):
+        launch.attach_feature_cache(copy.deepcopy(tower), str(cache), args)
+    del index["settings"]["image_resize"]
+    index_path.write_text(json.dumps(index))
+    assert len(launch.attach_feature_cache(copy.deepcopy(tower), str(cache), args)) == len(list(
+        (workspace / "images").rglob("*.png")))
+    launch._feature_cache.clear()
+
+
 def run_pretrain(workspace: Path, output_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     sys.path.insert(0, str(Path(__file__).parent / "_dist"))
     from runner import free_port, worker_env

@@ -182,6 +182,39 @@ def test_a_damaged_index_is_named_and_the_remedy_it_gives_restores_the_store(tow
     assert all(torch.equal(after[key], before[key]) for key in before)
 
 
+@pytest.mark.parametrize("edit", ["entries_a_list", "entry_a_string", "entry_without_tensor", "settings_a_string"])
+def test_an_index_of_valid_json_but_the_wrong_shape_is_named_as_damaged(tower_dir, tmp_path, capsys, edit):
+    """An index.json edited by hand into valid JSON of another shape (entries a list, an entry a string or without
+    its tensor name, settings a string) stopped with a bare KeyError / AttributeError, or let a read fail later in a
+    training worker: it is named as damaged, with its remedy, as broken JSON is; nothing is written."""
+    import json
+
+    for index in range(2):
+        write_image(tmp_path / "images" / f"{index}.png", seed=index)
+    out = tmp_path / "out"
+    argv = ["features", str(tmp_path / "images"), "--model", tower_dir, "--out", str(out), "--format", "shards"]
+    assert main(argv) == 0
+    index = json.loads((out / "index.json").read_text())
+    key = sorted(index["entries"])[0]
+    if edit == "entries_a_list":
+        index["entries"] = list(index["entries"])
+    elif edit == "entry_a_string":
+        index["entries"][key] = "shards/x.safetensors"
+    elif edit == "entry_without_tensor":
+        del index["entries"][key]["tensor"]
+    else:
+        index["settings"] = "eva02"
+    (out / "index.json").write_text(json.dumps(index))
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match="index.json is damaged .*remove it and rerun"):
+        F.FeatureStore(str(out))
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = error_lines(capsys.readouterr().err, "features")
+    assert len(lines) == 1 and "index.json is damaged" in lines[0] and "remove it" in lines[0], lines
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. convert: writes refused inside libraries, a previous OUT that cannot be removed, the mode of a replaced OUT
 # ----------------------------------------------------------------------------------------------------------------------
