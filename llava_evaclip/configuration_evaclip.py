@@ -81,7 +81,7 @@ def _check_derived(config: PretrainedConfig, derived: dict[str, Any]) -> None:
         )
 
 
-# Size bounds far above the largest released EVA-CLIP (EVA-CLIP-18B: width 5120, 48 layers, MLP 13824, text width 1280;
+# Size bounds far above the largest released EVA-CLIP (EVA-CLIP-18B: width 5120, 48 layers, MLP 25600, text width 1280;
 # images up to 448 px): a value past one is a typo or a hostile config.json, refused before any weight is allocated.
 MAX_WIDTH = 65536
 MAX_LAYERS = 1024

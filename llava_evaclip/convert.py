@@ -183,10 +183,18 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
             break
         if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
             break
-        inner = next((obj[key] for key in _STATE_DICT_WRAPPERS if isinstance(obj.get(key), Mapping)), None)
-        if inner is None:
+        wrappers = [key for key in _STATE_DICT_WRAPPERS if isinstance(obj.get(key), Mapping)]
+        if len(wrappers) > 1:  # e.g. {"module": ..., "model": ...}: which one is the model is not ours to guess
+            raise ConversionError(f"{path}: the checkpoint holds several state dicts "
+                                  f"({', '.join(map(repr, wrappers))}); expected one. Save the one to convert alone.")
+        if not wrappers:
             break
-        obj = inner
+        others = sorted(str(key) for key, value in obj.items() if key != wrappers[0] and isinstance(value, Mapping)
+                        and value and all(isinstance(item, torch.Tensor) for item in value.values()))
+        if others:  # e.g. timm's / open_clip's `state_dict_ema` beside `state_dict`: say which one is converted
+            logger.warning(f"{path}: converting the weights under {wrappers[0]!r}; not converted: "
+                           f"{', '.join(map(repr, others))}.")
+        obj = obj[wrappers[0]]
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(
             f"{path}: expected a state dict (a mapping of names to tensors, optionally under 'state_dict', 'module' "
@@ -539,6 +547,8 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _open_index(directory: Path, index_name: str) -> list[Any]:
+    """The shards an index names; each weight must be in the shard the index names for it (a stale or edited index
+    would otherwise take a weight from wherever it is found)."""
     index = _read_json(directory / index_name, "the shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
@@ -550,7 +560,14 @@ def _open_index(directory: Path, index_name: str) -> list[Any]:
             raise ConversionError(f"{directory / index_name}: shard {shard!r} is not a file name in that directory.")
         if not (directory / shard).is_file():
             raise ConversionError(f"{directory / index_name}: shard {shard!r} does not exist.")
-        readers.append(_open_weights(directory / shard))
+        reader = _open_weights(directory / shard)
+        held = set(reader.keys())
+        absent = sorted(key for key, name in weight_map.items()  # a .bin shard's keys lose DDP's `module.`
+                        if name == shard and key not in held and key.removeprefix("module.") not in held)
+        if absent:
+            raise ConversionError(f"{directory / index_name} places {_list_keys(absent)} in {shard!r}, which does not "
+                                  "hold them; the index and its shards do not match (copy the folder again).")
+        readers.append(reader)
     if not readers:
         raise ConversionError(f"{directory / index_name} lists no weight files.")
     return readers
@@ -600,9 +617,16 @@ def load_source(src: Union[str, os.PathLike]) -> SourceCheckpoint:
     else:
         raise ConversionError(f"SRC {str(path)!r} does not exist; expected a checkpoint file (.pt, .bin, .pth, "
                               ".safetensors) or a Hugging Face checkpoint dir.")
-    readers = {}
+    readers: dict[str, Any] = {}
+    twice = []
     for reader in files:
-        readers.update(dict.fromkeys(reader.keys(), reader))
+        for key in reader.keys():
+            if key in readers:  # two values for one weight: neither can be chosen silently
+                twice.append(f"{key} ({Path(readers[key].path).name} and {Path(reader.path).name})")
+            readers[key] = reader
+    if twice:
+        raise ConversionError(f"{path}: weights stored in two shards, possibly with different values: "
+                              f"{_list_keys(twice)}. Expected each weight in one shard; nothing was written.")
     if not readers:
         raise ConversionError(f"{path} holds no tensors.")
     kind = detect_source_kind(readers)
@@ -1038,6 +1062,10 @@ def _dimensions(shapes: Mapping[str, tuple[int, ...]], head_dim: Optional[int]) 
                             ("layer scale", "layer_scale1")):
         found = any(key.startswith("vision_model.") and key.endswith(suffix) for key in shapes)
         dims[feature] = ("yes" if found else "no", suffix)
+    if any(key.startswith("vision_model.") and key.endswith("layer_norm1.weight") for key in shapes):
+        # EVA-CLIP-8B / 18B's norms have no bias; told apart here rather than as a list of missing bias keys
+        biased = any(key.startswith("vision_model.") and key.endswith("layer_norm1.bias") for key in shapes)
+        dims["RMSNorm"] = ("no" if biased else "yes", "the norms' biases")
     return dims
 
 

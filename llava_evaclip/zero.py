@@ -456,7 +456,11 @@ def _safetensors_files(directory: str | os.PathLike) -> Optional[list[str]]:
 
     with open(index) as handle:
         weight_map = json.load(handle).get("weight_map") or {}
-    return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))] or None
+    names = sorted(set(weight_map.values()))
+    outside = [name for name in names if os.path.basename(name) != name]
+    if outside:  # as `convert`: an index names files in its own dir, never elsewhere on disk
+        raise ValueError(f"{index} names shards outside its directory: {_format_keys(outside)}.")
+    return [os.path.join(directory, name) for name in names] or None
 
 
 def _safetensors_header(files: Sequence[str]) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -467,6 +471,9 @@ def _safetensors_header(files: Sequence[str]) -> dict[str, tuple[str, tuple[int,
     for file in files:
         with safe_open(file, framework="pt") as handle:
             for key in handle.keys():
+                if key in header:  # two values for one weight: neither can be chosen silently (as in `convert`)
+                    raise ValueError(f"{key!r} is stored in two shards, {os.path.basename(header[key][0])!r} and "
+                                     f"{os.path.basename(file)!r}; expected each weight in one shard.")
                 view = handle.get_slice(key)
                 header[key] = (file, tuple(view.get_shape()), view.get_dtype())
     return header
