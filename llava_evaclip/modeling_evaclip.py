@@ -289,14 +289,16 @@ class EvaCLIPVisionEmbeddings(nn.Module):
         return self.position_embedding(torch.arange(self.num_positions, device=device))
 
     def interpolate_pos_encoding(self, height: int, width: int, device: Optional[torch.device] = None) -> torch.Tensor:
-        """Bicubic resize of the patch positions to a (height x width) grid; CLS keeps its position."""
+        """Bicubic resize of the patch positions to a (height x width) grid, in at least fp32 (fp64 stays fp64, as in
+        BAAI's resize: `.float()` rounded an fp64 model's positions to fp32); CLS keeps its position."""
         positions = self.positions(self.class_embedding.device if device is None else device)
         side = self.image_size // self.patch_size
         if (height, width) == (side, side):
             return positions.unsqueeze(0)
         class_pos, patch_pos = positions[:1], positions[1:]
         patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(torch.promote_types(patch_pos.dtype, torch.float32))
+        patch_pos = F.interpolate(patch_pos, size=(height, width), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.to(positions.dtype).permute(0, 2, 3, 1).reshape(height * width, -1)
         return torch.cat((class_pos, patch_pos), dim=0).unsqueeze(0)
 
@@ -627,11 +629,12 @@ def eager_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention on [B, H, N, D] (transformers' attention-function signature); returns the output as
-    [B, N, H, D] and the softmax weights."""
+    [B, N, H, D] and the softmax weights. The softmax runs in at least fp32: an fp32 one rounded fp64 models (gradcheck,
+    and forward-mode AD, which runs this kernel) to fp32's precision (3.6e-7 off the fp64 sdpa output)."""
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.softmax(weights, dim=-1, dtype=torch.promote_types(weights.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(weights, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value).transpose(1, 2), weights
 
@@ -742,6 +745,16 @@ def resolve_attn_implementation(config: Any) -> str:
     return requested
 
 
+def attention_kernel(config: Any, output_attentions: bool) -> str:
+    """The kernel one forward runs: eager where attention weights are asked for, and under forward-mode AD
+    (`torch.func.jvp` / `jacfwd` / `hessian`, `torch.autograd.forward_ad`), which has rules for eager's matmuls and
+    softmax but none for the fused kernels (torch's CPU flash kernel, CUDA flash / efficient, flash-attn): those failed
+    with NotImplementedError where BAAI's attention runs. Otherwise `resolve_attn_implementation`."""
+    if output_attentions or forward_ad_active():
+        return "eager"
+    return resolve_attn_implementation(config)
+
+
 class EvaCLIPRMSNorm(nn.Module):
     """EVA-CLIP-8B / 18B's RMSNorm, as BAAI computes it: `weight * x * rsqrt(mean(x^2) + eps)` with the statistics
     in fp32, the product cast to the weight's dtype when that is half precision; weight only, no bias."""
@@ -834,7 +847,7 @@ class EvaCLIPAttention(nn.Module):
                 query, key = apply_rotary_((query, key), cos, sin)
             else:
                 query, key = (apply_rotary(heads, cos, sin).type_as(value) for heads in (query, key))
-        implementation = "eager" if output_attentions else resolve_attn_implementation(self.config)
+        implementation = attention_kernel(self.config, output_attentions)
         if attention_mask is not None and implementation.startswith("flash_attention"):
             implementation = "sdpa"  # flash kernels take padding masks only; the text tower's mask is causal + padding
         dropout = self.dropout if self.training else 0.0
@@ -1437,7 +1450,7 @@ class EvaCLIPTextTransformer(nn.Module):
         self._check_inputs(input_ids, attention_mask, position_ids)
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         dtype, device = hidden_states.dtype, hidden_states.device
-        if not output_attentions and resolve_attn_implementation(self.config) == "flex_attention":
+        if attention_kernel(self.config, output_attentions) == "flex_attention":
             mask = _flex_causal_mask(attention_mask, input_ids.shape, device)
         else:
             mask = _causal_mask(input_ids.shape[-1], dtype, device)
