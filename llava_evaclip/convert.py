@@ -90,6 +90,9 @@ _STAGING_NAME = re.compile(
     r"\.(?P<name>.+)\.converting-(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_]+))?-[0-9a-f]+(?P<replaced>-replaced)?"
 )
 _STATE_DICT_WRAPPERS = ("state_dict", "module", "model")
+# Tensor dicts beside `module` in DeepSpeed's mp_rank_*_model_states.pt that are no other version of the weights
+# (ZeRO-1/2: the frozen parameters, also in `module`): not named as "not converted".
+_DEEPSPEED_COPIES = ("frozen_param_fragments",)
 _MAX_LISTED_KEYS = 25
 # fp16 release files store the rotary tables in half precision; a wrong grid or frequency is off by far more.
 _ROPE_TABLE_ATOL = 2e-3
@@ -175,6 +178,22 @@ def _torch_load(path: str, mmap_file: bool) -> Any:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}).") from None
 
 
+def _holds_weights(value: Any, depth: int = len(_STATE_DICT_WRAPPERS)) -> bool:
+    """A mapping with a tensor, directly or under a wrapper key: a candidate state dict. A config dict or an empty
+    one beside the state dict (`{"state_dict": ..., "model": {"arch": ...}}`) is not one."""
+    return isinstance(value, Mapping) and (any(isinstance(item, torch.Tensor) for item in value.values()) or (
+        depth > 0 and any(_holds_weights(value.get(key), depth - 1) for key in _STATE_DICT_WRAPPERS)))
+
+
+def _same_weights(first: Mapping, second: Mapping) -> bool:
+    """The same tensors under the same names (`{"state_dict": sd, "model": sd}`, or two `model.state_dict()` calls,
+    whose tensors torch.save stores once): no choice to make between the two."""
+    return first is second or (first.keys() == second.keys() and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        and a.stride() == b.stride() and a.data_ptr() == b.data_ptr() for a, b in
+        ((first[key], second[key]) for key in first)))
+
+
 def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     """The flat name -> tensor dict inside a checkpoint: unwraps {"state_dict"/"module"/"model": ...} and strips
     DistributedDataParallel's `module.` prefixes."""
@@ -185,12 +204,18 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
             break
         wrappers = [key for key in _STATE_DICT_WRAPPERS if isinstance(obj.get(key), Mapping)]
         if len(wrappers) > 1:  # e.g. {"module": ..., "model": ...}: which one is the model is not ours to guess
-            raise ConversionError(f"{path}: the checkpoint holds several state dicts "
-                                  f"({', '.join(map(repr, wrappers))}); expected one. Save the one to convert alone.")
+            wrappers = [key for key in wrappers if _holds_weights(obj[key])] or wrappers
+            if not all(_same_weights(obj[wrappers[0]], obj[key]) for key in wrappers[1:]):
+                raise ConversionError(
+                    f"{path}: the checkpoint holds several different state dicts ({', '.join(map(repr, wrappers))}); "
+                    f"expected one. Save the one to convert alone, e.g. torch.save(checkpoint[{wrappers[0]!r}], "
+                    "'weights.pt').")
         if not wrappers:
             break
         others = sorted(str(key) for key, value in obj.items() if key != wrappers[0] and isinstance(value, Mapping)
-                        and value and all(isinstance(item, torch.Tensor) for item in value.values()))
+                        and value and all(isinstance(item, torch.Tensor) for item in value.values())
+                        and not _same_weights(obj[wrappers[0]], value)
+                        and not (wrappers[0] == "module" and key in _DEEPSPEED_COPIES))
         if others:  # e.g. timm's / open_clip's `state_dict_ema` beside `state_dict`: say which one is converted
             logger.warning(f"{path}: converting the weights under {wrappers[0]!r}; not converted: "
                            f"{', '.join(map(repr, others))}.")
@@ -547,29 +572,39 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _open_index(directory: Path, index_name: str) -> list[Any]:
-    """The shards an index names; each weight must be in the shard the index names for it (a stale or edited index
-    would otherwise take a weight from wherever it is found)."""
+    """The shards an index names; a weight found in a shard other than the one the index names for it is refused (a
+    stale or edited index would otherwise take a weight from wherever it is found). One found in no shard is left to
+    the key mapping: safetensors' convert script (Hugging Face's SFconvertbot) keeps the index entries of the shared
+    tensors it drops from the shards."""
     index = _read_json(directory / index_name, "the shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        found = type(index).__name__ if not isinstance(index, dict) else f"an object with keys {_list_keys(index)}"
         raise ConversionError(f"{directory / index_name}: expected a JSON object whose 'weight_map' maps weight names "
-                              f"to shard file names, found {type(index).__name__}.")
+                              f"to shard file names, found {found}.")
     readers = []
+    holders: dict[str, set[str]] = {}  # key -> the shards holding it (two: refused by `load_source`)
     for shard in sorted(set(weight_map.values())):
         if Path(shard).name != shard:  # an index must name files in its own dir, never elsewhere on disk
             raise ConversionError(f"{directory / index_name}: shard {shard!r} is not a file name in that directory.")
         if not (directory / shard).is_file():
             raise ConversionError(f"{directory / index_name}: shard {shard!r} does not exist.")
         reader = _open_weights(directory / shard)
-        held = set(reader.keys())
-        absent = sorted(key for key, name in weight_map.items()  # a .bin shard's keys lose DDP's `module.`
-                        if name == shard and key not in held and key.removeprefix("module.") not in held)
-        if absent:
-            raise ConversionError(f"{directory / index_name} places {_list_keys(absent)} in {shard!r}, which does not "
-                                  "hold them; the index and its shards do not match (copy the folder again).")
+        for key in reader.keys():
+            holders.setdefault(key, set()).add(shard)
         readers.append(reader)
     if not readers:
         raise ConversionError(f"{directory / index_name} lists no weight files.")
+    misplaced = []
+    for key, name in weight_map.items():
+        held = holders.get(key) or holders.get(key.removeprefix("module."))  # a .bin shard's keys lose DDP's `module.`
+        if held and name not in held:
+            misplaced.append(f"{key} (in {', '.join(map(repr, sorted(held)))}, not {name!r})")
+    misplaced.sort()
+    if misplaced:
+        raise ConversionError(f"{directory / index_name} places weights in shards that do not hold them: "
+                              f"{_list_keys(misplaced)}; the index and its shards do not match (copy the folder "
+                              "again).")
     return readers
 
 

@@ -457,8 +457,9 @@ def _safetensors_files(directory: str | os.PathLike) -> Optional[list[str]]:
     with open(index) as handle:
         weight_map = json.load(handle).get("weight_map") or {}
     names = sorted(set(weight_map.values()))
-    outside = [name for name in names if os.path.basename(name) != name]
-    if outside:  # as `convert`: an index names files in its own dir, never elsewhere on disk
+    # as `convert`: an index names files in its own dir, never elsewhere on disk (".." is the parent dir itself)
+    outside = [name for name in names if os.path.basename(name) != name or name in (os.curdir, os.pardir)]
+    if outside:
         raise ValueError(f"{index} names shards outside its directory: {_format_keys(outside)}.")
     return [os.path.join(directory, name) for name in names] or None
 

@@ -207,15 +207,20 @@ def _write_shards(directory: Path, shards: dict[str, dict[str, torch.Tensor]], w
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def test_weight_in_two_shards_is_refused(sharded_dir, tmp_path):
-    """A stale second copy of a weight in another shard: converting took whichever shard sorted last (here the
-    stale one, against the index), silently."""
+def _write_with_a_stale_copy(sharded_dir, key: str) -> tuple[Path, dict[str, str]]:
+    """The shards as the index places them, plus a second copy of `key` (other values) in the other shard."""
     directory, state, where = sharded_dir
-    key = "vision_model.post_layernorm.weight"
     shards = {name: {k: v for k, v in state.items() if where[k] == name} for name in set(where.values())}
     other = next(name for name in shards if name != where[key])
     shards[other][key] = torch.full_like(state[key], 7.0)
     _write_shards(directory, shards, where)
+    return directory, where
+
+
+def test_weight_in_two_shards_is_refused(sharded_dir, tmp_path):
+    """A stale second copy of a weight in another shard: converting took whichever shard sorted last (here the
+    stale one, against the index), silently."""
+    directory, where = _write_with_a_stale_copy(sharded_dir, "vision_model.post_layernorm.weight")
     with pytest.raises(ConversionError, match=r"in two shards.*post_layernorm\.weight"):
         convert_checkpoint(directory, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -228,9 +233,29 @@ def test_index_placing_a_weight_in_a_shard_without_it_is_refused(sharded_dir, tm
     weight_map = dict(where)
     weight_map[key] = next(name for name in shards if name != where[key])
     _write_shards(directory, shards, weight_map)
-    with pytest.raises(ConversionError, match=r"places logit_scale in 'model-0000\d-of-00002\.safetensors', which "
-                                              r"does not hold"):
+    with pytest.raises(ConversionError, match=r"places weights in shards that do not hold them: logit_scale \(in "
+                                              r"'model-0000\d-of-00002\.safetensors', not 'model-0000\d"):
         load_source(directory)
+
+
+def test_index_without_a_weight_map_names_what_it_holds(sharded_dir):
+    """An index with `metadata` only was refused as "expected a JSON object ..., found dict", a JSON object."""
+    directory, _, _ = sharded_dir
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(ConversionError, match=r"'weight_map' maps weight names to shard file names, found an object "
+                                              r"with keys metadata\."):
+        load_source(directory)
+
+
+def test_index_entries_of_shared_tensors_dropped_from_the_shards_are_not_refused(sharded_dir):
+    """safetensors' convert script (the SFconvertbot's) drops a shared tensor's alias from its shard but keeps the
+    index entry: no shard holds it, so no stale copy can be taken; that was refused as a mismatched index."""
+    directory, state, where = sharded_dir
+    shards = {name: {k: v for k, v in state.items() if where[k] == name} for name in set(where.values())}
+    alias = "vision_model.head.weight_alias"
+    _write_shards(directory, shards, {**where, alias: next(iter(shards))})
+    source = load_source(directory)
+    assert alias not in source.readers and set(source.readers) == set(state)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -245,8 +270,39 @@ def test_two_candidate_state_dicts_are_refused(tmp_path):
     (`eva_clip.factory.load_state_dict`, keys tried in the order model|module|state_dict) takes B."""
     path = tmp_path / "two.pt"
     torch.save({"module": _TOY_KEYS, "model": {key: value + 1 for key, value in _TOY_KEYS.items()}}, path)
-    with pytest.raises(ConversionError, match=r"several state dicts \('module', 'model'\)"):
+    with pytest.raises(ConversionError, match=r"several different state dicts \('module', 'model'\)"):
         load_source(path)
+
+
+@pytest.mark.parametrize("beside", ["config", "empty", "same_dict", "second_state_dict_call"])
+def test_a_config_or_the_same_weights_beside_the_state_dict_is_not_a_second_candidate(beside, tmp_path, caplog):
+    """Only a second state dict with other tensors is ambiguous: a config dict or an empty one under "model", or the
+    same weights saved twice (`{"state_dict": sd, "model": sd}`, two `model.state_dict()` calls sharing storages),
+    converted before and were refused as "several state dicts"."""
+    module = torch.nn.Linear(4, 4)
+    state = {f"visual.{key}": value for key, value in module.state_dict().items()}
+    state["visual.cls_token"] = torch.zeros(1, 1, 4)
+    second = {"config": {"arch": "EVA02-CLIP-B-16", "embed_dim": 4}, "empty": {}, "same_dict": state,
+              "second_state_dict_call": {f"visual.{key}": value for key, value in module.state_dict().items()}
+              | {"visual.cls_token": state["visual.cls_token"]}}[beside]
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": state, "model": second}, path)
+    with caplog.at_level(logging.WARNING, logger="llava_evaclip.convert"):
+        source = load_source(path)
+    assert torch.equal(source.load("visual.weight"), module.weight.detach()) and "not converted" not in caplog.text
+
+
+def test_deepspeed_model_states_convert_without_naming_its_frozen_parameters(tmp_path, caplog):
+    """DeepSpeed's mp_rank_00_model_states.pt (ZeRO-2, a frozen tower): `frozen_param_fragments` holds the frozen
+    parameters that `module` holds too; it was named as weights "not converted"."""
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": _TOY_KEYS, "buffer_names": [], "optimizer": None,
+                "param_shapes": [{"visual.cls_token": torch.Size([1, 1, 4])}],
+                "frozen_param_fragments": {"visual.blocks.0.norm1.weight": torch.ones(4)}, "shared_params": {},
+                "global_steps": 10, "dp_world_size": 2, "ds_config": {"zero_optimization": {"stage": 2}}}, path)
+    with caplog.at_level(logging.WARNING, logger="llava_evaclip.convert"):
+        source = load_source(path)
+    assert set(source.readers) == set(_TOY_KEYS) and "not converted" not in caplog.text
 
 
 def test_ema_weights_next_to_the_converted_ones_are_named(tmp_path, caplog):
@@ -266,15 +322,13 @@ def test_zero3_streamed_load_refuses_the_same_shards(sharded_dir):
     index naming a file outside its folder was followed."""
     from llava_evaclip import zero
 
-    directory, state, where = sharded_dir
-    key = "vision_model.post_layernorm.weight"
-    shards = {name: {k: v for k, v in state.items() if where[k] == name} for name in set(where.values())}
-    other = next(name for name in shards if name != where[key])
-    shards[other][key] = torch.full_like(state[key], 7.0)
-    _write_shards(directory, shards, where)
+    directory, where = _write_with_a_stale_copy(sharded_dir, "vision_model.post_layernorm.weight")
     with pytest.raises(ValueError, match=r"post_layernorm\.weight' is stored in two shards"):
         zero._safetensors_header(zero._safetensors_files(directory))
     outside = {key: "../" + name for key, name in where.items()}
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": outside}))
     with pytest.raises(ValueError, match=r"names shards outside its directory: \.\./model-00001"):
+        zero._safetensors_files(directory)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"logit_scale": ".."}}))
+    with pytest.raises(ValueError, match=r"names shards outside its directory: \.\."):  # the parent dir itself
         zero._safetensors_files(directory)
