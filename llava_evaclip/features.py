@@ -311,6 +311,15 @@ def settings_differences(recorded: dict[str, str], expected: dict[str, str],
             and not (key in LATER_SETTING_KEYS and (key not in recorded or key not in expected))]
 
 
+def _adopt_later_settings(settings: dict[str, str], other: dict[str, str]) -> bool:
+    """Copy into a store's `settings` the LATER_SETTING_KEYS it lacks and `other` records (True if any): outputs made
+    before a key existed are checked against neither value, so without this a store whose first outputs lack it takes
+    later ones of both values (a pre-image_resize store resumed on each transformers line mixes the two resizes)."""
+    added = {key: other[key] for key in LATER_SETTING_KEYS if key in other and key not in settings}
+    settings.update(added)
+    return bool(added)
+
+
 def _log_model_path(recorded: dict[str, str], expected: dict[str, str], where: str) -> None:
     """Say so when existing outputs are resumed with the same weights loaded from another path."""
     if recorded.get("model") != expected.get("model") and not settings_differences(recorded, expected, ("model",)):
@@ -974,9 +983,13 @@ class EntryTable:
         return None
 
     def rows(self, keys: Iterable[str]) -> list[Optional[int]]:
-        """`row` of each of many keys, through one transient dict of all keys (bisection costs ~6 us a key)."""
-        lookup = {key: row for row, key in enumerate(self.keys())}
-        return [lookup.get(key) for key in keys]
+        """`row` of each key: by bisection (~6 us a key) for fewer than an eighth of the entries, else through one
+        transient dict of all keys (~1 us an entry to build: 0.5 s at 600K, too much for a `missing([key])`)."""
+        keys = list(keys)
+        if len(keys) * 8 < len(self):
+            return list(map(self.row, keys))
+        lookup = dict(zip(self.keys(), itertools.count()))
+        return list(map(lookup.get, keys))
 
     def value(self, row: int, name: str, default: Any = None) -> Any:
         field = self._fields.get(name)
@@ -1080,8 +1093,9 @@ class FeatureStore:
             self._check_format(index, index_path, remedy)
             self.settings = index["settings"]
             entries = index["entries"]
-            merged = set(index["fragments"])
-            self._fragments.extend(index["fragments"])
+            # none listed (as `_check_format` lets pass): every fragment is read again, as without an index
+            merged = set(index.get("fragments", []))
+            self._fragments.extend(index.get("fragments", []))
             self._indexed = True
         directory = os.path.join(self.directory, SHARDS_DIR)
         names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
@@ -1097,6 +1111,7 @@ class FeatureStore:
                 raise ValueError(f"{display_path(path)} was made with other settings than the rest of the store: "
                                  f"{', '.join(differences)}.")
             self.settings = self.settings or fragment["settings"]
+            _adopt_later_settings(self.settings, fragment["settings"])
             entries.update(fragment["entries"])
             self._fragments.append(name)
             self._unmerged += 1
@@ -1118,8 +1133,9 @@ class FeatureStore:
         ValueError naming it, not a KeyError or AttributeError from a later read."""
         if not isinstance(data, dict) or data.get("format") != SHARDS_FORMAT:
             raise ValueError(f"{display_path(path)} is not a llava-evaclip feature index ({SHARDS_FORMAT}).")
-        entries = data.get("entries")
-        if not (isinstance(data.get("settings"), dict) and isinstance(data.get("fragments", []), list)
+        entries, fragments = data.get("entries"), data.get("fragments", [])  # an index lists its fragments
+        if not (isinstance(data.get("settings"), dict) and isinstance(fragments, list)
+                and set(map(type, fragments)) <= {str}
                 and isinstance(entries, dict) and set(map(type, entries.values())) <= {dict}
                 and all(set(map(type, map(operator.methodcaller("get", name), entries.values()))) <= {str}
                         for name in ("shard", "tensor"))):
@@ -1155,6 +1171,8 @@ class FeatureStore:
                     differences = settings_differences(settings, self.settings, label=f"{first_key!r} has")
                     if differences:
                         conflicts.append((key, differences))
+                    elif _adopt_later_settings(self.settings, settings):
+                        first_key = key  # the reference from now on: it agrees with the first on all else
         ignored = [display_path(path) for path in foreign] + [
             f"{display_path(path)} (unreadable: {reason})" for path, reason in self.unreadable]
         if ignored:
@@ -1223,6 +1241,11 @@ class FeatureStore:
 
     def close(self) -> None:
         self._handles.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the open shard maps, which cannot be pickled: a spawn or forkserver DataLoader worker gets a store
+        the main process has read from, and opens its own."""
+        return {**self.__dict__, "_handles": {}}
 
     def verify(self) -> list[str]:
         """Problems found (empty when consistent): every entry's tensor exists with its recorded shape and dtype and
