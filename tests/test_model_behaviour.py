@@ -391,6 +391,48 @@ def test_vision_batch_independence(family: str) -> None:
             torch.testing.assert_close(alone.pooler_output[0], batched.pooler_output[row], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["eva01", "eva02", "eva8b"])
+def test_forwards_from_several_threads_equal_sequential_ones(family: str, dtype: torch.dtype) -> None:
+    """LLaVA's model worker serves requests from threads on one model: concurrent inference forwards (other batch
+    sizes and resolutions, the RoPE table cache filled by whichever thread comes first) must give each thread exactly
+    its sequential result, not another thread's buffers."""
+    import threading
+
+    config = tiny_vision_config(family)
+    model = EvaCLIPVisionModel(config).eval().to(dtype)
+    side = config.image_size
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, side), (2, side), (2, side), (1, side), (2, side + config.patch_size)]  # equal shapes too
+    inputs = [torch.randn(batch, 3, height, side, generator=generator).to(dtype) for batch, height in shapes]
+    with torch.no_grad():
+        expected = [model(pixels, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[-2]
+                    for pixels in inputs]
+    for rotary in (module for module in model.modules() if hasattr(module, "reset_cache")):
+        rotary.reset_cache()
+    mismatches: list = []
+    start = threading.Barrier(len(inputs))
+
+    def serve(index: int) -> None:
+        start.wait()
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    out = model(inputs[index], output_hidden_states=True,
+                                interpolate_pos_encoding=True).hidden_states[-2]
+                    if not torch.equal(out, expected[index]):
+                        mismatches.append((index, (out.float() - expected[index].float()).abs().max().item()))
+        except Exception as error:  # a thread's exception would otherwise only be printed
+            mismatches.append((index, repr(error)))
+
+    threads = [threading.Thread(target=serve, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not mismatches
+
+
 def test_text_batch_independence_with_padding() -> None:
     """Each sentence alone, unpadded, equals its row in a right-padded batch."""
     config = tiny_text_config()
