@@ -1430,8 +1430,8 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
             raise ValueError(f"the feature store {display_path(out_dir)} names {len(missing)} shard(s) that are "
                              f"missing, e.g. {SHARDS_DIR}/{missing[0]}; restore them, or use another output folder.")
         rows = entries.rows(item.key for item in items)
-        others = [(item, entries.value(row, "source")) for item, row in zip(items, rows)
-                  if row is not None and not _same_source(entries.value(row, "source"), item.path)]
+        recorded_sources = ((item, entries.value(row, "source")) for item, row in zip(items, rows) if row is not None)
+        others = [(item, source) for item, source in recorded_sources if not _same_source(source, item.path)]
         if others:
             item, recorded = others[0]
             raise ValueError(f"the feature store {display_path(out_dir)} holds features of other images under "
