@@ -1069,7 +1069,8 @@ class FeatureStore:
         return store, store._read(directory)
 
     def _read(self, directory: Union[str, os.PathLike]) -> dict[str, dict[str, Any]]:
-        self.directory = os.fspath(directory)
+        # absolute (symlinks kept): shards and files are opened on first read, which may come after a chdir
+        self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise ValueError(f"{display_path(self.directory)} is not a feature store directory.")
         self.format = "shards" if is_shard_store(self.directory) else "files"

@@ -438,3 +438,29 @@ def test_the_same_checkpoint_at_another_path_resumes(tower_dir, tmp_path, capsys
     save_tower(tmp_path / "other", seed=2)
     assert main(["features", str(images), "--model", str(tmp_path / "other"), *common]) in (1, 2)
     assert "weights_fingerprint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format", ["shards", "files"])
+def test_a_store_opened_by_a_relative_path_reads_after_the_process_changes_directory(tower_dir, tmp_path, monkeypatch,
+                                                                                     format):
+    """Shards and per-image files are opened on first read: a store opened as "." (or any relative path) looked them
+    up from whatever the current directory was by then, so a training script that changed directory after opening
+    it could read nothing (FileNotFoundError). Opened as ".", through a symlink, then read from elsewhere: the
+    features are the plain model's on the saved processor's pixels."""
+    paths = [tmp_path / "images" / f"{index}.png" for index in range(3)]
+    for index, path in enumerate(paths):
+        write_image(path, seed=index)
+    out = tmp_path / "out"
+    F.extract_features(F.load_tower(tower_dir), [str(tmp_path / "images")], str(out), format=format)
+    (tmp_path / "link").symlink_to(out)
+    (tmp_path / "elsewhere").mkdir()
+    expected = reference(tower_dir, paths)
+    monkeypatch.chdir(out)
+    from_dot = F.FeatureStore(".")
+    monkeypatch.chdir(tmp_path)
+    from_link = F.FeatureStore("link")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for store in (from_dot, from_link):
+        assert list(store) == ["0.png", "1.png", "2.png"] and store.verify() == []
+        for index, key in enumerate(store):
+            torch.testing.assert_close(store[key], expected[index], atol=1e-5, rtol=0)
