@@ -751,6 +751,20 @@ def check_resume(args: Sequence[str]) -> None:
         )
 
 
+def check_tower_training(args: Sequence[str]) -> None:
+    """LLaVA 1.5's --tune_mm_mlp_adapter True freezes everything but the projector after the tower is set up and saves
+    only mm_projector.bin, so --unfreeze_mm_vision_tower True beside it would train nothing of the tower while the
+    saved config says it did; refuse the pair before anything loads."""
+    if (_flag_enabled(args, "tune_mm_mlp_adapter") and _flag_enabled(args, "unfreeze_mm_vision_tower")
+            and not is_llava_next()):
+        raise ArgumentError(
+            "--tune_mm_mlp_adapter True trains and saves only the projector (mm_projector.bin): LLaVA freezes the "
+            "tower after --unfreeze_mm_vision_tower True unfreezes it. Train the tower in the next stage "
+            "(integration/finetune.sh --unfreeze_mm_vision_tower True --pretrain_mm_mlp_adapter ...), or drop "
+            "--tune_mm_mlp_adapter."
+        )
+
+
 def check_paths(args: Sequence[str]) -> None:
     """Paths LLaVA would trip over only after loading the language model (or, for the images, in the first step), and
     an output folder that would overwrite the vision tower's checkpoint or the model the run starts from (the next
@@ -802,6 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = translate_training_args(args)
         try:
             check_paths(args)
+            check_tower_training(args)
             check_resume(args)
             check_feature_cache(args)
         except LaunchError as error:

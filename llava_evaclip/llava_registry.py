@@ -159,6 +159,54 @@ def patch_llava_forward() -> None:
     LlavaLlamaForCausalLM.forward = forward
 
 
+LLAVA_LOADER_MODULE = "llava.model.builder"
+
+
+def patch_llava_loader() -> None:
+    """LLaVA's `load_pretrained_model(model_path, model_base, ...)` with a `model_base` (a LoRA or a projector-only
+    checkpoint) builds the LLaVA model from the base language model, whose checkpoint has no tower weights; LLaVA-NeXT
+    builds the tower inside that `from_pretrained` (delay_load False), so a frozen tower would keep random weights (its
+    own CLIPVisionTower does), and both LLaVAs build a tower whose config says it was trained there (an mm_projector.bin
+    never holds its weights; LLaVA 1.5's --tune_mm_mlp_adapter freezes the tower whatever --unfreeze_mm_vision_tower
+    says). Around such a call, the EVA-CLIP tower waits for the builder's `load_model()`, which loads it from its
+    directory, except a trained tower in a LoRA checkpoint (its non_lora_trainables.bin holds it). Rebinds every
+    module-level name bound to it; idempotent."""
+    import importlib
+
+    try:
+        loader = importlib.import_module(LLAVA_LOADER_MODULE)
+    except Exception:  # an older or partial LLaVA without the builder: nothing to patch
+        return
+    original = getattr(loader, "load_pretrained_model", None)
+    if original is None or getattr(original, "_evaclip_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_pretrained_model(*args: Any, **kwargs: Any) -> Any:
+        from .tower import loading_onto_a_base_model
+
+        try:
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # let LLaVA report its own usage error
+            arguments = {}
+        if arguments.get("model_base") is None:
+            return original(*args, **kwargs)
+        # LLaVA's (and LLaVA-NeXT's) builder takes its LoRA branch for a model name containing "lora".
+        kind = "lora" if "lora" in str(arguments.get("model_name", "")).lower() else "projector"
+        with loading_onto_a_base_model(kind):
+            return original(*args, **kwargs)
+
+    load_pretrained_model._evaclip_wrapped = True  # type: ignore[attr-defined]
+    load_pretrained_model._evaclip_original = original  # type: ignore[attr-defined]
+    # Every module-level binding, the caller's too (`from llava.model.builder import load_pretrained_model` written
+    # before `register_with_llava()`); read through __dict__ so that no lazy module imports anything.
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict) and namespace.get("load_pretrained_model") is original:
+            module.load_pretrained_model = load_pretrained_model
+
+
 def _llava_modules() -> list[Any]:
     return [
         module
@@ -191,6 +239,7 @@ def register_with_llava() -> None:
             module.build_vision_tower = build_vision_tower
             patched.append(module.__name__)
     patch_llava_forward()
+    patch_llava_loader()
     if patched:
         logger.info(f"EVA-CLIP towers registered with LLaVA's build_vision_tower in {', '.join(sorted(patched))}.")
 
@@ -217,6 +266,7 @@ __all__ = [
     "is_evaclip_tower",
     "is_registered_with_llava",
     "patch_llava_forward",
+    "patch_llava_loader",
     "register_vision_tower",
     "register_with_llava",
     "unregister_from_llava",

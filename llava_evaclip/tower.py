@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import os
@@ -9,12 +11,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import CLIPImageProcessor
 from transformers.utils import logging
 
 from . import zero
+from ._compat import CHECKPOINT_DTYPE
 from .configuration_evaclip import EvaCLIPVisionConfig
 from .modeling_evaclip import EvaCLIPVisionModel
 from .processing import image_processor_file, load_image_processor
@@ -32,8 +34,6 @@ NEXT_SELECT_FEATURES = tuple(
 )
 DEFAULT_SELECT_LAYER = -1  # LLaVA's ModelArguments default; LLaVA-1.5 scripts pass -2
 DEFAULT_S2_SCALES = "336,672,1008"  # LLaVA's default for CLIPVisionTowerS2
-# Load in the checkpoint's own dtype (transformers 5's default): 4.x would upcast a bf16 EVA-CLIP-8B dir to 30 GB fp32.
-CHECKPOINT_DTYPE = {} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
 
 
 def parse_select_layer(value: Any, num_hidden_layers: int) -> tuple[int, ...]:
@@ -180,6 +180,29 @@ def _relative_path_hint(name: str) -> str:
     return f" {relative[0].upper()}{relative[1:]}"
 
 
+# Set while LLaVA's `load_pretrained_model` builds a LLaVA model from a base language model (`model_base`): "lora" for a
+# LoRA checkpoint (LLaVA's branch for a model name containing "lora"), "projector" for a projector-only one. The base
+# checkpoint has no tower weights, so a tower built on the meta device inside its `from_pretrained` would be filled
+# with random values; it is left unloaded instead, for the builder's own `vision_tower.load_model()` to load from the
+# tower's directory. Only a trained tower under "lora" is still built there: its weights come from the checkpoint's
+# non_lora_trainables.bin (an mm_projector.bin never holds them). `llava_registry` sets it.
+_loading_onto_a_base_model: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "evaclip_loading_onto_a_base_model", default=None)
+BASE_MODEL_LOADS = ("lora", "projector")
+
+
+@contextlib.contextmanager
+def loading_onto_a_base_model(kind: str):
+    """While active, a tower built on the meta device waits for `load_model()` (see above)."""
+    if kind not in BASE_MODEL_LOADS:
+        raise ValueError(f"kind must be one of {BASE_MODEL_LOADS}, got {kind!r}.")
+    token = _loading_onto_a_base_model.set(kind)
+    try:
+        yield
+    finally:
+        _loading_onto_a_base_model.reset(token)
+
+
 def _building_on_meta_device() -> bool:
     """True while modules are being built on the meta device, as a parent model's `from_pretrained` does before it
     fills in the weights: transformers 5 opens a `torch.device("meta")` context (tensors created without a device
@@ -241,7 +264,14 @@ class EvaCLIPVisionTower(nn.Module):
         trained = getattr(args, "unfreeze_mm_vision_tower", False) or "mm_vision_tower" in (
             getattr(args, "mm_tunable_parts", None) or ""
         )
-        if not delay_load or trained:
+        # LLaVA-NeXT builds the tower inside the LLaVA model's `from_pretrained` (its delay_load defaults to False), and
+        # both LLaVAs build a trained one there; when that model comes from a base language model, the tower's weights
+        # are not in what it loads (unless a LoRA checkpoint trained it): wait for the builder's load_model() (from the
+        # tower's directory) rather than take random ones.
+        base_load = _loading_onto_a_base_model.get()
+        waits_for_builder = (base_load == "projector" or (base_load == "lora" and not trained)) and (
+            _building_on_meta_device())
+        if not waits_for_builder and (trained or not delay_load):
             self.load_model()
 
     @staticmethod

@@ -325,6 +325,9 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
         # LLaVA would resume a LoRA run whose checkpoint (no DeepSpeed) holds only the adapters.
         (["--lora_enable", "True", "--output_dir", str(lora_run)], "checkpoint-4", "projector"),
         (["--output_dir", str(lora_run), "--lora_enable"], "checkpoint-4", "holds only the adapters"),
+        # LLaVA 1.5's --tune_mm_mlp_adapter freezes the tower again and saves only mm_projector.bin.
+        (["--tune_mm_mlp_adapter", "True", "--unfreeze_mm_vision_tower=True", "--output_dir", str(tmp_path / "out")],
+         "--tune_mm_mlp_adapter True trains and saves only the projector", "drop --tune_mm_mlp_adapter"),
     ]
     for extra, *fragments in cases:
         checked_first = "--mm_vision_select_layer" not in extra  # that one is LLaVA's parser's (our dataclass hook)
@@ -340,5 +343,8 @@ def test_paths_and_tower_options_are_checked_before_anything_loads(tmp_path, cap
     assert sorted(p.name for p in stage1.iterdir()) == ["config.json"]
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in lora_run.iterdir()) == ["checkpoint-4"]
+    for alone in (["--tune_mm_mlp_adapter", "True"], ["--unfreeze_mm_vision_tower", "True", "--tune_mm_mlp_adapter",
+                                                        "False"]):
+        launch.check_tower_training(alone)
     for resumable in (["--lora_enable", "True", "--deepspeed", "zero3.json"], ["--lora_enable", "False"], []):
         launch.check_resume(["--output_dir", str(lora_run), *resumable])  # DeepSpeed's checkpoint holds every weight
