@@ -1434,6 +1434,17 @@ class EvaCLIPTextTransformer(nn.Module):
                 raise ValueError("attention_mask masks the start of a text or its first end token (left padding?): "
                                  "the text tower reads absolute positions and pools at the first end token, so pad "
                                  "on the right (tokenizer.padding_side = 'right', the CLIP tokenizers' default).")
+        # Without a mask the same left padding shows as a row that starts with the end token (the CLIP tokenizers'
+        # pad) and holds other tokens: it would pool at position 0, one embedding for every such text.
+        eos = self.config.eos_token_id
+        if eos is not None and eos != 2:
+            starts = input_ids[:, 0] == eos
+            if bool((starts & (input_ids != eos).any(dim=-1)).any()):
+                raise ValueError(f"input_ids has a row that starts with the end token ({eos}, the padding token) "
+                                 "and holds text after it (left padding?): the text tower pools at the first end "
+                                 "token and reads absolute positions, so every such text would get the same "
+                                 "embedding; pad on the right (tokenizer.padding_side = 'right', the CLIP "
+                                 "tokenizers' default).")
 
     def forward(
         self,

@@ -8,8 +8,10 @@ including the end token for text that open_clip's cleaning leaves as it is. open
 (straight quotes, split ligatures, normal-width letters, no control characters), unescapes HTML entities, collapses
 whitespace and lower-cases with Python's rules (a capital sigma ending a word becomes "ς"); transformers' fast CLIP
 tokenizer does none of that but a plainer lower-casing, so for exact ids pass captions through `clean_text` first (it
-needs `ftfy`). One difference remains: a literal `<|endoftext|>` (or `<|startoftext|>`) in a caption is the special
-token to transformers' tokenizers (the tower then pools at the end token), plain characters to open_clip.
+needs `ftfy`). Literal special tokens in a caption differ too: `<|endoftext|>` (or `<|startoftext|>`) is the special
+token to transformers' tokenizers (the tower then pools there) and plain characters to BAAI's and open_clip's, whose
+own specials are `<end_of_text>` / `<start_of_text>`; `clean_text` and `basic_clean` rewrite both kinds so that
+transformers' tokenizers give BAAI's ids (`baai_special_tokens`).
 
 Padding uses `<|endoftext|>` as transformers' CLIP does (open_clip pads with id 0): the text tower is causal and pools
 at the first end token, so right padding (the default) never changes its output; left padding is refused by the
@@ -122,6 +124,14 @@ def write_tokenizer_files(directory: Union[str, os.PathLike], model_max_length: 
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": True,
         **special_tokens,
+        # Matched in the raw text, before lower-casing (`normalized: false`), as transformers 5 builds them: 4.37's
+        # fast tokenizer otherwise matched them after its normalizer, so "<|ENDOFTEXT|>" was the end token there
+        # (pooled at, cutting the caption) and plain characters on 5.x, in BAAI's tokenizer and after `clean_text`.
+        "added_tokens_decoder": {
+            str(index): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                         "single_word": False, "special": True}
+            for index, token in ((BOS_TOKEN_ID, BOS_TOKEN), (EOS_TOKEN_ID, EOS_TOKEN))
+        },
     }
     with open(directory / "tokenizer_config.json", "w", encoding="utf-8") as handle:
         json.dump(tokenizer_config, handle, indent=2)
@@ -135,7 +145,10 @@ def clean_text(text: str) -> str:
     whitespace collapsed, ends stripped, lower-cased), so that the tokenizer's ids equal open_clip's for any caption.
 
     The lower-casing is Python's, as open_clip's: the fast tokenizer's own lower-casing maps every capital sigma to
-    "σ", where Python gives the final form "ς" at the end of a word ("ΟΔΟΣ" -> "οδος"), another token."""
+    "σ", where Python gives the final form "ς" at the end of a word ("ΟΔΟΣ" -> "οδος"), another token. Literal special
+    tokens are rewritten as BAAI reads them (`baai_special_tokens`). Clean a caption once: like the HTML unescaping,
+    that rewriting is not idempotent (the `<|endoftext|>` it writes for BAAI's `<end_of_text>` is plain text to a
+    second pass, as to BAAI)."""
     try:
         import ftfy
     except ImportError as error:
@@ -149,14 +162,52 @@ def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+# BAAI's (and open_clip's) pre-tokenizer: its special tokens are `<start_of_text>` / `<end_of_text>`, matched in the
+# text itself wherever the pattern reaches them; `<|startoftext|>` / `<|endoftext|>` are plain characters to it.
+_BAAI_SPECIALS = {"<start_of_text>": BOS_TOKEN, "<end_of_text>": EOS_TOKEN}
+_BAAI_PATTERN = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# transformers' CLIP tokenizers take these literals for their special tokens wherever they stand in the text.
+_TRANSFORMERS_SPECIALS = re.compile(r"<\|(startoftext|endoftext)\|>")
+
+
+@lru_cache()
+def _baai_pattern():
+    import regex  # a dependency of transformers; `re` has no \p{L}
+
+    return regex.compile(_BAAI_PATTERN, regex.IGNORECASE)
+
+
+def baai_special_tokens(text: str) -> str:
+    """`text` (cleaned and lower-cased) rewritten so that transformers' CLIP tokenizers give the special tokens where
+    BAAI's tokenizer gives them, and only there.
+
+    BAAI's `tokenize` (open_clip's too) takes a literal `<end_of_text>` / `<start_of_text>` in a caption for its
+    special token (the text tower then pools there, at the first end token), and `<|endoftext|>` for the plain
+    characters "<|", "endoftext", "|>"; transformers' tokenizers do the opposite, so either literal made the pooled
+    feature another text's. A space between "<|" and the word (and before "|>") is a boundary BAAI's pattern splits
+    at anyway, so it changes no id; a BAAI special token is written as transformers' literal only where BAAI's
+    pattern matches it (`!<end_of_text>` is the plain "!<", "end", ... to BAAI)."""
+    text = _TRANSFORMERS_SPECIALS.sub(lambda match: f"<| {match.group(1)} |>", text)
+    if "<" not in text:
+        return text
+    pieces, end = [], 0
+    for match in _baai_pattern().finditer(text):
+        special = _BAAI_SPECIALS.get(match.group(0).lower())
+        if special is not None:
+            pieces += [text[end : match.start()], special]
+            end = match.end()
+    return "".join(pieces) + text[end:]
+
+
 def basic_clean(text: str) -> str:
     """open_clip's cleaning without ftfy: HTML entities unescaped twice, runs of whitespace collapsed, ends stripped,
-    lower-cased (Python's rules). Enough for open_clip's ids on printable ASCII text; `clean_text` does the rest.
+    lower-cased (Python's rules), literal special tokens as BAAI's tokenizer reads them (`baai_special_tokens`).
+    Enough for open_clip's ids on printable ASCII text; `clean_text` does the rest.
 
     Lone surrogates (undecodable bytes in a command line, `surrogateescape`) become U+FFFD, as ftfy makes them: the
     fast tokenizer cannot take them at all."""
     text = html.unescape(html.unescape(replace_lone_surrogates(text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return baai_special_tokens(re.sub(r"\s+", " ", text).strip().lower())
 
 
 def build_tokenizer(use_fast: bool = True, model_max_length: int = CONTEXT_LENGTH) -> PreTrainedTokenizerBase:
@@ -181,6 +232,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "VOCAB_SIZE",
     "build_tokenizer",
+    "baai_special_tokens",
     "basic_clean",
     "replace_lone_surrogates",
     "build_vocab",
