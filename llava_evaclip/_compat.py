@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import sys
 from typing import Any, Callable, Iterator, Optional
 
@@ -72,21 +73,29 @@ except ImportError:
 # transformers 5 renamed `gradient_checkpointing_enable` (now a deprecated alias) and made non-reentrant the default.
 HAS_ACTIVATION_CHECKPOINTING = hasattr(PreTrainedModel, "activation_checkpointing_enable")
 
+# (major, minor) of the installed transformers ("5.0.0.dev0" and "4.57.0rc1" read as (5, 0) and (4, 57)).
+TRANSFORMERS_VERSION = tuple(int(re.match(r"\d*", part).group() or 0) for part in transformers.__version__.split(".")[:2])
+
 # transformers 5's CLIPModel.get_image_features / get_text_features return the tower's output with the projected
 # embeddings as `pooler_output`; 4.x returns the projected tensor.
-FEATURES_RETURN_MODEL_OUTPUT = int(transformers.__version__.split(".")[0]) >= 5
+FEATURES_RETURN_MODEL_OUTPUT = TRANSFORMERS_VERSION >= (5,)
 
 # transformers 4.x's `config.torchscript=True` makes models return tuples (`config.use_return_dict`), so that
 # torch.jit.trace takes them; transformers 5 dropped the flag.
-TORCHSCRIPT_RETURNS_TUPLES = int(transformers.__version__.split(".")[0]) < 5
+TORCHSCRIPT_RETURNS_TUPLES = TRANSFORMERS_VERSION < (5,)
 
 # transformers 5's configs pass `attn_implementation` on to their sub-configs (per tower when given as a dict);
 # 4.x sets it on the top config only.
-SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = int(transformers.__version__.split(".")[0]) >= 5
+SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = TRANSFORMERS_VERSION >= (5,)
 
 # transformers 5 names the checkpoint dtype `dtype`; 4.x names it `torch_dtype` and keeps any other key as a plain
 # attribute, which its save_pretrained writes back unchanged.
-CONFIG_DTYPE_KEY = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+CONFIG_DTYPE_KEY = "dtype" if TRANSFORMERS_VERSION >= (5,) else "torch_dtype"
+
+# `from_pretrained(..., dtype="auto")`: the checkpoint's own dtype (transformers 5's default; 4.x loads fp32, which
+# would upcast a bf16 EVA-CLIP-8B dir to 30 GB). 4.56-4.57 take `dtype` and log a deprecation for `torch_dtype`.
+CHECKPOINT_DTYPE = ({} if TRANSFORMERS_VERSION >= (5,) else {"dtype": "auto"} if TRANSFORMERS_VERSION >= (4, 56)
+                    else {"torch_dtype": "auto"})
 
 
 _PEEK_FUNCTORCH_STACK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)

@@ -26,8 +26,9 @@ def _benchmark_module() -> Any:
         return loaded  # `python -m benchmarks.tower`, or a test, imported the same file already
     if _MODULE_NAME in sys.modules:
         return sys.modules[_MODULE_NAME]
-    if not os.path.isfile(_TOWER_PATH):
-        return None
+    if not os.path.isfile(_TOWER_PATH) or not os.path.isfile(os.path.join(_SOURCE_ROOT, "pyproject.toml")):
+        return None  # only a source checkout has our benchmarks/: installed, _SOURCE_ROOT is site-packages, where a
+        # `benchmarks/tower.py` is another distribution's (it ran, and broke, on every `llava-evaclip` command)
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, _TOWER_PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE_NAME] = module  # dataclasses look their module up while the file runs
