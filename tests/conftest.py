@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-import pytest
-import torch
+# Intel MKL (torch's fp32 BLAS on x86) picks its kernel by memory alignment and thread count on some CPUs (AVX2 ones,
+# e.g. AMD EPYC): the same matmul then differs in the last bit between two allocations, or between the pytest process
+# and a subprocess run on one thread. The tests that check resumed or multi-rank runs against a single run bit for bit
+# need MKL's strict reproducible mode; set before torch loads MKL, and inherited by every subprocess.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# A runner that starts pytest in the background (`cmd &` without job control) leaves SIGINT ignored, and the children
+# would inherit that: the tests that interrupt a command with SIGINT need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

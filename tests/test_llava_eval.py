@@ -212,10 +212,17 @@ def _reference(models, model: str, images: list[str], layer: int, selection: str
     @torch.no_grad()
     def run(pixels: torch.Tensor, tower_dtype: torch.dtype, features_dtype: torch.dtype,
             projector_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """In the dtypes LLaVA ran the tower (fp32 on CPU, as CLIP's), returned its features and ran the projector."""
-        states = in_dtype(tower, tower_dtype)(pixels.to(tower_dtype), output_hidden_states=True).hidden_states[layer]
-        features = (states[:, 1:] if selection == "patch" else states).to(features_dtype)
-        return features, in_dtype(projector, projector_dtype)(features.to(projector_dtype))
+        """In the dtypes LLaVA ran the tower (fp32 on CPU, as CLIP's), returned its features and ran the projector.
+        On one thread, as the worker runs (OMP_NUM_THREADS=1): CPU kernels split their sums by thread count, which
+        moves half-precision results by an ulp."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            states = in_dtype(tower, tower_dtype)(pixels.to(tower_dtype), output_hidden_states=True).hidden_states[layer]
+            features = (states[:, 1:] if selection == "patch" else states).to(features_dtype)
+            return features, in_dtype(projector, projector_dtype)(features.to(projector_dtype))
+        finally:
+            torch.set_num_threads(threads)
 
     expected_pixels = []
     for name in images:
