@@ -10,6 +10,7 @@ else; the same wheel from the sdist as from the tree; the console script; and li
 
 from __future__ import annotations
 
+import argparse
 import ast
 import email.parser
 import hashlib
@@ -138,3 +139,24 @@ def test_sdist_rebuilds_the_same_wheel(built):
 
 def test_build_has_no_license_deprecation(built):
     assert "project.license` as a TOML table is deprecated" not in built["log"]
+
+
+def test_installed_bench_never_runs_another_distributions_benchmarks(tmp_path, monkeypatch):
+    """Installed from a wheel, the package's parent folder is site-packages, where a `benchmarks/tower.py` belongs to
+    some other distribution: `llava-evaclip bench` builds its options on every command, so that file ran (and broke
+    the command) each time. Only a source checkout (a pyproject.toml beside the package) supplies the benchmark."""
+    from llava_evaclip.cli import CLIError
+    from llava_evaclip.commands import bench
+
+    site_packages = tmp_path / "site-packages"
+    (site_packages / "benchmarks").mkdir(parents=True)
+    ran = tmp_path / "ran"
+    (site_packages / "benchmarks" / "tower.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    monkeypatch.setattr(bench, "_SOURCE_ROOT", str(site_packages))
+    monkeypatch.setattr(bench, "_TOWER_PATH", str(site_packages / "benchmarks" / "tower.py"))
+    monkeypatch.delitem(sys.modules, bench._MODULE_NAME, raising=False)
+    monkeypatch.delitem(sys.modules, "benchmarks.tower", raising=False)
+    assert bench._benchmark_module() is None and not ran.exists()
+    with pytest.raises(CLIError, match="source checkout"):
+        bench.run(argparse.Namespace())
+    assert not ran.exists()
