@@ -575,8 +575,7 @@ def attach_feature_cache(tower: Any, directory: str, model_args: Any) -> Any:
         raise FeatureCacheError(f"--vision_feature_cache {directory} was made with other settings than this tower: "
                                 f"{', '.join(differences)}.")
 
-    tokens = {"patch": tower.num_patches, "cls_patch": tower.num_patches + 1, "cls": 1}[tower.select_feature]
-    expected = (tokens, tower.hidden_size)
+    expected = (tower.num_patches, tower.hidden_size)  # tokens per image: CLS counted where it is selected
 
     def forward(images: Any) -> Any:
         if not hasattr(images, "ndim") or images.ndim != 3 or tuple(images.shape[1:]) != expected:

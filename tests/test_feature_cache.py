@@ -38,7 +38,7 @@ def model_args(workspace: Path, **overrides) -> types.SimpleNamespace:
     return types.SimpleNamespace(**fields)
 
 
-def stage1_loss(workspace: Path, cache: Path | None) -> torch.Tensor:
+def stage1_loss(workspace: Path, cache: Path | None, select_feature: str = "patch") -> torch.Tensor:
     """One stage-1 batch through LLaVA's own dataset, collator and model (fp32), as llava.train.train builds them."""
     import transformers
     from llava import conversation
@@ -52,7 +52,8 @@ def stage1_loss(workspace: Path, cache: Path | None) -> torch.Tensor:
     tokenizer.pad_token = tokenizer.unk_token
     torch.manual_seed(0)  # the projector's initialisation
     model = LlavaLlamaForCausalLM.from_pretrained(str(workspace / "lm"), torch_dtype=torch.float32)
-    model.get_model().initialize_vision_modules(model_args(workspace, vision_feature_cache=cache and str(cache)))
+    model.get_model().initialize_vision_modules(model_args(workspace, vision_feature_cache=cache and str(cache),
+                                                           mm_vision_select_feature=select_feature))
     tower = model.get_vision_tower()
     data_args = types.SimpleNamespace(data_path=str(workspace / "data.json"), image_folder=str(workspace / "images"),
                                       image_processor=tower.image_processor, is_multimodal=True,
@@ -61,16 +62,20 @@ def stage1_loss(workspace: Path, cache: Path | None) -> torch.Tensor:
                                                  data_args=data_args)
     batch = train_module.DataCollatorForSupervisedDataset(tokenizer=tokenizer)([dataset[i] for i in range(4)])
     if cache is not None:
-        assert batch["images"].shape == (4, 16, 48)  # features, not pixels, reached the model
+        # features, not pixels, reached the model: 16 patches, and CLS where it is selected
+        assert batch["images"].shape == (4, 16 + (select_feature == "cls_patch"), 48)
     model.eval()
     with torch.no_grad():
         return model(**batch).loss
 
 
-def test_the_loss_from_cached_features_equals_the_loss_from_the_tower(workspace, tmp_path):
-    cache = make_cache(workspace, tmp_path / "cache")
-    with_tower = stage1_loss(workspace, None)
-    with_cache = stage1_loss(workspace, cache)
+@pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
+def test_the_loss_from_cached_features_equals_the_loss_from_the_tower(workspace, tmp_path, select_feature):
+    """cls_patch: the tower's num_patches already counts CLS; the cache's shape check once added it again and refused
+    every batch of the features `llava-evaclip features --select-feature cls_patch` wrote."""
+    cache = make_cache(workspace, tmp_path / "cache", "--select-feature", select_feature)
+    with_tower = stage1_loss(workspace, None, select_feature)
+    with_cache = stage1_loss(workspace, cache, select_feature)
     launch._feature_cache.clear()
     assert torch.isfinite(with_tower)
     torch.testing.assert_close(with_cache, with_tower, atol=1e-5, rtol=0)
