@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Union
 
 # safetensors' own limit on a header's length; how much of a file the first read takes (a features file's header is
@@ -21,8 +22,13 @@ def read_safetensors_header(path: Union[str, os.PathLike]) -> tuple[dict[str, di
     """(tensors: {name: {"dtype", "shape", "data_offsets"}}, metadata, data start) of a complete safetensors file.
     A file that is not one, or whose size is not what its header describes (cut short, still being written, data
     appended), raises ValueError saying which; the file system's errors (missing, unreadable) are OSError."""
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
+    # O_NONBLOCK: opening a named pipe (a FIFO given a weights file's name) would wait for a writer forever
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    with open(os.open(path, flags), "rb", buffering=0) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a safetensors file (not a regular file: a named pipe, socket or device)")
+        size = info.st_size
         head = handle.read(FIRST_READ_BYTES)
         if len(head) < 8:
             raise ValueError(f"not a safetensors file ({size} bytes, shorter than the 8-byte header length)")

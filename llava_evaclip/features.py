@@ -113,6 +113,21 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+NOT_A_REGULAR_FILE = "not a regular file (a named pipe, socket or device: reading it could wait forever)"
+
+
+def _is_special_file(entry: Union[os.DirEntry, str]) -> bool:
+    """Whether an image path names a named pipe, socket or device (symlinks followed): a FIFO in a downloaded dataset
+    must not stall every rank. A regular file is told by the directory listing's file type, so a folder walk costs no
+    stat per image; a path that cannot be stat'ed (a dangling symlink) is not special: opening it fails, per image."""
+    try:
+        if isinstance(entry, os.DirEntry) and entry.is_file():
+            return False
+        return not stat.S_ISREG(os.stat(entry).st_mode)
+    except OSError:
+        return False
+
+
 def _walk(root: str, top: str, ancestors: tuple[tuple[int, int], ...], found: list[ImageItem],
           skipped: list[tuple[str, str]]) -> None:
     """Depth-first, sorted; directory symlinks are followed unless they lead back into their own ancestors."""
@@ -136,6 +151,9 @@ def _walk(root: str, top: str, ancestors: tuple[tuple[int, int], ...], found: li
                 continue
             _walk(entry.path, top, ancestors + (identity,), found, skipped)
         elif _is_image_name(entry.name):
+            if _is_special_file(entry):  # opening a FIFO named x.jpg would wait for a writer forever
+                skipped.append((display_path(entry.path), NOT_A_REGULAR_FILE))
+                continue
             found.append(ImageItem(entry.path, path_key(os.path.relpath(entry.path, top))))
 
 
@@ -156,6 +174,8 @@ def find_images(inputs: Iterable[str]) -> tuple[list[ImageItem], list[tuple[str,
                 raise ValueError(f"{display_path(entry)}: no images found in this folder or below "
                                  f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
             items.extend(found)
+        elif _is_special_file(entry):
+            skipped.append((display_path(entry), NOT_A_REGULAR_FILE))
         else:
             items.append(ImageItem(entry, path_key(os.path.basename(entry))))
     return _deduplicate(items), skipped
@@ -1142,6 +1162,13 @@ class FeatureStore:
                         for name in ("shard", "tensor"))):
             raise ValueError(f"{display_path(path)} is damaged (its settings, fragments or entries are not what "
                              f"`llava-evaclip features` writes); {remedy}.")
+        # A shard is a file in the store's shards/ folder: an edited or downloaded index must not make the store
+        # read a file elsewhere on disk (an absolute path, `..`), as convert refuses such shard names in an index.
+        outside = next((shard for shard in {entry["shard"] for entry in entries.values()}
+                        if os.path.basename(shard) != shard or shard in ("", ".", "..")), None)
+        if outside is not None:
+            raise ValueError(f"{display_path(path)} names a shard outside the store's {SHARDS_DIR}/ folder "
+                             f"({outside!r}); only file names in that folder are read; {remedy}.")
 
     def _scan_files(self) -> dict[str, dict[str, Any]]:
         """Every features file below the folder (one header read each), checked to share one set of settings."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -393,6 +394,25 @@ def load_checkpoint(
     )
 
 
+def _load_error_message(error: Exception, source: str | os.PathLike) -> str:
+    """What a failed `from_pretrained` says. A `.bin` weights file that torch.load(weights_only=True) refuses gets
+    convert's wording: torch's own message advises loading it with weights_only=False or allowlisting the refused
+    global (`exec`, for a hostile file), which is not advice to pass on about an untrusted download. transformers 4.x
+    raises an OSError about TF 2.0 checkpoints instead, with torch's error in the exception chain: found there too."""
+    cause: Optional[BaseException] = error
+    for _ in range(8):  # a short chain; never loop on a cyclic one
+        if cause is None or isinstance(cause, pickle.UnpicklingError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, pickle.UnpicklingError):
+        from .convert import _refusal_reason
+
+        return (f"{os.fspath(source)}: torch.load(weights_only=True) refused a weights file because it holds Python "
+                f"objects other than tensors and plain containers (loading them could run arbitrary code, so nothing "
+                f"was executed). Refused: {_refusal_reason(str(cause))}")
+    return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+
+
 def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """`model_class.from_pretrained`, refusing a checkpoint that lacks any of the model's weights.
 
@@ -407,7 +427,7 @@ def from_pretrained(model_class: Any, pretrained_model_name_or_path: str | os.Pa
         model, info = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
     except Exception as error:  # a rank that cannot read the checkpoint must not leave the others waiting
         own_error = error
-        local_error = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        local_error = _load_error_message(error, pretrained_model_name_or_path)
         info = {}
     missing = sorted(info.get("missing_keys") or [])
     if missing and local_error is None:

@@ -165,7 +165,7 @@ def _print_summary(args: argparse.Namespace, source: _common.ModelSource, report
     if report.kept and not args.overwrite:
         print("existing outputs were kept" + ("; pass --overwrite to recompute them" if args.format == "files" else ""))
     if report.skipped_inputs:
-        print(f"{len(report.skipped_inputs)} input folder(s) not followed:", file=sys.stderr)
+        print(f"{len(report.skipped_inputs)} input(s) skipped:", file=sys.stderr)  # folders, or not regular files
         for path, reason in report.skipped_inputs:
             print(f"  {path}: {reason}", file=sys.stderr)
     if source.random_weights:

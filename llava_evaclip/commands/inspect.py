@@ -54,10 +54,12 @@ def model_class(source: ModelSource) -> type:
 
 
 def count_parameters(source: ModelSource) -> dict[str, int]:
-    """Parameters per part, counted on a meta-device build of the real module tree (no weight memory)."""
-    from accelerate import init_empty_weights
+    """Parameters per part, counted on a meta-device build of the real module tree (no weight memory). Every tensor
+    is created on the meta device: accelerate's `init_empty_weights` creates each parameter on the CPU first, so a
+    config within the validated bounds (hidden 65536 x MLP 262144: one 64 GiB matrix) failed to allocate."""
+    import torch
 
-    with init_empty_weights():
+    with torch.device("meta"):
         model = model_class(source)(source.config)
     vision = model.vision_model
     counts = {

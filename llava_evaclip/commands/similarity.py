@@ -35,6 +35,7 @@ def load_full_model(source: _common.ModelSource, dtype: Any, device: Any) -> tup
     """The EvaCLIPModel, its tokenizer and its image processor from a checkpoint dir."""
     from transformers import AutoTokenizer
 
+    from .. import zero
     from ..modeling_evaclip import EvaCLIPModel
 
     if source.random_weights:
@@ -49,8 +50,8 @@ def load_full_model(source: _common.ModelSource, dtype: Any, device: Any) -> tup
                        "convert the checkpoint again with `llava-evaclip convert`, which writes them.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        with _common.quiet_loading():
-            model = EvaCLIPModel.from_pretrained(source.path)
+        with _common.quiet_loading():  # zero.from_pretrained: any load failure (a refused pickle too) is a ValueError
+            model = zero.from_pretrained(EvaCLIPModel, source.path)
     except (OSError, ValueError) as error:
         raise CLIError(f"cannot load the model from {source.spec}: {_common.one_line(error)}") from None
     model = model.to(device=device, dtype=dtype).eval()
