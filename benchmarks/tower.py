@@ -1146,6 +1146,19 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
         "memory": [],
     }
     started = time.time()
+    from llava_evaclip.commands._common import atomic_write
+
+    written = False
+
+    def save_json(partial: bool) -> None:
+        """The JSON so far: rewritten after each setting, so a run stopped at a time limit (a lent GPU's) or by a
+        crash keeps what it timed; `"partial": true` until the run ends. Only the first write honours --overwrite:
+        later ones replace this run's own file."""
+        nonlocal written
+        text = json.dumps({**report, "partial": partial}, indent=1) + "\n"
+        atomic_write(paths["json"], _write_text(text), replace=written or args.overwrite)
+        written = True
+
     for dtype_name in args.dtypes:
         dtype = torch_dtype(dtype_name)
         built: dict[str, Contender] = {}
@@ -1185,6 +1198,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
                 "results": results,
                 "ratios": compute_ratios(results, times),
             }
+            save_json(partial=True)
         report["matmul_peak_gflops"][dtype_name] = statistics.median(peak_samples)
         del built, contenders
         _release_free_memory()
@@ -1211,9 +1225,7 @@ def run_benchmark(args: argparse.Namespace, progress: Callable[[str], None] = pr
                         progress(f"  {entry['peak_above_weights_mib']:.0f} MiB above {entry['weights_mib']:.0f} MiB")
     report["wall_s"] = time.time() - started
     report["goals"] = evaluate_goals(report)
-    from llava_evaclip.commands._common import atomic_write
-
-    atomic_write(paths["json"], _write_text(json.dumps(report, indent=1) + "\n"), replace=args.overwrite)
+    save_json(partial=False)
     atomic_write(paths["md"], _write_text(render_markdown(report)), replace=args.overwrite)
     if "png" in paths:
         atomic_write(paths["png"], lambda path: render_chart(report, path), replace=args.overwrite)

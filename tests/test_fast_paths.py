@@ -1023,6 +1023,33 @@ def test_benchmark_quick_run_writes_valid_results(tmp_path, capsys):
     assert (tmp_path / "tower_cpu_quick.json").read_bytes() == before
 
 
+def test_benchmark_stopped_part_way_keeps_the_settings_it_timed(tmp_path):
+    """A run cut short (the time limit of a lent GPU's one run, a crash) keeps what it timed: the JSON is rewritten
+    after each (dtype, batch) setting and says `"partial": true` until the run ends; the finished run's says false."""
+    argv = ["--quick", "--batch-sizes", "1,2", "--reps", "1", "--warmup", "0", "--threads", "1", "--dtypes", "fp32",
+            "--contenders", "ours_eva02,timm_eva02", "--no-ceiling", "--no-autocast", "--no-memory", "--no-chart",
+            "--output-dir", str(tmp_path)]
+
+    def stop_at_the_second_batch_size(message: str) -> None:
+        if message.startswith("[fp32] batch 2"):
+            raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.run_benchmark(bench.build_parser().parse_args(argv), progress=stop_at_the_second_batch_size)
+        report = json.loads((tmp_path / "tower_cpu_quick.json").read_text())
+        assert report["partial"] is True and set(report["settings"]) == {"fp32/b1"}
+        assert set(report["settings"]["fp32/b1"]["results"]) == {"ours_eva02", "timm_eva02", "matmul"}
+        assert not (tmp_path / "tower_cpu_quick.md").exists()
+        assert bench.main(argv) == 2  # the partial results count as results: no silent replacement
+        assert bench.main([*argv, "--overwrite"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "tower_cpu_quick.json").read_text())
+    assert report["partial"] is False and set(report["settings"]) == {"fp32/b1", "fp32/b2"}
+
+
 @pytest.mark.parametrize("shape", ["ours_eva02", "ours_plain"])
 def test_ceiling_contender_runs_exactly_the_towers_matmuls_and_attention(shape):
     """`<tower>_kernels` runs one `torch.mm` per `nn.Linear` of the layers the tower runs, with those weights and as
