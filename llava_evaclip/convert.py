@@ -649,6 +649,9 @@ def load_source(src: Union[str, os.PathLike]) -> SourceCheckpoint:
             )
     elif path.is_file():
         files = [_open_weights(path)]
+    elif path.exists():
+        raise ConversionError(f"SRC {str(path)!r} is not a regular file (a named pipe, socket or device); expected a "
+                              "checkpoint file (.pt, .bin, .pth, .safetensors) or a Hugging Face checkpoint dir.")
     else:
         raise ConversionError(f"SRC {str(path)!r} does not exist; expected a checkpoint file (.pt, .bin, .pth, "
                               ".safetensors) or a Hugging Face checkpoint dir.")

@@ -184,3 +184,7 @@ def test_a_named_pipe_as_a_weights_file_is_refused_not_read(vision_dir, tmp_path
     with fifo(model / "model.safetensors"):
         assert main(["inspect", str(model)]) == 2
     assert_one_line_error(capsys.readouterr().err, "model.safetensors", "not a regular file")
+    with fifo(tmp_path / "checkpoint.pt") as source:  # convert said such a SRC "does not exist"
+        assert main(["convert", str(source), str(tmp_path / "out"), "--arch", "EVA02-CLIP-B-16"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "checkpoint.pt", "not a regular file")
+    assert not (tmp_path / "out").exists()
