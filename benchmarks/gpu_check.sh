@@ -10,9 +10,8 @@
 # bf16 torch.mm peak of the same run). Sized to end within about 9 minutes on an H100 including compiles; the
 # limits are settable: TEST_LIMIT_S, BENCH_LIMIT_S. Exit status: 0 when every step passed, else 1.
 set -u
+out=$(mkdir -p "${OUT:-gpu_check_out}" && cd "${OUT:-gpu_check_out}" && pwd) || exit 2  # relative to the caller
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu_check_out}
-mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 

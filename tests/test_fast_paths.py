@@ -1050,6 +1050,27 @@ def test_benchmark_stopped_part_way_keeps_the_settings_it_timed(tmp_path):
     assert report["partial"] is False and set(report["settings"]) == {"fp32/b1", "fp32/b2"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's plumbing where no GPU can run it")
+def test_gpu_check_script_runs_every_step_and_says_which_failed(tmp_path):
+    """benchmarks/gpu_check.sh, the one run a lent GPU machine gets: without a GPU every step still runs and logs (the
+    accelerator tests skip, the CUDA benchmark is refused in one line), OUT is taken relative to the caller, and the
+    exit status says that a step failed."""
+    import subprocess
+
+    env = {**os.environ, "OUT": "results", "PYTHON": sys.executable}
+    env.pop("EVACLIP_ACCELERATOR_DRY_RUN", None)
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = tmp_path / "results"
+    assert sorted(os.listdir(out)) == ["bench.log", "machine.txt", "tests.log"]
+    assert f"torch {torch.__version__}" in (out / "machine.txt").read_text()
+    assert "1 skipped" in (out / "tests.log").read_text()
+    assert "needs a CUDA GPU" in (out / "bench.log").read_text()
+    # pytest's 5: no test ran (the module skipped as a whole); the benchmark's 2: a one-line refusal
+    assert "== tests: exit status 5" in result.stdout and "== bench: exit status 2" in result.stdout
+
+
 @pytest.mark.parametrize("shape", ["ours_eva02", "ours_plain"])
 def test_ceiling_contender_runs_exactly_the_towers_matmuls_and_attention(shape):
     """`<tower>_kernels` runs one `torch.mm` per `nn.Linear` of the layers the tower runs, with those weights and as
