@@ -163,17 +163,20 @@ def _refusal_reason(message: str) -> str:
     return reason.split(" Please use `torch.serialization.add_safe_globals", 1)[0]
 
 
+def weights_only_refusal(what: str, error: pickle.UnpicklingError, expected: str = "") -> str:
+    """One line for a file torch.load(weights_only=True) refused, naming what it refused (`_refusal_reason`)."""
+    return (f"{what} because it holds Python objects other than tensors and plain containers (loading them could run "
+            f"arbitrary code, so nothing was executed).{expected} Refused: {_refusal_reason(str(error))}")
+
+
 def _torch_load(path: str, mmap_file: bool) -> Any:
     """torch.load that never unpickles code; memory-mapped for zip checkpoints, so no tensor is read until used."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_file)
     except pickle.UnpicklingError as error:
-        reason = _refusal_reason(str(error))
-        raise ConversionError(
-            f"{path}: torch.load(weights_only=True) refused this file because it holds Python objects other than "
-            f"tensors and plain containers (loading them could run arbitrary code, so nothing was executed). Expected "
-            f"a state dict of tensors as BAAI, timm and open_clip release them. Refused: {reason}"
-        ) from None
+        raise ConversionError(weights_only_refusal(
+            f"{path}: torch.load(weights_only=True) refused this file", error,
+            " Expected a state dict of tensors as BAAI, timm and open_clip release them.")) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error}).") from None
 

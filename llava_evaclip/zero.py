@@ -405,11 +405,9 @@ def _load_error_message(error: Exception, source: str | os.PathLike) -> str:
             break
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, pickle.UnpicklingError):
-        from .convert import _refusal_reason
+        from .convert import weights_only_refusal
 
-        return (f"{os.fspath(source)}: torch.load(weights_only=True) refused a weights file because it holds Python "
-                f"objects other than tensors and plain containers (loading them could run arbitrary code, so nothing "
-                f"was executed). Refused: {_refusal_reason(str(cause))}")
+        return weights_only_refusal(f"{os.fspath(source)}: torch.load(weights_only=True) refused a weights file", cause)
     return str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
 
 
