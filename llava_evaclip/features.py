@@ -535,9 +535,19 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """LLaVA's preprocessing of one decoded RGB image, the processor's `pixel_values[0]`; only up to the crop
-        (uint8) when `finish` does the rest."""
-        return _run_processor(self.processor, image, self.tensor_input,
-                              **(_BATCH_STEPS_OFF if self.normaliser is not None else {}))
+        (uint8) when `finish` does the rest.
+
+        A result without 3 channels fails that image: transformers 4's processor takes an image 1 pixel high
+        (a 1x1 spacer, a 640x1 rule) for channels-first with one channel, where LLaVA's dataset then fails in its
+        normalize; with normalisation left to `finish`, that crop would instead end the whole run in the collate."""
+        pixels = _run_processor(self.processor, image, self.tensor_input,
+                                **(_BATCH_STEPS_OFF if self.normaliser is not None else {}))
+        if pixels.ndim != 3 or pixels.shape[0] != 3:  # `open_rgb`'s three bands
+            raise ValueError(
+                f"the image processor gives a {pixels.shape[0] if pixels.ndim == 3 else '?'}-channel result, not 3, "
+                f"for this {image.width}x{image.height} image (transformers 4 reads an image 1 pixel high as "
+                "channels-first; LLaVA's dataset fails on it too)")
+        return pixels
 
     def finish(self, pixels: torch.Tensor, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """A collated batch of `preprocess` results as the processor's pixel values, on `device` (normalised there

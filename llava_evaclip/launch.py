@@ -606,6 +606,22 @@ def _cache_key(sample: dict, image_folder: Optional[str] = None) -> str:
     return key.replace(os.sep, "/")
 
 
+def _unlisted_names_hint(missing: Sequence[str]) -> str:
+    """Why missing images may be missing although `features` ran over the folder: LLaVA opens any file PIL reads
+    (`x.jfif`, `x.avif`, a name without extension), `features` picks up only the extensions it lists and skips hidden
+    files and folders, without naming what it left out (a dataset folder holds other files)."""
+    from .features import IMAGE_EXTENSIONS, _is_image_name
+
+    passed = [key for key in missing
+              if not _is_image_name(key.rsplit("/", 1)[-1]) or any(part.startswith(".") and part != os.pardir
+                                                                    for part in key.split("/")[:-1])]
+    if not passed:
+        return ""
+    return (f"; {len(passed)} of them (e.g. {passed[0]!r}) have names `features` does not look for (files ending "
+            f"{', '.join(IMAGE_EXTENSIONS)}, in any case, outside hidden folders): convert or rename those files and "
+            "their entries in the data")
+
+
 def use_feature_cache(train_module: Any) -> None:
     """With --vision_feature_cache, LLaVA's dataset returns each image's cached features where it returned pixels (so
     they pass its collator unchanged) and the tower hands them on; checked at start: the tower's settings, LLaVA's
@@ -642,7 +658,8 @@ def use_feature_cache(train_module: Any) -> None:
         if missing:
             raise FeatureCacheError(f"{len(missing)} of {len(keys)} images of the data are not in "
                                     f"--vision_feature_cache {store.directory}, e.g. {missing[0]!r}; run "
-                                    "`llava-evaclip features IMAGE_FOLDER ...` over the same --image_folder.")
+                                    "`llava-evaclip features IMAGE_FOLDER ...` over the same --image_folder"
+                                    f"{_unlisted_names_hint(missing)}.")
         self._evaclip_feature_shape = tuple(store[keys[0]].shape) if keys else None
 
     @functools.wraps(get_item)
