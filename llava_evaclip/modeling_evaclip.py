@@ -1553,9 +1553,8 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
         **kwargs: Any,
     ) -> None:
         """Reentrant checkpointing (`use_reentrant=True`, or 4.x's default) runs non-reentrant: our towers have no
-        trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), and transformers 5's
-        `enable_input_require_grads` hooks only the text embedding of EvaCLIPModel (CLIPModel's towers are models of
-        their own, each hooked), so with frozen embeddings (PEFT, partial unfreezing) every vision layer silently got
+        trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), so with frozen
+        embeddings (partial unfreezing, or PEFT without `enable_input_require_grads`) every vision layer silently got
         no gradient. transformers 5's layers checkpoint themselves with this function; 4.x's go through
         `EvaCLIPEncoder._run_layer`, which does the same."""
         func = gradient_checkpointing_func
@@ -1651,6 +1650,11 @@ class EvaCLIPVisionModel(EvaCLIPPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.vision_model.embeddings.patch_embedding
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Swaps the patch convolution, as transformers 5's CLIPVisionModel allows (its generic setter cannot find
+        ours under `vision_model.embeddings`)."""
+        self.vision_model.embeddings.patch_embedding = value
+
     def forward(
         self,
         pixel_values: Optional[torch.FloatTensor] = None,
@@ -1729,6 +1733,12 @@ def _features(
     return outputs.to_tuple() if return_dict is False else outputs
 
 
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """`enable_input_require_grads`' hook: an embedding output that autograd records, so a reentrant checkpoint of the
+    layers behind a frozen embedding still reaches their trainable parameters."""
+    output.requires_grad_(True)
+
+
 def _inherit_attn_implementation(config: EvaCLIPConfig, towers: Sequence[Any]) -> None:
     """The towers take the top-level attention kernel on transformers 4.x, which sets it on the top config only. On
     5.x transformers sets it on each tower itself (per tower from `attn_implementation={"vision_config": ...,
@@ -1773,6 +1783,23 @@ class EvaCLIPModel(EvaCLIPPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.embeddings.token_embedding = value
+
+    def enable_input_require_grads(self) -> None:
+        """Hooks both towers' input embeddings (token and patch), as transformers 5's CLIPModel does through its tower
+        models. transformers hooks `get_input_embeddings()` only (the text one: our towers are plain modules), so
+        with a frozen base under a reentrant checkpoint that `gradient_checkpointing_enable` does not set (torch's
+        `checkpoint_wrapper`, DeepSpeed's activation checkpointing), every vision LoRA parameter got no gradient."""
+        self.disable_input_require_grads()
+        embeddings = (self.get_input_embeddings(), self.vision_model.embeddings.patch_embedding)
+        self._require_grads_hooks = [module.register_forward_hook(_output_requires_grad) for module in embeddings]
+        self._require_grads_hook = self._require_grads_hooks[0]  # the one hook's name on transformers 4.x
+
+    def disable_input_require_grads(self) -> None:
+        """Removes the hooks of `enable_input_require_grads` (transformers 4.x's removes only `_require_grads_hook`)."""
+        for hook in getattr(self, "_require_grads_hooks", ()):
+            hook.remove()
+        self._require_grads_hooks = []
+        self.__dict__.pop("_require_grads_hook", None)
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """transformers 4.x records the new size as `config.vocab_size`; the text tower (its id check) and
