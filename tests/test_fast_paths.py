@@ -717,12 +717,20 @@ def test_aligned_gated_linear_op_passes_opcheck_and_equals_the_reference(bias, s
 def test_aligned_gated_linear_gradients_pass_gradcheck(bias):
     inputs = _gated_inputs(torch.float64, inner=5, bias=bias, shape=(2, 3), requires_grad=True)
     assert torch.autograd.gradcheck(modeling_evaclip.aligned_gated_linear, tuple(inputs))
-    # and against autograd through the reference, in fp32 at the real call's layout
+    # and in fp32 at the real call's layout: each gradient's error against fp64 autograd through the reference is
+    # at most 1.3x that of fp32 autograd through the reference (gradients reach ~1e4 here, and how the CPU's
+    # threads split a sum moves either fp32 result by more than 1e-4, so an fp32-to-fp32 tolerance was arbitrary)
     inputs = _gated_inputs(torch.float32, bias=bias, requires_grad=True)
     params = [t for t in inputs if t is not None]
     got = torch.autograd.grad(modeling_evaclip.aligned_gated_linear(*inputs).square().sum(), params)
-    expected = torch.autograd.grad(_gated_reference(*inputs).square().sum(), params)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    fp32 = torch.autograd.grad(_gated_reference(*inputs).square().sum(), params)
+    params64 = [t.detach().double().requires_grad_() for t in params]
+    inputs64 = iter(params64)
+    exact = torch.autograd.grad(
+        _gated_reference(*(next(inputs64) if t is not None else None for t in inputs)).square().sum(), params64)
+    for ours, reference, truth in zip(got, fp32, exact):
+        assert ours.shape == truth.shape
+        assert (ours.double() - truth).abs().max() <= 1.3 * (reference.double() - truth).abs().max()
 
 
 def _op_targets(graphs) -> set[str]:
