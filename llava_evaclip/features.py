@@ -1461,6 +1461,8 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
                 raise ValueError(f"the feature store {display_path(out_dir)} was made with other settings: "
                                  f"{', '.join(differences)}; use another output folder.")
             _log_model_path(store.settings, settings, f"the feature store {display_path(out_dir)}")
+            _warn_unrecorded_resize(len(store) if "image_resize" not in store.settings else 0, settings,
+                                    f"the feature store {display_path(out_dir)}")
         entries = store._entries if store is not None else EntryTable({})
         missing = sorted(shard for shard in entries.distinct("shard")
                          if not os.path.isfile(os.path.join(out_dir, SHARDS_DIR, shard)))
@@ -1487,15 +1489,27 @@ def plan(items: Sequence[ImageItem], out_dir: str, settings: dict[str, str], for
             todo.append(item)
     rank, world_size = share
     other_models: set[str] = set()
+    unrecorded: list[str] = []
     for item, path in existing[rank::world_size]:
-        problem = _existing_mismatch(path, settings, item.path, other_models)
+        problem = _existing_mismatch(path, settings, item.path, other_models, unrecorded)
         if problem is not None:
             failures.append((display_path(item.path),
                              problem + "; pass --overwrite to replace it or use another --out"))
     kept = len(existing[rank::world_size]) - len(failures)
     for recorded in sorted(other_models):
         _log_model_path({**settings, "model": recorded}, settings, f"existing output in {display_path(out_dir)}")
+    _warn_unrecorded_resize(len(unrecorded), settings, display_path(out_dir))
     return todo, kept, failures
+
+
+def _warn_unrecorded_resize(count: int, settings: dict[str, str], where: str) -> None:
+    """Outputs made before outputs recorded `image_resize` are kept on either line (they cannot be told apart), so
+    say once that they may hold the other line's resize: a silent resume would mix PIL and torchvision pixels."""
+    if count and settings.get("image_resize"):
+        logger.warning("%s: %d existing output(s) predate the recorded image resize and are kept as made with this "
+                       "run's (%s); if they were made on the other transformers line (4.37: pil, 5.x: torchvision), "
+                       "recompute them (a files store: --overwrite; a shard store: another --out).",
+                       where, count, settings["image_resize"])
 
 
 def _same_source(recorded: Optional[str], path: str) -> bool:
@@ -1602,7 +1616,8 @@ def _path_conflict(out_dir: str, path: str) -> Optional[str]:
 
 
 def _existing_mismatch(path: str, settings: dict[str, str], image_path: str,
-                       other_models: Optional[set[str]] = None) -> Optional[str]:
+                       other_models: Optional[set[str]] = None,
+                       unrecorded: Optional[list[str]] = None) -> Optional[str]:
     """None when the file at `path` holds the features of the image at `image_path` made with these settings;
     otherwise why it cannot be reused. A model path other than this run's (same weights) goes into `other_models`."""
     try:
@@ -1619,6 +1634,8 @@ def _existing_mismatch(path: str, settings: dict[str, str], image_path: str,
                 f"(now {display_path(os.path.abspath(image_path))})")
     if other_models is not None and metadata.get("model") != settings.get("model"):
         other_models.add(str(metadata.get("model")))
+    if unrecorded is not None and any(key not in metadata for key in LATER_SETTING_KEYS):
+        unrecorded.append(path)
     return None
 
 
