@@ -113,6 +113,16 @@ def features(output):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+@pytest.fixture(scope="module")
+def llava_registered():
+    """LLaVA's builder hooked for a whole module (`pytestmark = pytest.mark.usefixtures("llava_registered")`)."""
+    from llava_evaclip import register_with_llava, unregister_from_llava
+
+    register_with_llava()
+    yield
+    unregister_from_llava()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

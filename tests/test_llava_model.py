@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
+pytestmark = pytest.mark.usefixtures("llava_registered")
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.mm_utils import process_images  # noqa: E402
@@ -16,18 +17,11 @@ from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCau
 from PIL import Image  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
-from llava_evaclip import EvaCLIPModel, EvaCLIPVisionTower, register_with_llava, unregister_from_llava  # noqa: E402
+from llava_evaclip import EvaCLIPModel, EvaCLIPVisionTower  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
 
 VOCAB, LM_WIDTH = 96, 64
 NUM_PATCHES = 16  # tiny tower: 28x28 images, 7x7 patches
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hooked():
-    register_with_llava()
-    yield
-    unregister_from_llava()
 
 
 @pytest.fixture(scope="module")

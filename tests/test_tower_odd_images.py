@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
+pytestmark = pytest.mark.usefixtures("llava_registered")
 
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 from llava.mm_utils import process_images  # noqa: E402
@@ -28,8 +29,6 @@ from llava_evaclip import (  # noqa: E402
     EvaCLIPVisionConfig,
     EvaCLIPVisionModel,
     EvaCLIPVisionTower,
-    register_with_llava,
-    unregister_from_llava,
 )
 from llava_evaclip.processing import EVA_CLIP_MEAN, EVA_CLIP_STD, build_image_processor  # noqa: E402
 
@@ -44,13 +43,6 @@ PATHS = {  # image_aspect_ratio -> mm_patch_merge_type
     "pad": "flat",
     "anyres": "spatial_unpad",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hooked():
-    register_with_llava()
-    yield
-    unregister_from_llava()
 
 
 @pytest.fixture(scope="module")
