@@ -73,8 +73,11 @@ def _register_auto_classes() -> None:
     for mapping in (TOKENIZER_MAPPING, IMAGE_PROCESSOR_MAPPING, PROCESSOR_MAPPING):
         if CLIPConfig in mapping:
             mapping.register(EvaCLIPConfig, mapping[CLIPConfig], exist_ok=True)
-    if CLIPConfig in TOKENIZER_MAPPING:  # a text-tower dir: 4.x's pipelines load a tokenizer for mapped configs only
-        TOKENIZER_MAPPING.register(EvaCLIPTextConfig, TOKENIZER_MAPPING[CLIPConfig], exist_ok=True)
+    # A tower dir: 4.x's pipelines load a tokenizer / image processor for mapped configs only (without it
+    # "image-feature-extraction" got no image processor on 4.40-4.53 and failed on the first image, as CLIP's does).
+    for mapping, tower_config in ((TOKENIZER_MAPPING, EvaCLIPTextConfig), (IMAGE_PROCESSOR_MAPPING, EvaCLIPVisionConfig)):
+        if CLIPConfig in mapping:
+            mapping.register(tower_config, mapping[CLIPConfig], exist_ok=True)
 
 
 def _imported_by_python_m() -> bool:

@@ -80,17 +80,63 @@ TRANSFORMERS_VERSION = tuple(int(re.match(r"\d*", part).group() or 0) for part i
 # embeddings as `pooler_output`; 4.x returns the projected tensor.
 FEATURES_RETURN_MODEL_OUTPUT = TRANSFORMERS_VERSION >= (5,)
 
+
+def _torchscript_returns_tuples() -> bool:
+    """Whether CLIP's forward returns a tuple under `config.torchscript=True` here: 4.37-4.53 read
+    `config.use_return_dict` (False under torchscript); 4.56's `can_return_tuple` reads `config.return_dict` only
+    (CLIP then returns a ModelOutput; 4.54 / 4.55 unchecked), and transformers 5 dropped the flag. Asked of the
+    decorator itself."""
+    if TRANSFORMERS_VERSION >= (5,):
+        return False
+    try:
+        from transformers.utils.generic import can_return_tuple
+    except ImportError:  # 4.37-4.50: CLIP's forward reads `config.use_return_dict`
+        return True
+    from types import SimpleNamespace
+
+    from transformers.modeling_outputs import BaseModelOutput
+
+    probe = torch.nn.Module()  # the decorator walks the module tree on some versions
+    probe.config = SimpleNamespace(return_dict=True, torchscript=True, use_return_dict=False)
+    output = can_return_tuple(lambda self: BaseModelOutput(last_hidden_state=torch.zeros(1)))(probe)
+    return isinstance(output, tuple)
+
+
 # transformers 4.x's `config.torchscript=True` makes models return tuples (`config.use_return_dict`), so that
-# torch.jit.trace takes them; transformers 5 dropped the flag.
-TORCHSCRIPT_RETURNS_TUPLES = TRANSFORMERS_VERSION < (5,)
+# torch.jit.trace takes them, up to 4.53 at least (see `_torchscript_returns_tuples`); transformers 5 dropped the flag.
+TORCHSCRIPT_RETURNS_TUPLES = _torchscript_returns_tuples()
 
-# transformers 5's configs pass `attn_implementation` on to their sub-configs (per tower when given as a dict);
-# 4.x sets it on the top config only.
-SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = TRANSFORMERS_VERSION >= (5,)
 
-# transformers 5 names the checkpoint dtype `dtype`; 4.x names it `torch_dtype` and keeps any other key as a plain
-# attribute, which its save_pretrained writes back unchanged.
-CONFIG_DTYPE_KEY = "dtype" if TRANSFORMERS_VERSION >= (5,) else "torch_dtype"
+def _sub_configs_take_attn_implementation() -> bool:
+    """Whether setting `config._attn_implementation` passes it on to the sub-configs (per tower when given as a dict):
+    transformers 5 and 4.56 do (their setter); 4.37-4.53 set it on the top config only. Asked of the setter."""
+    if TRANSFORMERS_VERSION >= (5,):
+        return True
+
+    class _ProbeTower(PretrainedConfig):
+        model_type = "evaclip_attn_probe_tower"
+
+    class _ProbeTop(PretrainedConfig):
+        model_type = "evaclip_attn_probe"
+        sub_configs = {"tower": _ProbeTower}
+
+    try:
+        top = _ProbeTop()
+        top.tower = _ProbeTower()
+        top._attn_implementation = {"tower": "eager"}
+    except Exception:  # noqa: BLE001 - a setter that refuses a dict does not pass one on
+        return False
+    return getattr(top.tower, "_attn_implementation_internal", None) == "eager"
+
+
+# transformers 5's (and 4.56's) configs pass `attn_implementation` on to their sub-configs (per tower when given as a
+# dict); 4.37-4.53 set it on the top config only.
+SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION = _sub_configs_take_attn_implementation()
+
+# transformers 5 and 4.56-4.57 name the checkpoint dtype `dtype` (4.56's `torch_dtype` is a property that logs a
+# deprecation when set); earlier 4.x name it `torch_dtype` and keep any other key as a plain attribute, which their
+# save_pretrained writes back unchanged.
+CONFIG_DTYPE_KEY = "dtype" if TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
 
 # `from_pretrained(..., dtype="auto")`: the checkpoint's own dtype (transformers 5's default; 4.x loads fp32, which
 # would upcast a bf16 EVA-CLIP-8B dir to 30 GB). 4.56-4.57 take `dtype` and log a deprecation for `torch_dtype`.

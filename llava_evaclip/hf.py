@@ -262,6 +262,15 @@ def _default_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.get_decoder()`; transformers 4.53's LlavaForConditionalGeneration (seen on 4.53.3) returns the bound
+    method `self.model.get_decoder` instead of calling it, so a callable that is no module is called."""
+    decoder = model.get_decoder()
+    if callable(decoder) and not isinstance(decoder, torch.nn.Module):
+        decoder = decoder()
+    return decoder
+
+
 def _forget_checkpoint_dtype(config: PretrainedConfig) -> None:
     """Drop the dtype a part's checkpoint was saved in from its config, so that `dtype` alone decides what is built.
 
@@ -374,7 +383,7 @@ def build_llava(
         get_vision_tower(model).load_state_dict(tower.state_dict(), strict=True)
         del tower
     if language is not None:
-        model.get_decoder().load_state_dict(language.get_decoder().state_dict(), strict=True)
+        _decoder(model).load_state_dict(_decoder(language).state_dict(), strict=True)
         output_embeddings = language.get_output_embeddings()
         if output_embeddings is not None:
             model.get_output_embeddings().load_state_dict(output_embeddings.state_dict(), strict=True)

@@ -719,7 +719,9 @@ if ALL_ATTENTION_FUNCTIONS is None:
 def _known_attn_implementations() -> list[str]:
     if ALL_ATTENTION_FUNCTIONS is None:
         return list(ATTENTION_FUNCTIONS)
-    return list(dict.fromkeys([*ATTENTION_FUNCTIONS, *ALL_ATTENTION_FUNCTIONS.valid_keys()]))
+    # 4.48-4.49 keep a plain dict (no `AttentionInterface`, no `valid_keys`); users add kernels to it by key.
+    valid_keys = getattr(ALL_ATTENTION_FUNCTIONS, "valid_keys", ALL_ATTENTION_FUNCTIONS.keys)
+    return list(dict.fromkeys([*ATTENTION_FUNCTIONS, *valid_keys()]))
 
 
 def attention_function(implementation: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -1132,6 +1134,32 @@ class EvaCLIPEncoderLayer(GradientCheckpointingLayer or nn.Module):
         hidden_states = hidden_states + self._residual_branch(hidden_states, self.layer_norm1, attend, self.layer_scale1)
         hidden_states = hidden_states + self._residual_branch(hidden_states, self.layer_norm2, self.mlp, self.layer_scale2)
         return hidden_states, attn_weights
+
+    if GradientCheckpointingLayer is not None:
+
+        @property
+        def _gradient_checkpointing_func(self) -> Optional[Callable]:
+            return self.__dict__.get("_non_reentrant_checkpoint")
+
+        @_gradient_checkpointing_func.setter
+        def _gradient_checkpointing_func(self, checkpoint: Optional[Callable]) -> None:
+            """A model around the tower (LLaVA's `gradient_checkpointing_enable`) hands its checkpoint function to
+            every `GradientCheckpointingLayer` itself, past our `_set_gradient_checkpointing`; a reentrant one behind
+            the patch embedding, which needs no gradient, silently left every trainable tower parameter without
+            gradients (seen on transformers 4.53 and 4.56, whose `enable_input_require_grads` hooks only the LM's
+            embeddings)."""
+            self.__dict__["_non_reentrant_checkpoint"] = _non_reentrant(checkpoint)
+
+
+def _non_reentrant(checkpoint: Optional[Callable]) -> Optional[Callable]:
+    """torch's checkpoint as transformers hands it out (bare, or a partial with its kwargs), made non-reentrant: our
+    towers have no trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), so with
+    frozen embeddings a reentrant checkpoint gives no layer a gradient."""
+    if checkpoint is torch.utils.checkpoint.checkpoint:
+        return functools.partial(checkpoint, use_reentrant=False)
+    if isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant", True) is not False:
+        return functools.partial(checkpoint.func, *checkpoint.args, **{**checkpoint.keywords, "use_reentrant": False})
+    return checkpoint
 
 
 def _is_reentrant_torch_checkpoint(checkpoint: Callable) -> bool:
@@ -1555,14 +1583,11 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
         """Reentrant checkpointing (`use_reentrant=True`, or 4.x's default) runs non-reentrant: our towers have no
         trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), so with frozen
         embeddings (partial unfreezing, or PEFT without `enable_input_require_grads`) every vision layer silently got
-        no gradient. transformers 5's layers checkpoint themselves with this function; 4.x's go through
-        `EvaCLIPEncoder._run_layer`, which does the same."""
-        func = gradient_checkpointing_func
-        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant", True) is not False:
-            func = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
-        elif func is torch.utils.checkpoint.checkpoint:
-            func = functools.partial(func, use_reentrant=False)
-        super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=func, **kwargs)
+        no gradient. Where transformers has `GradientCheckpointingLayer` (4.52+) the layers checkpoint themselves with
+        this function; before, they go through `EvaCLIPEncoder._run_layer`, which does the same."""
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=_non_reentrant(gradient_checkpointing_func), **kwargs
+        )
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         """transformers 5 skips, for code outside transformers, every module without parameters of its own (our
