@@ -6,6 +6,7 @@ for "default"); what is tested is that LLaVA drives the tower the same way, save
 
 from __future__ import annotations
 
+import inspect
 import json
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
 )
 
 import llava_evaclip.modeling_evaclip as modeling
@@ -29,6 +31,7 @@ from llava_evaclip.hf import (
     build_llava,
     build_llava_config,
     build_llava_processor,
+    _decoder,
     default_image_grid_pinpoints,
     get_multi_modal_projector,
     get_vision_tower,
@@ -39,6 +42,8 @@ from llava_evaclip.hf import (
 from llava_evaclip.processing import build_image_processor
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
+# From transformers 4.48 LLaVA's model no longer expands a single image token: the prompt holds one per feature.
+MODEL_NEEDS_EXPANDED_TOKENS = tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 48)
 needs_next = pytest.mark.skipif(
     not is_llava_next_available(),
     reason=f"LlavaNextForConditionalGeneration arrived in transformers 4.39; {transformers.__version__} lacks it",
@@ -48,7 +53,17 @@ needs_layer_lists = pytest.mark.skipif(
     reason=f"transformers {transformers.__version__}'s LLaVA reads one int vision_feature_layer (lists came in 4.49)",
 )
 if is_llava_next_available():
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+# LLaVA-NeXT's image processor pads each image's tiles to the batch's largest count (`do_pad`, there in 4.43.4, not in
+# 4.40.2); before, it returns one array per image, so a batch of differently shaped images cannot become one tensor.
+needs_tile_padding = pytest.mark.skipif(
+    is_llava_next_available() and not hasattr(LlavaNextImageProcessor(), "do_pad"),
+    reason=f"transformers {transformers.__version__}'s LlavaNextImageProcessor cannot batch images of different "
+           "tile counts (it has no do_pad)",
+)
+# transformers >= 4.45's processors expand each image token to the model's feature count (given patch_size);
+# older ones leave one token per image, which their model expands.
+PROCESSOR_EXPANDS = "patch_size" in inspect.signature(LlavaProcessor.__init__).parameters
 
 IMAGE_TOKEN_ID = 63  # the last id of the tiny LM's vocabulary
 WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + "a photo of cat dog what is in the image ? USER : ASSISTANT".split()
@@ -127,9 +142,9 @@ class ProjectorInput:
 
 
 def image_prompt(batch: int, tokens_per_image: int, text_len: int = 5) -> dict[str, torch.Tensor]:
-    """input_ids with the image placeholder(s) first (one token on 4.37.2, whose model expands it; one per feature on
-    5.x), its attention mask (4.37.2 requires one) and labels."""
-    count = tokens_per_image if TF5 else 1
+    """input_ids with the image placeholder(s) first (one token before 4.48, whose model expands it; one per feature
+    from 4.48), its attention mask (4.37.2 requires one) and labels."""
+    count = tokens_per_image if MODEL_NEEDS_EXPANDED_TOKENS else 1
     text = torch.arange(4, 4 + text_len).repeat(batch, 1)
     input_ids = torch.cat([torch.full((batch, count), IMAGE_TOKEN_ID), text], dim=1)
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids)
@@ -357,6 +372,7 @@ PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
 @needs_next
+@needs_tile_padding
 @pytest.mark.parametrize("layer", [-2, 0])
 def test_llava_next_image_features_loss_gradients_and_round_trip(layer, tmp_path):
     strategy = "default"  # NeXT reshapes tile features into the patch grid, so CLS is always dropped
@@ -365,6 +381,8 @@ def test_llava_next_image_features_loss_gradients_and_round_trip(layer, tmp_path
     assert type(get_vision_tower(model)) is EvaCLIPVisionModel
     processor = build_llava_processor(tiny_vision_config(), tiny_tokenizer(), next=True, image_grid_pinpoints=PINPOINTS,
                                       vision_feature_select_strategy=strategy)
+    if not PROCESSOR_EXPANDS:  # < 4.45 the model expands the tokens, and in training it assumes right padding
+        processor.tokenizer.padding_side = "right"
     images = random_images([(40, 60), (30, 30)])
     inputs = processor(text=["<image> a photo of a cat", "<image> a dog"], images=images, return_tensors="pt",
                        padding=True)
@@ -393,7 +411,8 @@ def test_llava_next_image_features_loss_gradients_and_round_trip(layer, tmp_path
     output.loss.backward()
     projector = get_multi_modal_projector(model)
     assert projector.linear_1.weight.grad.abs().sum() > 0
-    assert model.model.image_newline.grad is not None and model.model.image_newline.grad.abs().sum() > 0
+    image_newline = getattr(model, "model", model).image_newline  # 5.x: on the inner LlavaNextModel; 4.4x: on top
+    assert image_newline.grad is not None and image_newline.grad.abs().sum() > 0
 
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -436,7 +455,7 @@ def _check_loaded_weights(model, vision_dir, language_model_dir, original_vocab)
     assert_state_dicts_equal(tower.state_dict(), get_vision_tower(model).state_dict())
     language = LlamaForCausalLM.from_pretrained(language_model_dir)
     expected = language.get_decoder().state_dict()
-    actual = model.get_decoder().state_dict()
+    actual = _decoder(model).state_dict()  # 4.53's LlavaForConditionalGeneration.get_decoder returns a bound method
     assert set(expected) == set(actual)
     for key in expected:
         if key == "embed_tokens.weight":  # grown by one row for the image token
@@ -464,7 +483,8 @@ def test_build_llava_and_processor_from_dirs_end_to_end(vision_dir, language_mod
     expected_pixels = build_image_processor(get_vision_tower(model).config)(images, return_tensors="pt")["pixel_values"]
     assert torch.equal(inputs["pixel_values"], expected_pixels)
     image_tokens = (inputs["input_ids"] == image_token_id).sum(dim=1)
-    assert image_tokens.tolist() == ([16, 16] if TF5 else [1, 1])  # 5.x processors expand; 4.37.2's model does
+    # >= 4.45's processors expand; before, the model does
+    assert image_tokens.tolist() == ([16, 16] if PROCESSOR_EXPANDS else [1, 1])
 
     with ProjectorInput(model) as projector_input, torch.no_grad():
         output = model(**inputs, labels=inputs["input_ids"])
@@ -488,6 +508,7 @@ def test_build_llava_and_processor_from_dirs_end_to_end(vision_dir, language_mod
 
 
 @needs_next
+@needs_tile_padding
 def test_build_llava_next_and_processor_from_dirs_end_to_end(language_model_dir):
     vision = tiny_vision_config()
     processor = build_llava_processor(vision, language_model_dir, next=True)
@@ -500,7 +521,10 @@ def test_build_llava_next_and_processor_from_dirs_end_to_end(language_model_dir)
     with torch.no_grad():
         output = model(**inputs, labels=inputs["input_ids"])
     assert torch.isfinite(output.loss)
-    assert output.logits.shape[:2] == inputs["input_ids"].shape
+    if PROCESSOR_EXPANDS:
+        assert output.logits.shape[:2] == inputs["input_ids"].shape
+    else:  # < 4.45: the model puts each image's features in place of its one token, so the sequence grows
+        assert output.logits.shape[0] == 2 and output.logits.shape[1] > inputs["input_ids"].shape[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------

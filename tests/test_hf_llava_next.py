@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_hf_llava import tiny_llama_config, tiny_tokenizer
+from test_hf_llava import needs_tile_padding, tiny_llama_config, tiny_tokenizer
 from llava_evaclip import EvaCLIPVisionConfig
 from llava_evaclip.hf import build_llava, build_llava_processor, is_llava_next_available
 
@@ -35,12 +35,36 @@ def pictures():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in PICTURES]
 
 
+def _packed_feature_counts(model, inputs):
+    """transformers 4.x without an inner LlavaNextModel (seen on 4.43.4-4.47.1: the top model packs the tiles itself;
+    4.47's `get_image_features` returns the unpacked tiles): the number of features the model inserts per image, as
+    its `pack_image_features` reports them during a forward, and the logits of that forward."""
+    counts = []
+    original = model.pack_image_features
+
+    def recording(*args, **kwargs):
+        packed = original(*args, **kwargs)
+        counts.append([int(n) for n in packed[1]])
+        return packed
+
+    model.pack_image_features = recording
+    try:
+        logits = model(**inputs).logits
+    finally:
+        del model.pack_image_features
+    (found,) = counts
+    return found, logits
+
+
+@needs_tile_padding
 def test_llava_next_processor_is_llava_hfs_and_the_model_lays_out_as_with_clip():
     from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
     ours = build_llava_processor(EvaCLIPVisionConfig(**SHAPES), tiny_tokenizer(), next=True)
     options = dict(patch_size=PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    accepted = inspect.signature(LlavaNextProcessor.__init__).parameters  # < 4.45 processors take none of them
+    options = {key: value for key, value in options.items() if key in accepted}
     stock = LlavaNextProcessor(image_processor=LlavaNextImageProcessor(**LLAVA_HF_PREPROCESSOR),
                                tokenizer=ours.tokenizer, **options)
     texts = ["<image> a cat"] * len(PICTURES)
@@ -58,6 +82,19 @@ def test_llava_next_processor_is_llava_hfs_and_the_model_lays_out_as_with_clip()
         image_token_index=model.config.image_token_index,
         image_grid_pinpoints=LLAVA_HF_PREPROCESSOR["image_grid_pinpoints"])).eval()
     assert model.config.image_grid_pinpoints == clip.config.image_grid_pinpoints
+    if not hasattr(clip, "model"):  # no inner LlavaNextModel (4.4x): the top model packs the tiles in its forward
+        with torch.no_grad():
+            ours_counts, logits = _packed_feature_counts(model, ours_inputs)
+            clip_counts, _ = _packed_feature_counts(clip, stock_inputs)
+        assert ours_counts == clip_counts
+        if "patch_size" in accepted:  # processors that expand it
+            image_token = model.config.image_token_index
+            assert [int(n) for n in (ours_inputs["input_ids"] == image_token).sum(dim=1)] == ours_counts
+            assert logits.shape[:2] == ours_inputs["input_ids"].shape
+        else:  # < 4.45: the model puts each image's features in place of its one token
+            assert logits.shape[:2] == (len(PICTURES), ours_inputs["input_ids"].shape[1] - 1 + max(ours_counts))
+        assert torch.isfinite(logits).all()
+        return
     with torch.no_grad():
         ours_features = model.get_image_features(ours_inputs["pixel_values"], ours_inputs["image_sizes"],
                                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -89,8 +126,11 @@ def test_llava_next_processor_refuses_the_full_strategy_as_the_model_does():
         image_grid_pinpoints=pinpoints)).eval()
     inputs = processor(text=["<image> a cat"], images=pictures()[:1], return_tensors="pt")
     with pytest.raises((RuntimeError, ValueError)), torch.no_grad():
-        reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-2,
-                                     vision_feature_select_strategy="full")
+        if hasattr(reference, "model"):  # 5.x: the inner LlavaNextModel's get_image_features packs the tiles
+            reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-2,
+                                         vision_feature_select_strategy="full")
+        else:  # 4.4x: the forward packs the tiles (4.47's get_image_features returns them unpacked)
+            reference(**inputs)
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default' with next=True"):
         build_llava_processor(EvaCLIPVisionConfig(**shapes), tiny_tokenizer(), next=True,
                               vision_feature_select_strategy="full")

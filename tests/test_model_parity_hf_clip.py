@@ -231,11 +231,18 @@ def test_image_classification_matches_clip(num_labels: int, label_kind) -> None:
                                 projection_dim=base.projection_dim, num_labels=num_labels)
     ours = EvaCLIPForImageClassification(ours_config).eval()
     _randomize(ours)
-    clip = CLIPForImageClassification(CLIPConfig(
+    clip_config = CLIPConfig(
         text_config=_clip_text_config(base.text_config).to_dict(),
         vision_config=_clip_vision_config(base.vision_config).to_dict(),
         projection_dim=base.projection_dim, num_labels=num_labels,
-    )).eval()
+    )
+    try:
+        clip = CLIPForImageClassification(clip_config).eval()
+    except AttributeError as error:  # 4.43.4-4.47.1 seen: CLIP inits `classifier.weight`; nn.Identity lacks it
+        if num_labels != 0 or "weight" not in str(error):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}'s CLIPForImageClassification cannot be built with "
+                    f"num_labels=0 ({error}); no reference")
     _copy_vision(ours.vision_model, _inner(clip.vision_model, "vision_model"))
     clip.classifier.load_state_dict(ours.classifier.state_dict())
 

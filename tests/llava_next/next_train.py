@@ -84,9 +84,13 @@ def assert_reloads_with_same_logits(ws, output_dir: Path) -> None:
         tower = model.get_vision_tower()
         assert isinstance(model, LlavaQwenForCausalLM) and isinstance(tower, EvaCLIPVisionTower)
         assert tower.is_loaded and tower.vision_tower_name == str(ws.eva) and processor is tower.image_processor
-        # The reference: the same config, every saved weight loaded strictly.
-        reference = LlavaQwenForCausalLM(LlavaQwenConfig.from_pretrained(output_dir)).to(torch.bfloat16).eval()
+        # The reference: the same config, every saved weight loaded strictly. Only the weights are cast to bf16, as
+        # from_pretrained(torch_dtype=bfloat16) leaves them: transformers >= 4.45's Qwen2 keeps its non-persistent RoPE
+        # `inv_freq` in fp32 and reads it so, and .to(bfloat16) would round it (other logits, whatever the tower).
+        reference = LlavaQwenForCausalLM(LlavaQwenConfig.from_pretrained(output_dir)).eval()
         reference.load_state_dict(load_file(output_dir / "model.safetensors"), strict=True)
+        for parameter in reference.parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
     finally:
         unregister_from_llava()
     pictures = [Image.open(ws.images / name).convert("RGB") for name in ("0.png", "1.png")]
