@@ -42,7 +42,9 @@ def _ours(family: str = "eva02", **overrides) -> EvaCLIPVisionModel:
 def _clip_like(ours: EvaCLIPVisionModel) -> CLIPVisionModel:
     """transformers' CLIPVisionModel holding an EVA01-style tower's weights, with eager attention (forward AD has no
     rule for torch's CPU fused attention)."""
-    clip = CLIPVisionModel(_clip_vision_config(ours.config)).eval()
+    config = _clip_vision_config(ours.config)
+    config._attn_implementation = "eager"  # before building: 4.40-4.51's CLIP picks its attention classes then
+    clip = CLIPVisionModel(config).eval()
     _copy_vision(ours.vision_model, getattr(clip, "vision_model", clip))
     clip.config._attn_implementation = "eager"
     return clip.to(ours.dtype)
