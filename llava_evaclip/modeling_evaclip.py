@@ -1154,21 +1154,14 @@ class EvaCLIPEncoderLayer(GradientCheckpointingLayer or nn.Module):
 def _non_reentrant(checkpoint: Optional[Callable]) -> Optional[Callable]:
     """torch's checkpoint as transformers hands it out (bare, or a partial with its kwargs), made non-reentrant: our
     towers have no trainable module between the embeddings and the first layer (CLIP has `pre_layrnorm`), so with
-    frozen embeddings a reentrant checkpoint gives no layer a gradient."""
-    if checkpoint is torch.utils.checkpoint.checkpoint:
+    frozen embeddings a reentrant checkpoint gives no layer a gradient. Any other function is left as it is."""
+    torch_checkpoint = torch.utils.checkpoint.checkpoint
+    if checkpoint is torch_checkpoint:
         return functools.partial(checkpoint, use_reentrant=False)
-    if isinstance(checkpoint, functools.partial) and checkpoint.keywords.get("use_reentrant", True) is not False:
+    if (isinstance(checkpoint, functools.partial) and checkpoint.func is torch_checkpoint
+            and checkpoint.keywords.get("use_reentrant", True) is not False):
         return functools.partial(checkpoint.func, *checkpoint.args, **{**checkpoint.keywords, "use_reentrant": False})
     return checkpoint
-
-
-def _is_reentrant_torch_checkpoint(checkpoint: Callable) -> bool:
-    """True for transformers' default `partial(torch.utils.checkpoint.checkpoint)` without use_reentrant=False."""
-    return (
-        isinstance(checkpoint, functools.partial)
-        and checkpoint.func is torch.utils.checkpoint.checkpoint
-        and checkpoint.keywords.get("use_reentrant", True) is not False
-    )
 
 
 class EvaCLIPEncoder(nn.Module):
@@ -1184,12 +1177,9 @@ class EvaCLIPEncoder(nn.Module):
     def _run_layer(self, layer: EvaCLIPEncoderLayer, hidden_states: torch.Tensor, *args: Any) -> tuple:
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and GradientCheckpointingLayer is None:  # newer layers checkpoint themselves
-            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
-            if checkpoint is None or _is_reentrant_torch_checkpoint(checkpoint):
-                # Reentrant checkpointing drops the gradients of trainable layers whose input needs none (a frozen
-                # patch embedding, or LLaVA enabling checkpointing on the whole model on transformers 4.x).
-                return torch.utils.checkpoint.checkpoint(layer.__call__, hidden_states, *args, use_reentrant=False)
-            return checkpoint(layer.__call__, hidden_states, *args)
+            # A reentrant function here comes from LLaVA enabling checkpointing on the whole model on transformers 4.x.
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None) or torch.utils.checkpoint.checkpoint
+            return _non_reentrant(checkpoint)(layer.__call__, hidden_states, *args)
         return layer(hidden_states, *args)
 
     def forward(
