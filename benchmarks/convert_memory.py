@@ -181,9 +181,9 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.convert_memory`: errors, Ctrl-C and SIGTERM end it with one line (`run_command`)."""
-    from llava_evaclip.cli import run_command
+    from llava_evaclip_cli import import_cli
 
-    return run_command(lambda: "benchmarks.convert_memory", lambda: _run(build_parser().parse_args(argv)))
+    return import_cli().run_command(lambda: "benchmarks.convert_memory", lambda: _run(build_parser().parse_args(argv)))
 
 
 def _run(args: argparse.Namespace) -> int:

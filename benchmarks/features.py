@@ -449,9 +449,9 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.features`: --help into a full disk, errors, Ctrl-C and SIGTERM end it with one line."""
-    from llava_evaclip.cli import run_command
+    from llava_evaclip_cli import import_cli
 
-    return run_command(lambda: "benchmarks.features", lambda: _run(parse_args(argv)))
+    return import_cli().run_command(lambda: "benchmarks.features", lambda: _run(parse_args(argv)))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1243,7 +1243,9 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m benchmarks.tower`: errors, Ctrl-C and SIGTERM end it with one line, as `llava-evaclip bench`."""
-    from llava_evaclip.cli import CLIError, run_command
+    from llava_evaclip_cli import import_cli
+
+    cli = import_cli()
 
     def body() -> int:
         import torch
@@ -1257,11 +1259,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             report = run_benchmark(args)
         except BenchmarkError as error:
-            raise CLIError(str(error)) from None
+            raise cli.CLIError(str(error)) from None
         print_summary(report)
         return 0
 
-    return run_command(lambda: "benchmarks.tower", body)
+    return cli.run_command(lambda: "benchmarks.tower", body)
 
 
 if __name__ == "__main__":

@@ -258,9 +258,9 @@ def _mib(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.zero3_memory`: errors, Ctrl-C and SIGTERM end it with one line (`run_command`)."""
-    from llava_evaclip.cli import run_command
+    from llava_evaclip_cli import import_cli
 
-    return run_command(lambda: "benchmarks.zero3_memory", lambda: _run(argv))
+    return import_cli().run_command(lambda: "benchmarks.zero3_memory", lambda: _run(argv))
 
 
 def _run(argv: list[str] | None) -> int:

@@ -7,6 +7,7 @@ stdout end a command here, at the top, with one line (the commands' own cleanup 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -215,9 +216,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         if getattr(args, "needs_model", True):  # deferred by the console script until a command needs a model
-            from . import _register_auto_classes
+            # stdout is the command's output (`inspect --json`): what the imports print goes to stderr. accelerate
+            # 0.21 (LLaVA's pin) imports DeepSpeed where installed, whose logger writes to stdout (INFO lines too up
+            # to 0.14 at least: "Setting ds_accelerator to cuda").
+            with contextlib.redirect_stdout(sys.stderr):
+                from . import _register_auto_classes
 
-            _register_auto_classes()
+                _register_auto_classes()
         return args.func(args)
 
     return run_command(lambda: f"llava-evaclip {command}".rstrip(), body)

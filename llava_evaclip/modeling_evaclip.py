@@ -675,6 +675,10 @@ def sdpa_attention(
     kernel's error vs fp64, tests/test_half_precision_accuracy.py), and with fp32 scores its speed-up was gone."""
     if _contiguous_heads(query):
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    if attention_mask is not None and attention_mask.dtype != query.dtype and attention_mask.is_floating_point():
+        # Under autocast the text tower's additive mask is fp32 and q half precision, which the CPU kernel of torch 2.1
+        # (LLaVA's pin) refuses; cast as the mask built in half precision is (its minimum, not -inf).
+        attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
     if ALL_ATTENTION_FUNCTIONS is not None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
+import subprocess
 import sys
 
 # Intel MKL (torch's fp32 BLAS on x86) picks its kernel by memory alignment and thread count on some CPUs (AVX2 ones,
@@ -25,6 +28,63 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from llava_evaclip import EvaCLIPConfig, EvaCLIPTextConfig, EvaCLIPVisionConfig  # noqa: E402
+
+# DeepSpeed 0.12.6 / 0.14.4 (LLaVA's / LLaVA-NeXT's pins) log their accelerator choice when imported, which
+# accelerate 0.21 (LLaVA's pin) does on import where DeepSpeed is installed: not a line of ours.
+_DEEPSPEED_IMPORT_LOG = re.compile(r"^\[[\d\-:, ]+\] \[INFO\] \[real_accelerator\.py:\d+:get_accelerator\] Setting ds_accel")
+
+
+def without_deepspeed_import_log(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not _DEEPSPEED_IMPORT_LOG.match(line))
+
+
+def _cpu_runs_fp16() -> bool:
+    """Whether this torch has fp16 CPU kernels for what every model runs (LayerNorm, the patch conv, matmul)."""
+    x = torch.ones(1, 2, 2, 2, dtype=torch.float16)
+    try:
+        torch.nn.functional.layer_norm(x, (2,))
+        torch.nn.functional.conv2d(x, x)
+        torch.nn.functional.linear(x, x[0, 0])
+    except RuntimeError:
+        return False
+    return True
+
+
+# torch 2.1 (LLaVA 1.5's and LLaVA-NeXT's pin) has no fp16 LayerNorm, conv or matmul on the CPU, for any model (CLIP's
+# too): the fp16 paths (LLaVA's default dtype without --bf16) are checked where torch has them.
+needs_cpu_fp16 = pytest.mark.skipif(
+    not _cpu_runs_fp16(), reason="this torch has no fp16 CPU kernels (LayerNorm, conv, matmul) for any model: torch 2.1"
+)
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+# torch 2.1's dynamo cannot trace fullgraph what later ones do (unpacking a generator, Tensor.is_complex, membership
+# in a set; transformers 4.37's CLIP has none of them); checked from torch 2.13.
+needs_fullgraph_dynamo = pytest.mark.skipif(
+    TORCH_VERSION < (2, 2), reason="torch 2.1's dynamo cannot trace the model in one graph (checked from torch 2.13)"
+)
+needs_export_dims = pytest.mark.skipif(
+    getattr(getattr(torch, "export", None), "Dim", None) is None,
+    reason="this torch.export has no `Dim` for a dynamic batch (torch 2.1)",
+)
+
+
+
+@functools.lru_cache(maxsize=None)
+def gloo_gathers_into_tensors() -> bool:
+    """Whether torch's gloo backend has `all_gather_into_tensor` (a one-rank group, in a subprocess)."""
+    probe = ("import torch, torch.distributed as dist\n"
+             "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+             "dist.all_gather_into_tensor(torch.zeros(1), torch.zeros(1))\n"
+             "dist.destroy_process_group()\n")
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300).returncode == 0
+
+
+def needs_gloo_all_gather() -> pytest.MarkDecorator:
+    """DeepSpeed's ZeRO-3 gathers parameters with `all_gather_into_tensor`, which torch 2.1's gloo lacks ("no support
+    for _allgather_base in Gloo process group", with a plain nn.Linear too); NCCL has it, so only these tests' CPU
+    ranks cannot run there. Probed when a module that needs it is collected."""
+    return pytest.mark.skipif(not gloo_gathers_into_tensors(), reason="this torch's gloo has no all_gather_into_tensor, "
+                              "which DeepSpeed's ZeRO-3 gathers with (torch 2.1; NCCL has it)")
+
 
 # BAAI's code released with EVA-CLIP-8B / 18B (package `eva_clip`, in no registry): `.ci/run` sets the variable.
 EVACLIP_18B_REFERENCE = os.environ.get(

@@ -105,7 +105,7 @@ def _rel_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
 
 def _assert_trees_close(actual: Any, expected: Any, **tolerance: float) -> None:
     """Every tensor of two model outputs, `actual` brought to the CPU."""
-    flat_actual, flat_expected = torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)
+    flat_actual, flat_expected = (torch.utils._pytree.tree_flatten(output)[0] for output in (actual, expected))
     assert len(flat_actual) == len(flat_expected) > 0
     for index, (got, want) in enumerate(zip(flat_actual, flat_expected)):
         assert got.device.type == DEVICE.type, (index, got.device)

@@ -241,6 +241,25 @@ def test_features_samples_on_preset_readme_quickstart(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_what_the_imports_print_goes_to_stderr_not_into_json_output(full_dir, monkeypatch, capsys):
+    """accelerate 0.21 (LLaVA's pin) imports DeepSpeed where it is installed, and DeepSpeed 0.12.6 / 0.14.4 log
+    "Setting ds_accelerator to ..." to stdout on import: `inspect --json > file` was not JSON. What the model imports
+    print now goes to stderr. The registration stands in for that import here (main registers before each command)."""
+    import llava_evaclip
+
+    register = llava_evaclip._register_auto_classes
+
+    def chatty_register() -> None:
+        print("[INFO] [real_accelerator.py:203:get_accelerator] Setting ds_accelerator to cuda (auto detect)")
+        register()
+
+    monkeypatch.setattr(llava_evaclip, "_register_auto_classes", chatty_register)
+    assert main(["inspect", full_dir, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["model_class"] == "EvaCLIPModel"
+    assert "Setting ds_accelerator" in err
+
+
 def test_inspect_dir_counts_match_loaded_model(full_dir):
     result = run_cli("inspect", full_dir, "--json", "--select-layer", "1", "--select-feature", "cls_patch")
     assert result.returncode == 0, result.stderr
@@ -290,7 +309,8 @@ def test_inspect_preset_matches_timm_without_allocating():
     """EVA02-CLIP-bigE-14 (4.7B parameters, 19 GB in fp32) is inspected on the meta device: the vision parameter
     count equals timm's EVA02-CLIP-bigE tower and the process stays far below the weights' size."""
     timm = pytest.importorskip("timm")
-    wrapper = ("import resource, sys\nfrom llava_evaclip.cli import main\nstatus = main(sys.argv[1:])\n"
+    # the console script's entry (`llava_evaclip_cli`), which imports the package as `llava-evaclip` does
+    wrapper = ("import resource, sys\nfrom llava_evaclip_cli import main\nstatus = main(sys.argv[1:])\n"
                "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
                "sys.exit(status)")
     result = run_cli("inspect", "EVA02-CLIP-bigE-14", "--json", wrapper=wrapper)

@@ -339,6 +339,9 @@ def test_tensors_that_are_not_dense_floats_are_refused(tmp_path, toy, case):
     with pytest.raises(ConversionError) as error:
         convert_checkpoint(path, tmp_path / "out", arch=str(arch))
     message = str(error.value)
+    if case == "quantized" and "_rebuild_qtensor" in message:  # torch 2.1's weights_only loader refuses these itself
+        assert "refused this file" in message and os.listdir(tmp_path) == [path.name], message
+        return
     assert "visual.cls_token" in message, message
     assert {"int64": "not floating point", "bool": "not floating point", "complex": "complex",
             "sparse": "sparse", "quantized": "quantized"}[case] in message, message

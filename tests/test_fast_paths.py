@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import FAMILY_FLAGS, randomize as _randomize, tiny_vision_config
+from conftest import FAMILY_FLAGS, needs_cpu_fp16, randomize as _randomize, tiny_vision_config
 from llava_evaclip import EvaCLIPVisionModel
 from llava_evaclip import modeling_evaclip
 from llava_evaclip.modeling_evaclip import EvaCLIPMLP, apply_rotary
@@ -270,7 +270,7 @@ def test_half_kernel_dispatch_follows_torchs_probes(monkeypatch):
     assert (modeling_evaclip.cpu_has_onednn_bf16(), modeling_evaclip.cpu_has_onednn_fp16()) == (bf16, fp16)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)])
 def test_cpus_with_portable_half_kernels_run_matmuls_in_fp32(monkeypatch, dtype):
     """Where torch has only portable kernels for a half-precision dtype (no oneDNN kernels: bf16 on AVX2), the
     inference matmuls run as one fp32 matmul rounded once: exactly `F.linear` in fp32 rounded to `dtype`, within half
@@ -588,7 +588,7 @@ def test_fused_swiglu_rounds_once_and_steps_aside_where_it_must(monkeypatch, row
         assert modeling_evaclip._fused_swiglu(*args) is None
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_half_precision_matmuls_split_in_row_blocks_equal_one_matmul(monkeypatch, dtype, bias):
     """Each output row is computed alone: 17 rows split after 10 give exactly `F.linear`'s bits; 17 rows run whole

@@ -21,6 +21,7 @@ pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-t
 
 from llava_evaclip import launch  # noqa: E402
 from llava_evaclip.cli import main as cli_main  # noqa: E402
+from conftest import needs_cpu_fp16  # noqa: E402
 from test_llava_launcher import INTEGRATION, logged_losses, workspace  # noqa: E402,F401  (fixture)
 
 
@@ -160,6 +161,7 @@ def run_pretrain(workspace: Path, output_dir: Path, nproc: int, *extra: str) -> 
                           capture_output=True, text=True, timeout=400)
 
 
+@needs_cpu_fp16
 def test_pretrain_script_from_the_cache_on_two_cpu_ranks(workspace, tmp_path):
     # LLaVA runs a frozen tower in fp16 without --bf16: the store is made in the tower's dtype.
     cache = make_cache(workspace, tmp_path / "cache", "--dtype", "float16")

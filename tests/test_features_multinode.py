@@ -5,6 +5,8 @@ tower, inputs and OUT), so a disagreement is tested without a launcher; one run 
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
 import os
 import shutil
 import subprocess
@@ -63,11 +65,30 @@ class ThreadGroup:
                 results[rank] = error
 
         threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world_size)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with one_fork_at_a_time():
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         return results
+
+
+@contextlib.contextmanager
+def one_fork_at_a_time():
+    """Thread ranks start their decoding workers one at a time. On Python >= 3.12, filelock >= 4.3 (imported by
+    transformers) refuses a fork while another thread of the process is forking ("os.fork is unsafe while filelock
+    is changing descriptor ownership"); real ranks are processes, each forking alone."""
+    start, lock = multiprocessing.process.BaseProcess.start, threading.Lock()
+
+    def serialised_start(process) -> None:
+        with lock:
+            start(process)
+
+    multiprocessing.process.BaseProcess.start = serialised_start
+    try:
+        yield
+    finally:
+        multiprocessing.process.BaseProcess.start = start
 
 
 @pytest.fixture(scope="module")

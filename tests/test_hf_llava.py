@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import llava_evaclip.modeling_evaclip as modeling
-from conftest import tiny_config, tiny_vision_config
+from conftest import needs_cpu_fp16, tiny_config, tiny_vision_config
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionConfig, EvaCLIPVisionModel
 from llava_evaclip.hf import (
     build_llava,
@@ -595,7 +595,7 @@ def test_build_llava_refuses_a_vision_dir_with_missing_tower_weights(tmp_path, l
     assert dropped in str(error.value)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)])
 def test_build_llava_in_half_precision_gives_the_logits_of_its_saved_copy(vision_dir, language_model_dir, tmp_path,
                                                                           dtype):
     """`dtype=` casts what the state dict holds, as `from_pretrained(..., dtype)` loads it: the buffers each model

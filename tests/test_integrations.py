@@ -21,7 +21,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize as _randomize, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import (
+    needs_cpu_fp16, needs_export_dims, needs_fullgraph_dynamo, randomize as _randomize, tiny_config, tiny_text_config,
+    tiny_vision_config,
+)
 from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionModel, EvaCLIPVisionTower
 from llava_evaclip import _compat
 from llava_evaclip.modeling_evaclip import EvaCLIPPreTrainedModel, EvaCLIPTextModel
@@ -45,7 +48,7 @@ def _text(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _assert_outputs_equal(actual, expected, atol: float = ATOL) -> None:
     """Every tensor of two model outputs (nested tuples included)."""
-    flat_actual, flat_expected = torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)
+    flat_actual, flat_expected = (torch.utils._pytree.tree_flatten(output)[0] for output in (actual, expected))
     assert len(flat_actual) == len(flat_expected) > 0
     for got, want in zip(flat_actual, flat_expected):
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
@@ -169,6 +172,7 @@ def _eager(model: nn.Module, call, inputs: tuple):
         return call(model, *inputs)
 
 
+@needs_fullgraph_dynamo
 def test_compiled_vision_model_eva02_equals_eager_without_recompiling(fresh_dynamo):
     torch.manual_seed(0)
     model = _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02", num_hidden_layers=2))).eval()
@@ -182,6 +186,7 @@ def test_compiled_vision_model_eva02_equals_eager_without_recompiling(fresh_dyna
     _assert_outputs_equal(got_second, _eager(model, call, second))
 
 
+@needs_fullgraph_dynamo
 def test_compiled_full_model_post_norm_equals_eager_without_recompiling(fresh_dynamo):
     """EvaCLIPModel with the EVA02-bigE (post-norm) vision tower and the pre-norm GELU text tower (masked)."""
     torch.manual_seed(0)
@@ -201,6 +206,7 @@ def test_compiled_full_model_post_norm_equals_eager_without_recompiling(fresh_dy
     _assert_outputs_equal(got_second, _eager(model, call, second))
 
 
+@needs_fullgraph_dynamo
 def test_compiled_llava_tower_eva01_equals_eager_without_recompiling(fresh_dynamo, tmp_path):
     torch.manual_seed(0)
     _randomize(EvaCLIPVisionModel(tiny_vision_config("eva01_layer_scale", num_hidden_layers=2))).save_pretrained(tmp_path)
@@ -215,7 +221,9 @@ def test_compiled_llava_tower_eva01_equals_eager_without_recompiling(fresh_dynam
     _assert_outputs_equal(got_second, _eager(tower, call, second))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@needs_fullgraph_dynamo
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)],
+                         ids=["bf16", "fp16"])
 def test_compiled_half_precision_llava_tower_runs_in_one_graph(fresh_dynamo, tmp_path, dtype):
     """CPU half precision under torch.compile(fullgraph=True, dynamic=True), with this machine's real kernel probes
     (not pinned): the eager-only paths ask which half-precision kernels the CPU has (`cpu_half_kernels`, whose
@@ -236,6 +244,7 @@ def test_compiled_half_precision_llava_tower_runs_in_one_graph(fresh_dynamo, tmp
         assert 0 < error < 2e-2, error  # half-precision rounding happened, and no more than that
 
 
+@needs_export_dims
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_export_with_a_dynamic_batch_equals_eager(trainable):
     """torch.export under no_grad (what inference export does) with a symbolic batch dimension: the exported program

@@ -33,7 +33,7 @@ from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCau
 from transformers import CLIPImageProcessor, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from _dist.runner import worker_env  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import needs_cpu_fp16, tiny_config  # noqa: E402
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel, register_with_llava, unregister_from_llava  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
 from test_llava_launcher import TINY_LLAMA, write_tokenizer  # noqa: E402
@@ -250,6 +250,7 @@ CASES = {  # run -> (model, images in call order, hidden-state index, token sele
 }
 
 
+@needs_cpu_fp16  # LLaVA's entry points run fp16
 @pytest.mark.parametrize("run", list(CASES))
 def test_entry_point_feeds_the_language_model_our_towers_features(models, runs, run):
     model, images, layer, selection, config = CASES[run]
@@ -294,6 +295,7 @@ def test_a_missing_relative_tower_path_says_where_it_was_looked_for(models, tmp_
 
 @pytest.mark.skipif(TRANSFORMERS_5, reason="LLaVA-NeXT runs on transformers 4.x only")
 @pytest.mark.skipif(not (NEXT_PATH / "llava" / "__init__.py").is_file(), reason=f"LLaVA-NeXT not found at {NEXT_PATH}")
+@needs_cpu_fp16
 def test_llava_next_overwrite_config_multi_image_video_and_model_vqa(tmp_path):
     """LLaVA-NeXT's load_pretrained_model(..., overwrite_config=...) (select layer, pool mode and pixel pinpoints for a
     28-pixel tower), multi-image anyres and video generate, and its llava.eval.model_vqa through the launcher: the

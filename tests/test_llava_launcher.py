@@ -20,7 +20,7 @@ pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-t
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from conftest import needs_cpu_fp16, tiny_config  # noqa: E402
 from llava_evaclip import EvaCLIPModel  # noqa: E402
 from llava_evaclip import launch  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
@@ -256,6 +256,7 @@ def logged_losses(output_dir: Path) -> list[float]:
     return [float(entry["loss"]) for entry in state["log_history"] if "loss" in entry]
 
 
+@needs_cpu_fp16  # the scripts train in fp16 without --bf16
 def test_pretrain_then_finetune_from_the_shell_scripts(workspace):
     pretrain_dir = workspace / "pretrain"
     run_script("pretrain.sh", workspace, pretrain_dir)

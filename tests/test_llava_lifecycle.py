@@ -17,6 +17,7 @@ pytest.importorskip("sentencepiece")
 
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM  # noqa: E402
 
+from conftest import needs_gloo_all_gather  # noqa: E402
 from llava_evaclip import launch, register_with_llava, unregister_from_llava  # noqa: E402
 from test_llava_launcher import workspace, write_tokenizer  # noqa: E402,F401  (workspace: a fixture)
 from test_llava_model import eva_dir as tower_dir  # noqa: E402,F401  (a fixture: the converted-style tower)
@@ -217,6 +218,7 @@ def test_a_tower_trained_in_an_earlier_stage_stays_frozen_unless_asked(llava_tra
     assert [name for name, parameter in tower.named_parameters() if parameter.grad is not None] == []
 
 
+@needs_gloo_all_gather()
 def test_a_lora_run_under_zero3_resumes_exactly(workspace, tmp_path):
     """LLaVA's LoRA recipe (finetune_lora.sh: ZeRO-3, --lora_enable True) with the tower trained too, resumed from its
     own checkpoint as LLaVA's train() does when --output_dir holds one: the resumed run ends with the same adapters,

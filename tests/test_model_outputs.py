@@ -34,9 +34,12 @@ def _randomize_norms(model: nn.Module) -> None:
 
 
 def _layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The tower's final norm: LayerNorm, or RMSNorm (EVA-CLIP-8B / 18B) with torch's own kernel."""
+    """The tower's final norm: LayerNorm, or RMSNorm (EVA-CLIP-8B / 18B) with torch's own kernel (torch >= 2.4; by
+    its definition before)."""
     if isinstance(norm, EvaCLIPRMSNorm):
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+        if hasattr(F, "rms_norm"):
+            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+        return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def _run(torch_version: str) -> dict:
 @pytest.mark.skipif(int(transformers.__version__.split(".")[0]) >= 5,
                     reason="transformers 5 itself calls torch.compiler.is_compiling (torch >= 2.3); torch 2.1 goes "
                            "with the 4.x line")
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_compiling"),
+                    reason="the installed torch is one that lacks it: the whole suite runs without it")
 def test_models_run_without_torch_compiler_is_compiling():
     old, new = _run("torch-2.1"), _run("installed")
     assert old["torch_utils_fallback"] and not new["torch_utils_fallback"]  # what torch 2.1's optimizers ask
@@ -63,7 +66,7 @@ def test_models_run_without_torch_compiler_is_compiling():
 
 
 def test_is_compiling_fallbacks(monkeypatch):
-    monkeypatch.delattr(torch.compiler, "is_compiling")
+    monkeypatch.delattr(torch.compiler, "is_compiling", raising=False)  # torch < 2.3 has none
     assert _compat._find_is_compiling() is torch._utils.is_compiling
     monkeypatch.delattr(torch._utils, "is_compiling")
     assert _compat._find_is_compiling()() is False
@@ -85,3 +88,46 @@ def test_autocast_probe_without_a_device_argument(monkeypatch, enabled):
         assert modeling_evaclip._autocast_enabled("cpu") is enabled
         assert modeling_evaclip._autocast_enabled("cuda") is cuda_state
         assert modeling_evaclip._autocast_enabled("meta") is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_text_tower_under_autocast_passes_sdpa_a_mask_of_the_query_dtype(monkeypatch, dtype):
+    """torch 2.1's CPU `scaled_dot_product_attention` refuses a float mask of another dtype than q ("Expected
+    attn_mask dtype to be bool or to match query dtype"): under autocast the padded text tower's fp32 mask met a
+    half-precision q, so every padded batch failed there. The check is put in front of the installed kernel; the
+    result must be what the installed torch gives without it, and the eager kernel's within half precision."""
+    from conftest import tiny_config
+    from llava_evaclip import EvaCLIPTextModel
+
+    try:
+        with warnings.catch_warnings(), torch.autocast("cpu", dtype=dtype):
+            warnings.simplefilter("ignore")  # torch 2.1: "the target dtype is not supported. Disabling autocast."
+    except RuntimeError:  # torch 2.1: "AutocastCPU only support Bfloat16"
+        pytest.skip(f"this torch has no CPU autocast to {dtype}")
+
+    config = tiny_config("eva02").text_config
+    vocab = config.vocab_size
+    ids = torch.randint(1, vocab - 1, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids[:, -1], ids[1, 4] = vocab - 1, vocab - 1  # the second text ends early and is padded
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+
+    def text_embeds(implementation: str) -> torch.Tensor:
+        config._attn_implementation = implementation
+        torch.manual_seed(0)
+        model = EvaCLIPTextModel(config).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+
+    unchecked, eager = text_embeds("sdpa"), text_embeds("eager")
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def torch_2_1_kernel(query, key, value, attn_mask=None, *args, **kwargs):
+        if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
+            raise RuntimeError("Expected attn_mask dtype to be bool or to match query dtype")
+        return kernel(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", torch_2_1_kernel)
+    checked = text_embeds("sdpa")
+    assert torch.equal(checked, unchecked)
+    torch.testing.assert_close(checked, eager, atol=2e-2, rtol=2e-2)

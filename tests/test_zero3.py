@@ -17,11 +17,13 @@ import torch
 pytest.importorskip("deepspeed")
 
 from _dist.runner import DIST_DIR, load_scale, read_rank_results, run_torchrun  # noqa: E402
-from conftest import tiny_config, tiny_vision_config  # noqa: E402
+from conftest import needs_gloo_all_gather, tiny_config, tiny_vision_config  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel  # noqa: E402
 from llava_evaclip.tower import EvaCLIPVisionTower  # noqa: E402
+
+pytestmark = needs_gloo_all_gather()
 
 NPROC = 2
 RUN_TIMEOUT_S = 240  # hard limit per torchrun run (the machine is shared; a healthy run takes well under a minute)

@@ -3,19 +3,18 @@ the checkpoint's, and rank 0's peak memory stays near its share instead of the w
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 
 from _dist.runner import DIST_DIR, read_rank_results, run_torchrun  # noqa: E402
-from conftest import tiny_config, tiny_vision_config  # noqa: E402
+from conftest import needs_gloo_all_gather, tiny_config, tiny_vision_config  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionModel  # noqa: E402
+
+pytestmark = needs_gloo_all_gather()
 
 NPROC = 2
 # A checkpoint large enough for its size to dominate the ranks' RSS noise: ~270 MB fp32, one file.

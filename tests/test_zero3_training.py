@@ -21,11 +21,13 @@ pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-t
 sentencepiece = pytest.importorskip("sentencepiece")
 
 from _dist.runner import REPO_ROOT, run_torchrun  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import needs_gloo_all_gather, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from llava_evaclip import EvaCLIPModel  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
+
+pytestmark = needs_gloo_all_gather()
 
 NPROC = 2
 MICRO_BATCH = 2
