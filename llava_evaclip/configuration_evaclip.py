@@ -208,6 +208,16 @@ def _validate_tower(config: "_EvaCLIPTowerConfig", fields: dict[str, _Field]) ->
     )
 
 
+# transformers 4.47 records in the config whether the model has picked its attention kernel, and `to_dict` writes that
+# flag into config.json; a file with it loads there with eager attention instead of sdpa (transformers' own
+# save_pretrained unsets it, but convert and LLaVA write configs directly). Never written, and dropped when read.
+_RUNTIME_STATE = ("_attn_implementation_autoset",)
+
+
+def _without_runtime_state(config_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config_dict.items() if key not in _RUNTIME_STATE}
+
+
 class _EvaCLIPTowerConfig(PretrainedConfig):
     """Fields both towers share; `from_pretrained` also reads a tower out of a full EvaCLIPConfig (as LLaVA does)."""
 
@@ -225,11 +235,14 @@ class _EvaCLIPTowerConfig(PretrainedConfig):
         """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
         _refuse_plain_clip(config_dict)
         derived = _pop_derived(cls, kwargs)
-        result = super().from_dict(config_dict, **kwargs)
+        result = super().from_dict(_without_runtime_state(config_dict), **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         config._validate()
         _check_derived(config, derived)
         return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_runtime_state(super().to_dict())
 
     def _validate(self) -> None:
         raise NotImplementedError
@@ -467,7 +480,7 @@ def _sub_config(value: Any, config_class: type, key: str, legacy: dict | None = 
     if isinstance(value, dict):
         _refuse_plain_clip(value)
         value = {k: v for k, v in value.items() if k != "model_type" or v == config_class.model_type}
-        return config_class(**value)
+        return config_class(**_without_runtime_state(value))
     if isinstance(value, config_class):
         return value
     raise ValueError(
@@ -533,12 +546,12 @@ class EvaCLIPConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """Overrides (`from_pretrained(dir, field=value)`) are set after `__init__`: checked again here."""
-        result = super().from_dict(config_dict, **kwargs)
+        result = super().from_dict(_without_runtime_state(config_dict), **kwargs)
         _check_fields(result[0] if isinstance(result, tuple) else result, _MODEL_FIELDS)
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
+        output = _without_runtime_state(super().to_dict())
         for key in ("text_config", "vision_config"):
             value = getattr(self, key)
             output[key] = value.to_dict() if hasattr(value, "to_dict") else value

@@ -153,11 +153,16 @@ def _refusal_reason(message: str) -> str:
     """The part of torch's weights_only error that names what was refused, on one line, without its advice to load
     the file with weights_only=False (not advice a converter of untrusted downloads should pass on). torch writes the
     advice and the refusal in one paragraph (2.6 on) or on one line (2.1-2.5), the refusal after "WeightsUnpickler
-    error:"; other refusals stand in paragraphs of their own."""
+    error:"; other refusals stand in paragraphs of their own, or (2.5) on a line after the advice."""
     _, marker, refusal = message.rpartition("WeightsUnpickler error:")
     paragraphs = [part.strip() for part in (refusal if marker else message).split("\n\n") if part.strip()]
-    useful = [part for part in paragraphs
-              if not part.startswith(("Weights only load failed", "Check the documentation"))]
+    useful = []
+    for part in paragraphs:
+        advice, _, rest = part.partition("\n")
+        if advice.startswith("Weights only load failed") and advice.endswith("trusted source.") and rest.strip():
+            useful.append(rest)  # torch 2.5: the refusal on the line after its one-line advice
+        elif not part.startswith(("Weights only load failed", "Check the documentation")):
+            useful.append(part)
     reason = " ".join((useful or paragraphs or ["unknown"])[0].split())
     # torch's advice to allowlist the global (add_safe_globals) is for code that loads the file, not a CLI user.
     return reason.split(" Please use `torch.serialization.add_safe_globals", 1)[0]

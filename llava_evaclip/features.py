@@ -26,6 +26,7 @@ import itertools
 import json
 import operator
 import os
+import pickle
 import re
 import signal
 import stat
@@ -1331,6 +1332,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    _held_by_group: list[torch.Tensor] = field(default_factory=list, repr=False)  # see `gather`
 
     @classmethod
     def from_env(cls) -> "DistributedContext":
@@ -1384,9 +1386,26 @@ class DistributedContext:
     def gather(self, value: Any) -> list[Any]:
         if self.world_size == 1:
             return [value]
-        values: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(values, value)
-        return values
+        backend = torch.distributed.get_backend()
+        if backend not in ("gloo", "nccl"):
+            values: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(values, value)
+            return values
+        # torch < 2.8 joins a group's worker threads in `destroy_process_group` holding the GIL, while a worker may
+        # still be freeing the last tensors of a collective whose Python objects are gone, which needs the GIL: with
+        # `all_gather_object`, one gloo run in four hung there (torch 2.1 and 2.5). So the tensors handed to the
+        # group are kept until `stop()` has destroyed it, and no worker ever frees them.
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(device)
+        size = torch.tensor([payload.numel()], dtype=torch.long, device=device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(sizes, size)
+        longest = max(int(each) for each in sizes)
+        padded = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
+        buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(buffers, padded)
+        self._held_by_group.extend([payload, size, *sizes, padded, *buffers])
+        return [pickle.loads(buffer[:int(each)].cpu().numpy().tobytes()) for buffer, each in zip(buffers, sizes)]
 
     def first_error(self, error: Optional[str]) -> Optional[str]:
         """Collective: the first rank's error (None when no rank has one), the same on every rank, naming the rank
@@ -1405,6 +1424,7 @@ class DistributedContext:
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             self.owns_group = False
+        self._held_by_group.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

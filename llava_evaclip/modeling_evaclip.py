@@ -683,7 +683,10 @@ def sdpa_attention(
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
         )
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    # torch's own default when the scale is 1/sqrt(head_dim), as every EVA-CLIP's is (the same fp32 number): torch 2.1's
+    # ONNX exporter fails on an explicit float `scale`.
+    scale = None if scaling == query.shape[-1] ** -0.5 else scaling
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scale)
     return out.transpose(1, 2), None
 
 
@@ -852,7 +855,8 @@ class EvaCLIPAttention(nn.Module):
             if direct and cos.dtype == sin.dtype == value.dtype:  # fresh q and k buffers of its own: rotated in place
                 query, key = apply_rotary_((query, key), cos, sin)
             else:
-                query, key = (apply_rotary(heads, cos, sin).type_as(value) for heads in (query, key))
+                query = apply_rotary(query, cos, sin).type_as(value)
+                key = apply_rotary(key, cos, sin).type_as(value)
         implementation = attention_kernel(self.config, output_attentions)
         if attention_mask is not None and implementation.startswith("flash_attention"):
             implementation = "sdpa"  # flash kernels take padding masks only; the text tower's mask is causal + padding
@@ -962,7 +966,7 @@ def _aligned_gated_linear_backward(ctx: Any, grad: torch.Tensor) -> tuple[Option
     needs = ctx.needs_input_grad
     grad_x = grad_gate @ gate_weight + grad_up @ up_weight if needs[0] else None
     rows = x.reshape(-1, x.shape[-1])
-    grad_gate_rows, grad_up_rows = (g.reshape(-1, g.shape[-1]) for g in (grad_gate, grad_up))
+    grad_gate_rows, grad_up_rows = grad_gate.reshape(-1, grad_gate.shape[-1]), grad_up.reshape(-1, grad_up.shape[-1])
     return (
         grad_x,
         grad_gate_rows.t() @ rows if needs[1] else None,
@@ -1343,8 +1347,9 @@ class EvaCLIPVisionTransformer(nn.Module):
                 f"hidden-state indices must be in [0, {self.config.num_hidden_layers}], got {sorted(indices)}."
             )
         hidden_states, rotary = self.embed(pixel_values, interpolate_pos_encoding)
-        outputs = self.encoder(
-            hidden_states, rotary=rotary, num_layers=num_layers, keep_hidden_states=set(indices), return_dict=True
+        outputs = self.encoder(  # a tuple, not a set: torch 2.1's dynamo traces membership in a tuple only
+            hidden_states, rotary=rotary, num_layers=num_layers, keep_hidden_states=tuple(sorted(set(indices))),
+            return_dict=True,
         )
         return outputs.hidden_states
 
@@ -1399,7 +1404,7 @@ class EvaCLIPTextTransformer(nn.Module):
         limit = self.config.max_position_embeddings
         if input_ids is None:
             raise ValueError("input_ids is required: a LongTensor [batch, seq_len] of token ids.")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex \
                 or input_ids.dtype == torch.bool:
             kind = f"dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor of token ids (the tokenizer's output), got {kind}.")

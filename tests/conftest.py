@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from typing import Callable, Sequence
 
 # Intel MKL (torch's fp32 BLAS on x86) picks its kernel by memory alignment and thread count on some CPUs (AVX2 ones,
 # e.g. AMD EPYC): the same matmul then differs in the last bit between two allocations, or between the pytest process
@@ -56,15 +57,26 @@ needs_cpu_fp16 = pytest.mark.skipif(
     not _cpu_runs_fp16(), reason="this torch has no fp16 CPU kernels (LayerNorm, conv, matmul) for any model: torch 2.1"
 )
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-# torch 2.1's dynamo cannot trace fullgraph what later ones do (unpacking a generator, Tensor.is_complex, membership
-# in a set; transformers 4.37's CLIP has none of them); checked from torch 2.13.
-needs_fullgraph_dynamo = pytest.mark.skipif(
-    TORCH_VERSION < (2, 2), reason="torch 2.1's dynamo cannot trace the model in one graph (checked from torch 2.13)"
-)
 needs_export_dims = pytest.mark.skipif(
     getattr(getattr(torch, "export", None), "Dim", None) is None,
-    reason="this torch.export has no `Dim` for a dynamic batch (torch 2.1)",
+    reason="this torch has no `torch.export.Dim`, which the dynamo ONNX exporter takes a dynamic batch in (torch 2.1)",
 )
+
+
+def export_with_dynamic_batch(model: torch.nn.Module, kwargs: dict, batched: Sequence[str], min_batch: int = 1,
+                              max_batch: int = 64) -> Callable:
+    """`torch.export` (under the caller's grad mode) with dim 0 of the `batched` inputs one symbol; the exported
+    module. torch 2.1, LLaVA's pin, has no `torch.export.Dim` but states the same with `dynamic_dim` constraints."""
+    if hasattr(torch.export, "Dim"):
+        batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
+        shapes = {name: {0: batch} if name in batched else None for name in kwargs}
+        return torch.export.export(model, (), kwargs=kwargs, dynamic_shapes=shapes).module()
+    from torch.export import dynamic_dim
+
+    first = dynamic_dim(kwargs[batched[0]], 0)
+    constraints = [first >= min_batch, first <= max_batch]
+    constraints += [dynamic_dim(kwargs[name], 0) == first for name in batched[1:]]
+    return torch.export.export(model, (), kwargs, constraints=constraints)  # 2.1's program takes the inputs by name
 
 
 

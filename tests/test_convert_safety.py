@@ -542,3 +542,16 @@ def test_processor_files_and_model_card(tmp_path, toy):
     assert "import llava_evaclip" in card and "pip install llava-evaclip" in card
     assert "trust_remote_code" in card and "auto_map" not in json.loads((converted / "config.json").read_text())
     assert "--vision-only" in (vision_dir / "README.md").read_text()
+
+
+def test_torch_2_5_refusal_is_named_without_its_advice_to_drop_the_guard():
+    """torch 2.5.1's weights_only error (its text, captured from that release) puts the refusal on the line after
+    its advice to reload with weights_only=False, in one paragraph: the advice was passed on whole before."""
+    from llava_evaclip.convert import _refusal_reason
+
+    message = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+               "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted "
+               "source.\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the "
+               "documentation of torch.load to learn more about types accepted by default with weights_only "
+               "https://pytorch.org/docs/stable/generated/torch.load.html.")
+    assert _refusal_reason(message) == "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."

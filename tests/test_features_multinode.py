@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing.process
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_features import one_line_error, save_tower, write_image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "_dist"))
-from runner import PORT_TAKEN, free_port, load_scale, worker_env  # noqa: E402
+from runner import (  # noqa: E402
+    DIST_DIR, PORT_TAKEN, free_port, load_scale, read_rank_results, run_torchrun, worker_env,
+)
 
 COLLECTIVE_TIMEOUT_S = 60  # a rank left waiting for one that never comes fails the test instead of hanging it
 
@@ -269,6 +272,25 @@ def test_a_node_whose_input_is_missing_stops_both_torchrun_nodes(tower_dir, imag
     assert all(process.returncode not in (0, None) for process in processes), outputs
     assert "llava-evaclip features: error: on rank 1 (" in outputs[0] and "not-mounted: no such file" in outputs[0]
     assert written(tmp_path / "out") == []
+
+
+def test_gloo_gather_keeps_what_it_hands_the_group_until_the_group_is_destroyed(tmp_path):
+    """torch < 2.8's gloo group joins its worker threads in `destroy_process_group` holding the GIL while a worker
+    may still be freeing a collective's last tensors, which needs the GIL when their Python objects are gone: after
+    `all_gather_object` one CPU run in four hung at the end (the test above, on torch 2.1.2 and 2.5.1). The CPU
+    ranks' gather must hold every tensor it hands the group until `stop()` has destroyed the group, and gather the
+    same values (payloads of other lengths, non-ASCII text) on every rank."""
+    result = run_torchrun(DIST_DIR / "context_gather.py", "--out", str(tmp_path), nproc=2, timeout=120)
+    assert result.returncode == 0, result.describe()
+    ranks = read_rank_results(tmp_path, 2)
+    expected = [{"rank": rank, "text": "é" * (3 + 500 * rank), "items": list(range(7 * rank))} for rank in range(2)]
+    for rank, got in enumerate(ranks):
+        assert got["rank"] == rank and got["gathered"] == expected
+        assert got["first_error"] == ("missing on rank 0" if rank == 0 else f"on rank 0 ({socket.gethostname()}): "
+                                                                              "missing on rank 0")
+        assert not got["used_all_gather_object"]
+        assert got["handed"] >= 4 and got["alive_before_stop"] == got["handed"]  # two gathers, sizes and payloads
+        assert got["alive_after_stop"] == 0 and got["group_left"]
 
 
 def two_nodes(tower_dir, inputs, out):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from conftest import (
-    needs_cpu_fp16, needs_export_dims, needs_fullgraph_dynamo, randomize as _randomize, tiny_config, tiny_text_config,
+    export_with_dynamic_batch, needs_cpu_fp16, randomize as _randomize, tiny_config, tiny_text_config,
     tiny_vision_config,
 )
 from llava_evaclip import EvaCLIPConfig, EvaCLIPModel, EvaCLIPVisionModel, EvaCLIPVisionTower
@@ -172,7 +172,6 @@ def _eager(model: nn.Module, call, inputs: tuple):
         return call(model, *inputs)
 
 
-@needs_fullgraph_dynamo
 def test_compiled_vision_model_eva02_equals_eager_without_recompiling(fresh_dynamo):
     torch.manual_seed(0)
     model = _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02", num_hidden_layers=2))).eval()
@@ -186,7 +185,6 @@ def test_compiled_vision_model_eva02_equals_eager_without_recompiling(fresh_dyna
     _assert_outputs_equal(got_second, _eager(model, call, second))
 
 
-@needs_fullgraph_dynamo
 def test_compiled_full_model_post_norm_equals_eager_without_recompiling(fresh_dynamo):
     """EvaCLIPModel with the EVA02-bigE (post-norm) vision tower and the pre-norm GELU text tower (masked)."""
     torch.manual_seed(0)
@@ -206,7 +204,6 @@ def test_compiled_full_model_post_norm_equals_eager_without_recompiling(fresh_dy
     _assert_outputs_equal(got_second, _eager(model, call, second))
 
 
-@needs_fullgraph_dynamo
 def test_compiled_llava_tower_eva01_equals_eager_without_recompiling(fresh_dynamo, tmp_path):
     torch.manual_seed(0)
     _randomize(EvaCLIPVisionModel(tiny_vision_config("eva01_layer_scale", num_hidden_layers=2))).save_pretrained(tmp_path)
@@ -221,7 +218,6 @@ def test_compiled_llava_tower_eva01_equals_eager_without_recompiling(fresh_dynam
     _assert_outputs_equal(got_second, _eager(tower, call, second))
 
 
-@needs_fullgraph_dynamo
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=needs_cpu_fp16)],
                          ids=["bf16", "fp16"])
 def test_compiled_half_precision_llava_tower_runs_in_one_graph(fresh_dynamo, tmp_path, dtype):
@@ -244,21 +240,18 @@ def test_compiled_half_precision_llava_tower_runs_in_one_graph(fresh_dynamo, tmp
         assert 0 < error < 2e-2, error  # half-precision rounding happened, and no more than that
 
 
-@needs_export_dims
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_export_with_a_dynamic_batch_equals_eager(trainable):
     """torch.export under no_grad (what inference export does) with a symbolic batch dimension: the exported program
     runs another batch size and gives the eager numbers, whether the parameters require grad or not."""
     torch.manual_seed(0)
     model = _randomize(EvaCLIPVisionModel(tiny_vision_config("eva02"))).eval().requires_grad_(trainable)
-    batch = torch.export.Dim("batch", min=1, max=64)
     with torch.no_grad():
-        program = torch.export.export(
-            model, (_pixels(2),), kwargs={"output_hidden_states": True},
-            dynamic_shapes={"pixel_values": {0: batch}, "output_hidden_states": None},
+        exported_module = export_with_dynamic_batch(
+            model, {"pixel_values": _pixels(2), "output_hidden_states": True}, batched=["pixel_values"]
         )
         pixel_values = _pixels(5)
-        exported = program.module()(pixel_values, output_hidden_states=True)
+        exported = exported_module(pixel_values=pixel_values, output_hidden_states=True)
         expected = model(pixel_values, output_hidden_states=True)
     _assert_outputs_equal(exported, expected)
 

@@ -11,7 +11,7 @@ import torch
 
 from llava_evaclip import EvaCLIPVisionModel
 
-from conftest import TORCH_VERSION, needs_export_dims, tiny_vision_config
+from conftest import TORCH_VERSION, export_with_dynamic_batch, tiny_vision_config
 
 
 def test_rope_table_built_under_a_half_precision_default_dtype_is_baais_fp32_table(tmp_path) -> None:
@@ -239,7 +239,6 @@ def test_hooks_inside_the_mlp_see_module_call_inputs_in_inference(family: str, m
     torch.testing.assert_close(got_inference, expected, atol=1e-5, rtol=0)
 
 
-@needs_export_dims
 def test_export_with_a_dynamic_batch_and_return_loss_equals_eager() -> None:
     """torch.export of EvaCLIPModel with `return_loss=True` and a symbolic batch: the loss's `len(logits)` pinned the
     batch to the example's ("Constraints violated"). The program runs another batch size with the eager numbers."""
@@ -253,12 +252,10 @@ def test_export_with_a_dynamic_batch_and_return_loss_equals_eager() -> None:
         ids[:, -1] = 98
         return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, 28, 28), "return_loss": True}
 
-    batch = torch.export.Dim("batch", min=2, max=16)
     with torch.no_grad():
-        program = torch.export.export(model, (), kwargs=inputs(2), dynamic_shapes={
-            "input_ids": {0: batch}, "pixel_values": {0: batch}, "return_loss": None})
+        exported = export_with_dynamic_batch(model, inputs(2), ["input_ids", "pixel_values"], min_batch=2, max_batch=16)
         other = inputs(4)
-        got, expected = program.module()(**other), model(**other)
+        got, expected = exported(**other), model(**other)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.logits_per_image, expected.logits_per_image, atol=1e-5, rtol=0)
 

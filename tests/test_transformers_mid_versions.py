@@ -153,3 +153,28 @@ def test_build_llava_from_dirs_logs_no_torch_dtype_deprecation(tmp_path) -> None
     finally:
         logger.removeHandler(handler)
     assert "torch_dtype` is deprecated" not in stream.getvalue()
+
+
+def test_transformers_4_47_attention_choice_flag_is_never_written_and_dropped_when_read(tmp_path):
+    """transformers 4.47 keeps `_attn_implementation_autoset` (whether the model picked its attention kernel) in the
+    config and `to_dict` writes it; a config.json holding it then loads there with eager attention instead of sdpa
+    (seen: a converted EVA-CLIP loaded eager on 4.47.1, CLIP saved by save_pretrained sdpa). Written nowhere (the full
+    config, each tower's, the JSON file), and a file written before (the flag in it) loads without it."""
+    from llava_evaclip import EvaCLIPConfig, EvaCLIPVisionConfig
+
+    config = tiny_config("eva02")
+    for each in (config, config.vision_config, config.text_config):
+        each._attn_implementation_autoset = True
+    written = config.to_dict()
+    assert "_attn_implementation_autoset" not in written
+    assert not any("_attn_implementation_autoset" in written[key] for key in ("text_config", "vision_config"))
+    config.save_pretrained(tmp_path)
+    assert "_attn_implementation_autoset" not in (tmp_path / "config.json").read_text()
+
+    for key in ("text_config", "vision_config"):
+        written[key]["_attn_implementation_autoset"] = True
+    written["_attn_implementation_autoset"] = True
+    read = EvaCLIPConfig.from_dict(written)
+    tower = EvaCLIPVisionConfig.from_dict(written["vision_config"])
+    for each in (read, read.text_config, read.vision_config, tower):
+        assert getattr(each, "_attn_implementation_autoset", False) is False
