@@ -996,9 +996,13 @@ else:  # pragma: no cover - torch < 2.4
 _SILU_TYPES = (nn.SiLU, type(ACT2FN["silu"]), type(ACT2FN["swish"]))
 
 
+_TORCH_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
+
+
 def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+    """torch.export, or a torch that cannot tell (no `torch.compiler.is_exporting`: 2.4 and 2.5, where the op went into
+    exported programs): the aligned op is then left to eager and compiled code of newer torch."""
+    return _TORCH_IS_EXPORTING is None or bool(_TORCH_IS_EXPORTING())
 
 
 class EvaCLIPMLP(nn.Module):
@@ -1208,7 +1212,7 @@ class EvaCLIPEncoder(nn.Module):
         kept: dict[int, torch.Tensor] = {}
         all_attentions: Any = () if output_attentions else None
         hidden_states = inputs_embeds
-        for index, layer in enumerate(self.layers[:num_layers]):
+        for index, layer in zip(range(num_layers), self.layers):  # not a slice: torch 2.5's non-strict export fails on it
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if keep_hidden_states is not None and index in keep_hidden_states:
