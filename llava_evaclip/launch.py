@@ -137,6 +137,20 @@ def check_llava_next_transformers() -> None:
         )
 
 
+def check_llava_next_accelerate() -> None:
+    """LLaVA-NeXT's `LLaVATrainer.create_accelerator_and_postprocess` builds its Accelerator with `dispatch_batches=`,
+    which accelerate 1.0 removed: every LLaVA-NeXT training run would stop with a TypeError as the Trainer starts."""
+    from accelerate import Accelerator
+
+    if "dispatch_batches" not in inspect.signature(Accelerator.__init__).parameters:
+        import accelerate
+
+        raise LaunchError(
+            f"LLaVA-NeXT's trainer passes `dispatch_batches` to accelerate's Accelerator, which accelerate 1.0 removed; "
+            f"found accelerate {accelerate.__version__}: pip install 'accelerate<1.0' (LLaVA-NeXT pins 0.29.3)"
+        )
+
+
 class _MissingTrlPart:
     """Stands in for a trl class LLaVA-NeXT's trainer module imports for its DPO trainer only."""
 
@@ -147,12 +161,19 @@ class _MissingTrlPart:
 def provide_llava_next_trainer_imports() -> None:
     """`llava.train.llava_trainer` (LLaVA-NeXT) imports trl's DPO classes and, from transformers 4.38+,
     `trainer_pt_utils.AcceleratorConfig`, none of which its supervised training uses. Where they are missing
-    (trl not installed; transformers 4.37), put stand-ins in their place, so that only DPO needs trl."""
+    (trl not installed; transformers 4.37), put stand-ins in their place, so that only DPO needs trl. It also imports
+    accelerate's `GradientAccumulationPlugin` through `transformers.trainer`, which stopped re-exporting it in 4.47:
+    that name is given back (the same class)."""
     import types
 
+    import transformers.trainer as trainer_module
     import transformers.trainer_pt_utils as trainer_pt_utils
     from transformers import Trainer
 
+    if not hasattr(trainer_module, "GradientAccumulationPlugin"):
+        from accelerate.utils import GradientAccumulationPlugin
+
+        trainer_module.GradientAccumulationPlugin = GradientAccumulationPlugin
     if not hasattr(trainer_pt_utils, "AcceleratorConfig"):
         trainer_pt_utils.AcceleratorConfig = type(
             "AcceleratorConfig", (), {"__doc__": "Stand-in set by llava_evaclip.launch (transformers < 4.38)."}
@@ -352,11 +373,13 @@ def patch_llava_next_trainer(train_module: Any) -> None:
     """LLaVA-NeXT's `LLaVATrainer` overrides `Trainer._inner_training_loop` for its zeroth-order (MeZO) mode with a copy
     of transformers 4.40's loop that calls names its module never imports (`get_model_param_count`, `speed_metrics`,
     `TrainOutput`) and 4.40-only Trainer attributes, so it fails on every transformers version. For the default
-    `--trainer_mode regular` run transformers' own loop (what that copy reproduces); "zo" keeps LLaVA-NeXT's."""
+    `--trainer_mode regular` run transformers' own loop (what that copy reproduces); "zo" keeps LLaVA-NeXT's. The
+    override is looked up through the class's bases: on transformers 4.46+ `patch_llava_trainer` has already put its
+    signature adapter above LLaVA-NeXT's class."""
     from transformers import Trainer
 
     next_trainer = train_module.LLaVATrainer
-    if getattr(next_trainer, "_evaclip_next", False) or "_inner_training_loop" not in vars(next_trainer):
+    if getattr(next_trainer, "_evaclip_next", False) or next_trainer._inner_training_loop is Trainer._inner_training_loop:
         return
 
     class LLaVATrainer(next_trainer):
@@ -693,6 +716,7 @@ def prepare_llava(module: str) -> Optional[Any]:
     if not module.startswith(TRAIN_PACKAGE + "."):
         return None
     if is_llava_next():
+        check_llava_next_accelerate()
         provide_llava_next_trainer_imports()
     train_module = importlib.import_module(TRAIN_MODULE)
     patch_deepspeed_auto_fill()
@@ -827,7 +851,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{USAGE}\n{PROG}: error: {error}", file=sys.stderr)
         return 2
     patch_cuda_synchronize()
-    train_module = prepare_llava(module)
+    try:
+        train_module = prepare_llava(module)
+    except LaunchError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     if train_module is not None:
         args = translate_training_args(args)
         try:

@@ -140,7 +140,31 @@ def gathered_parameters(
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    if len(partitioned) == 1 or not _gathers_on_gloo(partitioned[0]):
+        return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return _gathered_one_at_a_time(partitioned, modifier_rank)
+
+
+@contextlib.contextmanager
+def _gathered_one_at_a_time(params: list[torch.Tensor], modifier_rank: Optional[int]) -> Iterator[None]:
+    """DeepSpeed before 0.19.8 gathers several parameters with one asynchronous collective each and waits for the last
+    only: right with NCCL (one stream, in order), but gloo's works are independent, so on CPU ranks the others could
+    still be arriving, and the gathered values were partly uninitialised memory. A gather of one parameter blocks."""
+    import deepspeed
+
+    unique = list({id(param): param for param in params}.values())
+    with contextlib.ExitStack() as stack:
+        for param in unique:
+            stack.enter_context(deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank))
+        yield
+
+
+def _gathers_on_gloo(param: torch.Tensor) -> bool:
+    group = getattr(param, "ds_process_group", None)
+    try:
+        return torch.distributed.get_backend(group) == "gloo"
+    except (RuntimeError, ValueError):  # no process group: DeepSpeed gathers nothing
+        return False
 
 
 def _named_persistent_buffers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -133,6 +133,49 @@ def test_auto_zero3_bucket_sizes_are_filled_as_deepspeed_takes_them(config_name,
         15099494, 10 * 4096, 4096 * 4096)
 
 
+def test_llava_next_loop_fix_reaches_through_the_signature_adapter(monkeypatch):
+    """On transformers 4.46+ (whose Trainer takes `processing_class`, not `tokenizer`) `patch_llava_trainer` puts its
+    adapter above LLaVA-NeXT's `LLaVATrainer` first; the training-loop fix must still find LLaVA-NeXT's override of
+    `_inner_training_loop` below it (it looked in the adapter's own attributes only, so regular training ran LLaVA-NeXT's
+    broken copy of the loop)."""
+    from transformers import Trainer
+
+    calls = []
+
+    class LLaVATrainer(Trainer):  # LLaVA-NeXT's: a copy of the loop for its zeroth-order mode
+        def _inner_training_loop(self, *args, **kwargs):
+            calls.append("llava-next")
+
+    monkeypatch.setattr(Trainer, "_inner_training_loop", lambda self, *a, **k: calls.append("transformers"))
+    # what `patch_llava_trainer` does where the Trainer takes no `tokenizer`
+    train_module = types.SimpleNamespace(LLaVATrainer=launch._compat_trainer_class(LLaVATrainer))
+    launch.patch_llava_next_trainer(train_module)
+    trainer = object.__new__(train_module.LLaVATrainer)
+    for mode in ("regular", "zo"):
+        trainer.trainer_mode = mode
+        trainer._inner_training_loop(batch_size=1)
+    assert calls == ["transformers", "llava-next"]
+    assert train_module.LLaVATrainer._evaclip_next and train_module.LLaVATrainer._evaclip_compat
+
+
+def test_llava_next_training_with_an_accelerate_without_dispatch_batches_is_refused_in_one_line():
+    """LLaVA-NeXT's trainer passes `dispatch_batches=` to accelerate's Accelerator (removed in accelerate 1.0): the
+    launcher says so before training starts, instead of a TypeError from inside the Trainer's constructor."""
+    import inspect
+
+    import accelerate
+
+    try:  # the arguments bound as LLaVA-NeXT's call passes them, without building an Accelerator (global state)
+        inspect.signature(accelerate.Accelerator).bind(dispatch_batches=None, split_batches=False)
+    except TypeError as error:  # what LLaVA-NeXT's trainer hits on this accelerate
+        assert "dispatch_batches" in str(error)
+        with pytest.raises(launch.LaunchError, match=r"^LLaVA-NeXT's trainer passes `dispatch_batches` .* accelerate 1\.0 "
+                           r"removed; found accelerate \S+: pip install 'accelerate<1\.0'"):
+            launch.check_llava_next_accelerate()
+    else:
+        launch.check_llava_next_accelerate()  # LLaVA-NeXT trains on this accelerate: no complaint
+
+
 def test_cuda_synchronize_is_a_no_op_without_cuda(monkeypatch):
     """LLaVA's train.py calls torch.cuda.synchronize() before its final DeepSpeed save; without CUDA that raises."""
     original, has_cuda = torch.cuda.synchronize, torch.cuda.is_available()

@@ -6,6 +6,7 @@ absent. It runs on transformers 4.x only; on 5.x the launcher must say so."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import accelerate
 import pytest
 import transformers
 
@@ -23,6 +25,8 @@ NEXT_PATH = Path(os.environ.get("LLAVA_NEXT_PATH") or REPO.parent / "shared" / "
 INNER_DIR = REPO / "tests" / "llava_next"
 INNER_FILES = ["next_tower.py", "next_arch.py", "next_launcher.py", "next_train.py"]
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# LLaVA-NeXT's trainer builds its Accelerator with `dispatch_batches=`, which accelerate 1.0 removed.
+ACCELERATE_TAKES_DISPATCH_BATCHES = "dispatch_batches" in inspect.signature(accelerate.Accelerator.__init__).parameters
 RUN_TIMEOUT_S = 1200
 
 pytestmark = pytest.mark.skipif(
@@ -62,6 +66,9 @@ def inner_results(tmp_path_factory) -> tuple[dict[str, list[tuple[str, str, str]
     """Outcomes per inner file: (test name, "passed" / "failed" / "skipped", message), and the run's output."""
     if TRANSFORMERS_5:
         pytest.skip(f"LLaVA-NeXT needs transformers 4.x (found {transformers.__version__}); see the README")
+    if not ACCELERATE_TAKES_DISPATCH_BATCHES:
+        pytest.skip(f"LLaVA-NeXT's trainer needs accelerate < 1.0 (found {accelerate.__version__}); the launcher says "
+                    "so (test_launcher_says_llava_next_training_needs_accelerate_before_1)")
     junit = tmp_path_factory.mktemp("llava_next") / "junit.xml"
     result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                   *(str(INNER_DIR / name) for name in INNER_FILES)], RUN_TIMEOUT_S)
@@ -93,3 +100,14 @@ def test_launcher_says_llava_next_needs_transformers_4():
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("run_llava.py: error: LLaVA-NeXT's code needs transformers 4.x"), result.stderr[-3000:]
+
+
+@pytest.mark.skipif(TRANSFORMERS_5 or ACCELERATE_TAKES_DISPATCH_BATCHES,
+                    reason="transformers 4.x with accelerate 1.x only (elsewhere LLaVA-NeXT trains, or the launcher "
+                           "refuses transformers 5 first)")
+def test_launcher_says_llava_next_training_needs_accelerate_before_1():
+    result = run([sys.executable, "-m", "llava_evaclip.launch", "llava.train.train", "--help"], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("run_llava.py: error: LLaVA-NeXT's trainer passes `dispatch_batches` to accelerate's "
+                           "Accelerator, which accelerate 1.0 removed"), result.stderr[-3000:]

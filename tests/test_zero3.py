@@ -165,6 +165,18 @@ def test_from_pretrained_with_hf_deepspeed_config(zero3_run, case, name):
                                        atol=ATOL, rtol=0)
 
 
+def test_cpu_ranks_gather_one_parameter_at_a_time(zero3_run):
+    """`zero.gathered_parameters` / `gathered_state_dict` over several parameters never use DeepSpeed's multi-parameter
+    gather on gloo: before 0.19.8 it waits for the last parameter's collective only, and the values gathered on CPU
+    ranks were partly uninitialised memory (weights ~1e-36 in the gathered state; features off by 1e37)."""
+    for rank in zero3_run.ranks:
+        recorded = {key: value for key, value in rank.items() if isinstance(value, dict)
+                    and "multi_parameter_gathers" in value}
+        assert len(recorded) >= len(CHECKPOINTS) + 3  # every load `record`ed (hf/*, zero_init/*, baai_pt)
+        for key, stats in recorded.items():
+            assert stats["multi_parameter_gathers"] == [], key
+
+
 def test_from_pretrained_inside_bare_zero_init(zero3_run, case):
     """Without any transformers config, inside `deepspeed.zero.Init` (transformers alone fails there with "size
     mismatch ... torch.Size([0])")."""

@@ -21,7 +21,7 @@ pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-t
 sentencepiece = pytest.importorskip("sentencepiece")
 
 from _dist.runner import REPO_ROOT, run_torchrun  # noqa: E402
-from conftest import needs_gloo_all_gather, tiny_config  # noqa: E402
+from conftest import needs_deepspeed_gloo_multi_gather, needs_gloo_all_gather, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from llava_evaclip import EvaCLIPModel  # noqa: E402
@@ -183,6 +183,7 @@ def test_pretrain_zero2_trains_and_saves_the_projector(workspace, pretrain_run):
     assert config["mm_vision_tower"] == str(workspace.root / "tower") and config["mm_hidden_size"] == 32
 
 
+@needs_deepspeed_gloo_multi_gather()
 def test_finetune_zero3_trains_the_unfrozen_tower(workspace, finetune_unfrozen_run):
     run = finetune_unfrozen_run
     assert_loss_decreases(run, FINETUNE_STEPS)
@@ -207,6 +208,7 @@ def test_finetune_zero3_trains_the_unfrozen_tower(workspace, finetune_unfrozen_r
         assert torch.equal(value, start) != key.startswith(used), key
 
 
+@needs_deepspeed_gloo_multi_gather()
 def test_unfrozen_finetune_checkpoint_reloads_through_llava(finetune_unfrozen_run):
     """LLaVA reloads the saved model with its own loader; the config says the tower was trained, so the tower is built
     eagerly and ends up with the saved (trained) weights, not the original checkpoint's."""
@@ -228,6 +230,7 @@ def test_unfrozen_finetune_checkpoint_reloads_through_llava(finetune_unfrozen_ru
         assert torch.equal(value, saved_tower[key].float()), key
 
 
+@needs_deepspeed_gloo_multi_gather()
 def test_finetune_zero3_keeps_the_frozen_tower_exactly(workspace, finetune_frozen_run):
     run = finetune_frozen_run
     assert_loss_decreases(run, FINETUNE_STEPS)

@@ -8,10 +8,12 @@ flags, errors) and rank{N}.pt (features and gathered weights). The test compares
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import torch
 from common import Results, distributed_run, run_worker, zero3_config
@@ -28,13 +30,37 @@ def record(results: Results, key: str, model: torch.nn.Module, pixel_values: tor
     stats["full_param_numel"] = sum(zero.full_numel(param) for param in model.parameters())
     stats["placeholder_numel"] = sum(param.numel() for param in model.parameters())
     model.eval()
-    with torch.no_grad(), zero.gathered_parameters(model):
-        output = model(pixel_values)
+    with _multi_parameter_gathers() as multi_parameter_gathers:
+        with torch.no_grad(), zero.gathered_parameters(model):
+            output = model(pixel_values)
+        state = zero.gathered_state_dict(model)
+    stats["multi_parameter_gathers"] = multi_parameter_gathers
     results.tensor(f"{key}/last_hidden_state", output.last_hidden_state)
     results.tensor(f"{key}/pooler_output", output.pooler_output)
-    for name, tensor in zero.gathered_state_dict(model).items():
+    for name, tensor in state.items():
         results.tensor(f"{key}/state/{name}", tensor)
     results[key] = stats
+
+
+@contextlib.contextmanager
+def _multi_parameter_gathers() -> Iterator[list[int]]:
+    """The sizes of DeepSpeed's blocking gathers of several parameters at once (`_allgather_params_coalesced`, which
+    before DeepSpeed 0.19.8 waits only for the last parameter's collective: on gloo the others may still be arriving)."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    sizes: list[int] = []
+    original = Init._allgather_params_coalesced
+
+    def counted(self, param_list, *args, **kwargs):
+        if len(param_list) > 1:
+            sizes.append(len(param_list))
+        return original(self, param_list, *args, **kwargs)
+
+    Init._allgather_params_coalesced = counted
+    try:
+        yield sizes
+    finally:
+        Init._allgather_params_coalesced = original
 
 
 def record_rotary(results: Results, key: str, model: torch.nn.Module) -> None:
