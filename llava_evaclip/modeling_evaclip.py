@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
@@ -745,9 +746,14 @@ def resolve_attn_implementation(config: Any) -> str:
         requested = requested.get("") or next(iter(requested.values()), None)
     if requested is None:
         return "sdpa"
-    known = _known_attn_implementations()
-    if requested not in known:
-        raise ValueError(f"attn_implementation {requested!r} is not supported; choose one of {tuple(known)}.")
+    # Membership, not the registry's key list: this runs in every attention call, and torch 2.8's dynamo cannot trace
+    # `list()` over `AttentionInterface.keys()` (torch.compile(fullgraph=True) failed there on transformers 4.56).
+    registered = requested in ATTENTION_FUNCTIONS or (
+        ALL_ATTENTION_FUNCTIONS is not None and requested in ALL_ATTENTION_FUNCTIONS
+    )
+    if not registered:
+        known = tuple(_known_attn_implementations())
+        raise ValueError(f"attn_implementation {requested!r} is not supported; choose one of {known}.")
     if requested == "flash_attention_2" and not is_flash_attn_available():
         raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package and a CUDA device; "
                          "use 'sdpa' otherwise.")
@@ -762,6 +768,12 @@ def attention_kernel(config: Any, output_attentions: bool) -> str:
     if output_attentions or forward_ad_active():
         return "eager"
     return resolve_attn_implementation(config)
+
+
+# transformers 4.x builds the model to load under accelerate's `init_empty_weights` (always from 4.5x, with
+# `low_cpu_mem_usage=True` before), which swaps `nn.Module.register_parameter` class-wide: two threads loading at once
+# restored each other's swap, and every module built afterwards in the process had meta parameters.
+_LOADING = threading.RLock()
 
 
 class EvaCLIPRMSNorm(nn.Module):
@@ -1001,7 +1013,8 @@ _TORCH_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
 
 def _is_exporting() -> bool:
     """torch.export, or a torch that cannot tell (no `torch.compiler.is_exporting`: 2.4 and 2.5, where the op went into
-    exported programs): the aligned op is then left to eager and compiled code of newer torch."""
+    exported programs): the aligned op is then left to eager and compiled code of newer torch. (The dynamo of torch
+    2.6-2.8 folds `is_exporting()` to True under any compile, so compiled code there keeps the module calls.)"""
     return _TORCH_IS_EXPORTING is None or bool(_TORCH_IS_EXPORTING())
 
 
@@ -1562,8 +1575,9 @@ class EvaCLIPPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' loader; inside a bare `deepspeed.zero.Init` it is told that ZeRO-3 is on (see `zero.py`),
         so the checkpoint goes into the partitioned parameters instead of failing on their empty placeholders. Under
-        ZeRO-3 a local safetensors dir is streamed into the partitioned model instead (`zero.streamed_from_pretrained`)."""
-        with transformers_zero3_context():
+        ZeRO-3 a local safetensors dir is streamed into the partitioned model instead (`zero.streamed_from_pretrained`).
+        Loads take turns (`_LOADING`)."""
+        with _LOADING, transformers_zero3_context():
             streamed = _compat.zero3_from_pretrained
             model = streamed(cls, *args, **kwargs) if streamed is not None else None
             return model if model is not None else super().from_pretrained(*args, **kwargs)

@@ -18,7 +18,7 @@ from transformers.utils import logging
 from . import zero
 from ._compat import CHECKPOINT_DTYPE
 from .configuration_evaclip import EvaCLIPVisionConfig
-from .modeling_evaclip import EvaCLIPVisionModel
+from .modeling_evaclip import _LOADING, EvaCLIPVisionModel
 from .processing import image_processor_file, load_image_processor
 
 logger = logging.get_logger(__name__)
@@ -311,11 +311,12 @@ class EvaCLIPVisionTower(nn.Module):
             logger.warning(f"{self.vision_tower_name} is already loaded, `load_model` called again, skipping.")
             return
         self.image_processor = self._load_image_processor()
-        if _building_on_meta_device():
-            self.vision_tower = EvaCLIPVisionModel(copy.deepcopy(self.cfg_only))
-        else:
-            self.vision_tower = zero.from_pretrained(EvaCLIPVisionModel, self.vision_tower_name, device_map=device_map,
-                                                     **CHECKPOINT_DTYPE)
+        with _LOADING:  # another thread's load would look like a parent's meta build (see `_LOADING`)
+            if _building_on_meta_device():
+                self.vision_tower = EvaCLIPVisionModel(copy.deepcopy(self.cfg_only))
+            else:
+                self.vision_tower = zero.from_pretrained(EvaCLIPVisionModel, self.vision_tower_name,
+                                                         device_map=device_map, **CHECKPOINT_DTYPE)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 

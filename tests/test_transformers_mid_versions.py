@@ -178,3 +178,50 @@ def test_transformers_4_47_attention_choice_flag_is_never_written_and_dropped_wh
     tower = EvaCLIPVisionConfig.from_dict(written["vision_config"])
     for each in (read, read.text_config, read.vision_config, tower):
         assert getattr(each, "_attn_implementation_autoset", False) is False
+
+
+def test_loads_from_several_threads_at_once_leave_torch_unpatched(tmp_path):
+    """transformers 4.5x (and 4.x with `low_cpu_mem_usage=True`) builds the model to load under accelerate's
+    `init_empty_weights`, which swaps `nn.Module.register_parameter` class-wide. Two threads loading at once (thread
+    ranks, a server loading towers in parallel) restored each other's swap, so every module built afterwards in the
+    process had meta parameters ("Cannot copy out of meta tensor"), and LLaVA's tower, loading while another thread
+    held the swap, took it for a parent model's meta build and built itself empty. Loads of our models take turns."""
+    import threading
+    from types import SimpleNamespace
+
+    from conftest import randomize, tiny_vision_config
+    from llava_evaclip.processing import build_image_processor
+    from llava_evaclip.tower import EvaCLIPVisionTower
+
+    randomize(EvaCLIPVisionModel(tiny_vision_config())).save_pretrained(tmp_path)
+    build_image_processor(tiny_vision_config()).save_pretrained(tmp_path)
+    expected = EvaCLIPVisionModel.from_pretrained(tmp_path).state_dict()
+    register_parameter, register_buffer = torch.nn.Module.register_parameter, torch.nn.Module.register_buffer
+    loaded: list = [None] * 4
+    start = threading.Barrier(len(loaded))
+
+    def load(index: int) -> None:
+        start.wait()
+        if index % 2:  # LLaVA's tower, which builds on the meta device when it sees a parent model's meta build
+            tower = EvaCLIPVisionTower(str(tmp_path), SimpleNamespace(mm_vision_select_layer=-2), delay_load=True)
+            tower.load_model()
+            loaded[index] = tower.vision_tower
+        else:
+            loaded[index] = EvaCLIPVisionModel.from_pretrained(tmp_path, low_cpu_mem_usage=True)
+
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=load, args=(index,)) for index in range(len(loaded))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert torch.nn.Module.register_parameter is register_parameter
+            assert torch.nn.Module.register_buffer is register_buffer
+            assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+            for model in loaded:
+                state = model.state_dict()
+                assert state.keys() == expected.keys()
+                assert all(torch.equal(state[key], value) for key, value in expected.items())
+    finally:  # a failure must not leave the swap to the rest of the session
+        torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = register_parameter, register_buffer
