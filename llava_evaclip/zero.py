@@ -740,8 +740,11 @@ def streamed_from_pretrained(model_class: Any, *args: Any, **kwargs: Any) -> Opt
                 sub_config.dtype = dtype
     else:
         config.torch_dtype = dtype
-        # 4.x chooses the attention kernel (sdpa where supported) in from_pretrained, not in the model.
-        config = model_class._autoset_attn_implementation(config, torch_dtype=dtype, check_device_map=False)
+        # 4.x before 4.54 chooses the attention kernel (sdpa where supported) in from_pretrained, not in the model;
+        # later releases choose it in the model's constructor and have no `_autoset_attn_implementation`.
+        autoset = getattr(model_class, "_autoset_attn_implementation", None)
+        if autoset is not None:
+            config = autoset(config, torch_dtype=dtype, check_device_map=False)
     # No initial broadcast: its values would be overwritten below, as every parameter is (strict: a weight missing
     # from the checkpoint raises here on every rank), so the ranks' unsynchronised initial slices are never used.
     model = _build_partitioned(model_class, config, dtype, broadcast_init=False)
