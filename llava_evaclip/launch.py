@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from .llava_registry import find_factory, register_with_llava
+from .llava_registry import find_factory, is_llava_next, provide_llava_next_model_imports, register_with_llava
 
 PROG = "run_llava.py"
 USAGE = (
@@ -117,14 +117,6 @@ def patch_transformers_for_llava() -> None:
         trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS
 
 
-def is_llava_next() -> bool:
-    """Whether the importable `llava` package is LLaVA-NeXT / OneVision's (it has the resampler package that LLaVA 1.5
-    lacks), judged from its files so that nothing is imported."""
-    spec = _find_spec("llava")
-    locations = list(getattr(spec, "submodule_search_locations", None) or [])
-    return any(os.path.isdir(os.path.join(location, "model", "multimodal_resampler")) for location in locations)
-
-
 def check_llava_next_transformers() -> None:
     """LLaVA-NeXT's model package imports BERT helpers that transformers 5 removed (its Q-Former) and its trainer
     overrides the 4.x training loop, so it runs on transformers 4.x only: say so instead of failing deep inside."""
@@ -138,17 +130,30 @@ def check_llava_next_transformers() -> None:
 
 
 def check_llava_next_accelerate() -> None:
-    """LLaVA-NeXT's `LLaVATrainer.create_accelerator_and_postprocess` builds its Accelerator with `dispatch_batches=`,
-    which accelerate 1.0 removed: every LLaVA-NeXT training run would stop with a TypeError as the Trainer starts."""
+    """LLaVA-NeXT's `LLaVATrainer.create_accelerator_and_postprocess` builds its Accelerator with
+    `dispatch_batches=self.args.dispatch_batches, split_batches=self.args.split_batches`: accelerate 1.0 removed those
+    arguments and transformers 4.5x those TrainingArguments fields, and every LLaVA-NeXT training run would stop with a
+    TypeError / AttributeError as the Trainer starts. Say which side lacks them (both, where both do)."""
+    import accelerate
+    import transformers
     from accelerate import Accelerator
+    from transformers import TrainingArguments
 
+    problems = []
     if "dispatch_batches" not in inspect.signature(Accelerator.__init__).parameters:
-        import accelerate
-
-        raise LaunchError(
-            f"LLaVA-NeXT's trainer passes `dispatch_batches` to accelerate's Accelerator, which accelerate 1.0 removed; "
-            f"found accelerate {accelerate.__version__}: pip install 'accelerate<1.0' (LLaVA-NeXT pins 0.29.3)"
+        problems.append(
+            f"accelerate's Accelerator, which accelerate 1.0 removed; found accelerate {accelerate.__version__}: "
+            f"pip install 'accelerate<1.0' (LLaVA-NeXT pins 0.29.3)"
         )
+    fields = TrainingArguments.__dataclass_fields__
+    missing = [name for name in ("dispatch_batches", "split_batches") if name not in fields]
+    if missing:
+        problems.append(
+            f"its Accelerator from TrainingArguments.{' and .'.join(missing)}, which this transformers "
+            f"({transformers.__version__}) no longer has: pip install transformers==4.37.2 (4.47.1 works too)"
+        )
+    if problems:
+        raise LaunchError("LLaVA-NeXT's trainer passes `dispatch_batches` to " + "; and ".join(problems))
 
 
 class _MissingTrlPart:
@@ -845,6 +850,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LaunchError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    provide_llava_next_model_imports()
     try:
         module, args = split_command(argv)
     except LaunchError as error:

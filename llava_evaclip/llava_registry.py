@@ -9,6 +9,8 @@ to LLaVA's own builder unchanged.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -215,13 +217,44 @@ def _llava_modules() -> list[Any]:
     ]
 
 
+def is_llava_next() -> bool:
+    """Whether the importable `llava` package is LLaVA-NeXT / OneVision's (it has the resampler package that LLaVA 1.5
+    lacks), judged from its files so that nothing is imported."""
+    try:
+        spec = importlib.util.find_spec("llava")
+    except (ImportError, ValueError):
+        return False
+    locations = list(getattr(spec, "submodule_search_locations", None) or [])
+    return any(os.path.isdir(os.path.join(location, "model", "multimodal_resampler")) for location in locations)
+
+
+# What LLaVA-NeXT's Q-Former (imported by its model package, so by every `import llava`) takes from
+# `transformers.modeling_utils`; transformers moved them to `pytorch_utils`, and 4.5x stopped re-exporting them.
+LLAVA_NEXT_MODELING_UTILS_NAMES = (
+    "apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer",
+)
+
+
+def provide_llava_next_model_imports() -> None:
+    """Give back, where this transformers lacks them, the `transformers.modeling_utils` names LLaVA-NeXT's model package
+    imports (the same functions, from `transformers.pytorch_utils`). Without them its `llava/model/__init__.py` prints
+    the ImportError and goes on without `LlavaLlamaForCausalLM`, and every LLaVA-NeXT entry point fails on import."""
+    if not is_llava_next():
+        return
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    for name in LLAVA_NEXT_MODELING_UTILS_NAMES:
+        if not hasattr(modeling_utils, name) and hasattr(pytorch_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+
+
 def register_with_llava() -> None:
     """Make every binding of LLaVA's `build_vision_tower` use the registry, and bridge LLaVA's forward to the installed
     transformers' `generate` (`patch_llava_forward`). Idempotent; `unregister_from_llava()` restores LLaVA's builder."""
     global _original_builder
+    provide_llava_next_model_imports()  # before the import below, which imports LLaVA-NeXT's model package
     try:
-        import importlib
-
         builder = importlib.import_module(LLAVA_BUILDER_MODULE)  # imports llava.model (and llava_arch) too
     except ImportError as error:
         raise ImportError(

@@ -117,6 +117,35 @@ def needs_deepspeed_gloo_multi_gather() -> pytest.MarkDecorator:
                "ranks) does not order (fixed in 0.19.8; NCCL is unaffected)")
 
 
+@functools.lru_cache(maxsize=None)
+def _trainer_refuses_bf16_without_gpu() -> bool:
+    from transformers import TrainingArguments
+
+    try:
+        TrainingArguments(output_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unused"), bf16=True,
+                          report_to=[])
+    except ValueError as error:
+        if "bf16" not in str(error):
+            raise
+        return True
+    return False
+
+
+def deepspeed_bf16_cpu_flags() -> list[str]:
+    """The Trainer flags a `--bf16 True --deepspeed ...` LLaVA run needs on CPU ranks. transformers up to 4.4x takes
+    bf16 without a GPU as is (none needed; `--use_cpu` would there replace DeepSpeed by plain DDP); 5.x refuses it
+    unless told the run is on CPU and keeps DeepSpeed then. 4.5x refuses it and, with `--use_cpu`, drops DeepSpeed,
+    so such a run cannot happen on a CPU-only machine there: the test skips (GPU runs are unaffected)."""
+    import transformers
+
+    if not _trainer_refuses_bf16_without_gpu():
+        return []
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return ["--use_cpu", "True"]
+    pytest.skip(f"transformers {transformers.__version__} refuses bf16 without a GPU, and its --use_cpu replaces "
+                "DeepSpeed by plain DDP: no bf16 DeepSpeed run on CPU ranks")
+
+
 # BAAI's code released with EVA-CLIP-8B / 18B (package `eva_clip`, in no registry): `.ci/run` sets the variable.
 EVACLIP_18B_REFERENCE = os.environ.get(
     "EVACLIP_18B_REFERENCE",

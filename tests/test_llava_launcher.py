@@ -176,6 +176,22 @@ def test_llava_next_training_with_an_accelerate_without_dispatch_batches_is_refu
         launch.check_llava_next_accelerate()  # LLaVA-NeXT trains on this accelerate: no complaint
 
 
+def test_llava_next_training_with_a_transformers_without_dispatch_batches_is_refused_in_one_line(monkeypatch):
+    """The same Accelerator call reads `self.args.dispatch_batches` / `split_batches`, TrainingArguments fields that
+    transformers 4.5x removed (an AttributeError inside the Trainer's constructor on 4.56): the launcher names them."""
+    from transformers import TrainingArguments
+
+    fields = {name: field for name, field in TrainingArguments.__dataclass_fields__.items()
+              if name not in ("dispatch_batches", "split_batches")}
+    monkeypatch.setattr(TrainingArguments, "__dataclass_fields__", fields)
+    with pytest.raises(launch.LaunchError) as error:
+        launch.check_llava_next_accelerate()
+    message = str(error.value)
+    assert message.startswith("LLaVA-NeXT's trainer passes `dispatch_batches` to ") and "\n" not in message
+    assert "TrainingArguments.dispatch_batches and .split_batches, which this transformers" in message
+    assert message.endswith("pip install transformers==4.37.2 (4.47.1 works too)")
+
+
 def test_cuda_synchronize_is_a_no_op_without_cuda(monkeypatch):
     """LLaVA's train.py calls torch.cuda.synchronize() before its final DeepSpeed save; without CUDA that raises."""
     original, has_cuda = torch.cuda.synchronize, torch.cuda.is_available()

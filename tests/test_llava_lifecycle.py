@@ -227,7 +227,9 @@ def test_a_lora_run_under_zero3_resumes_exactly(workspace, tmp_path):
     from _dist.runner import REPO_ROOT, run_torchrun
 
     def train(output_dir):
-        cpu = ["--use_cpu", "True"] if int(transformers.__version__.split(".")[0]) >= 5 else []
+        from conftest import deepspeed_bf16_cpu_flags
+
+        cpu = deepspeed_bf16_cpu_flags()
         result = run_torchrun(
             REPO_ROOT / "integration" / "run_llava.py", "llava.train.train",
             "--deepspeed", REPO_ROOT / "integration" / "zero3.json", "--lora_enable", "True", "--lora_r", "4",

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from test_llava_next import ACCELERATE_TAKES_DISPATCH_BATCHES, INNER_DIR, NEXT_PATH, TRANSFORMERS_5, run
+from test_llava_next import INNER_DIR, LLAVA_NEXT_TRAINS, NEXT_PATH, TRANSFORMERS_5, run
 
 INNER_FILE = "next_lifecycle.py"
 RUN_TIMEOUT_S = 300
@@ -18,7 +18,8 @@ pytestmark = [
     pytest.mark.skipif(not (NEXT_PATH / "llava" / "__init__.py").is_file(),
                        reason=f"LLaVA-NeXT's llava package not found at {NEXT_PATH} (set LLAVA_NEXT_PATH)"),
     pytest.mark.skipif(TRANSFORMERS_5, reason="LLaVA-NeXT needs transformers 4.x"),
-    pytest.mark.skipif(not ACCELERATE_TAKES_DISPATCH_BATCHES, reason="LLaVA-NeXT's trainer needs accelerate < 1.0"),
+    pytest.mark.skipif(not LLAVA_NEXT_TRAINS, reason="LLaVA-NeXT's trainer needs accelerate < 1.0 and a "
+                                                   "TrainingArguments with dispatch_batches"),
 ]
 
 

@@ -14,14 +14,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-torch) is needed for these tests")
 sentencepiece = pytest.importorskip("sentencepiece")
 
 from _dist.runner import REPO_ROOT, run_torchrun  # noqa: E402
-from conftest import needs_deepspeed_gloo_multi_gather, needs_gloo_all_gather, tiny_config  # noqa: E402
+from conftest import (  # noqa: E402
+    deepspeed_bf16_cpu_flags,
+    needs_deepspeed_gloo_multi_gather,
+    needs_gloo_all_gather,
+    tiny_config,
+)
 from safetensors.torch import load_file  # noqa: E402
 
 from llava_evaclip import EvaCLIPModel  # noqa: E402
@@ -35,9 +39,6 @@ LM_WIDTH = 48  # differs from the tower's width (32), so the projector's shape s
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 RUN_TIMEOUT_S = 420
 INTEGRATION = REPO_ROOT / "integration"
-# transformers 5 refuses bf16 without a GPU unless told the run is on CPU; 4.37 takes bf16 on CPU as is, and there
-# --use_cpu would replace DeepSpeed by plain DDP.
-CPU_FLAGS = ["--use_cpu", "True"] if int(transformers.__version__.split(".")[0]) >= 5 else []
 ANSWERS = ["a red square", "the image shows a green circle", "a small blue shape", "two dark stripes"]
 
 
@@ -104,7 +105,7 @@ def train(workspace: SimpleNamespace, output_dir: Path, deepspeed_config: Path, 
         "--data_path", root / "data.json", "--image_folder", root / "images", "--vision_tower", root / "tower",
         "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--bf16", "True", *CPU_FLAGS, "--output_dir", output_dir,
+        "--bf16", "True", *deepspeed_bf16_cpu_flags(), "--output_dir", output_dir,
         "--per_device_train_batch_size", str(MICRO_BATCH), "--gradient_accumulation_steps", "1",
         "--evaluation_strategy", "no", "--weight_decay", "0.", "--warmup_ratio", "0.0",
         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--model_max_length", "64",

@@ -12,6 +12,7 @@ PLAN: [{"name": ..., "argv": [MODULE, ARGS...], "stdin": "..."} | {"name": ..., 
 """
 
 import base64
+import importlib
 import io
 import json
 import sys
@@ -34,6 +35,9 @@ def _to_cpu(self, *args, **kwargs):
 
 
 torch.Tensor.to = _to_cpu
+# Before the stubs: transformers 4.5x probes find_spec("fastapi") as it is imported, which a stub without a spec breaks.
+importlib.import_module("transformers")
+
 SERVER_NAMES = ("FastAPI", "Request", "BackgroundTasks", "StreamingResponse")  # the worker's app, never started
 for name in ("shortuuid", "fastapi", "fastapi.responses", "uvicorn"):
     try:
