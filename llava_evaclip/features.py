@@ -294,6 +294,8 @@ def load_tower(model: str, select_layer: Union[str, int] = -2, select_feature: s
 
 def tower_settings(tower: Any) -> dict[str, str]:
     """The settings an output made by `tower` records (and resume / training compare): see SETTING_KEYS."""
+    from .processing import takes_tensors
+
     recorded = dict(getattr(tower, "feature_settings", None) or {})
     if "weights_fingerprint" not in recorded:
         name = getattr(tower, "vision_tower_name", "")
@@ -306,9 +308,10 @@ def tower_settings(tower: Any) -> dict[str, str]:
         "select_feature": tower.select_feature,
         "image_size": str(tower.input_size),
         "dtype": str(tower.dtype).replace("torch.", ""),
-        # transformers 5's CLIPImageProcessor resizes with torchvision, transformers 4 (LLaVA's pin) with PIL: up to
-        # ~30 grey levels apart at sharp edges (text, line art), so a store made on one line is not the other's.
-        "image_resize": "torchvision" if _takes_channel_first_tensors(getattr(tower, "image_processor", None))
+        # transformers 5's CLIPImageProcessor (and 4.x's *Fast) resize with torchvision, transformers 4's (LLaVA's pin)
+        # with PIL: up to ~30 grey levels apart at sharp edges (text, line art), so a store made with one is not the
+        # other's.
+        "image_resize": "torchvision" if takes_tensors(getattr(tower, "image_processor", None))
         else "pil",
     }
 
@@ -351,17 +354,6 @@ def _log_model_path(recorded: dict[str, str], expected: dict[str, str], where: s
 # ---------------------------------------------------------------------------------------------------------------------
 # Decoding in DataLoader workers and the forward pass
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _takes_channel_first_tensors(processor: Any) -> bool:
-    """Whether `processor` works on torch tensors (transformers 5's torchvision backend): then a plain RGB image is
-    handed over as a channel-first uint8 tensor, with the same result as the PIL image (the resize runs on that tensor
-    either way; see `_tensor_equivalent` for the images that are not)."""
-    try:
-        from transformers.image_processing_backends import TorchvisionBackend
-    except ImportError:  # transformers 4: PIL / numpy processors, given the PIL image as LLaVA does
-        return False
-    return isinstance(processor, TorchvisionBackend)
 
 
 def _channel_first(image: Any) -> torch.Tensor:
@@ -410,7 +402,7 @@ def _run_processor(processor: Any, image: Any, tensor_input: bool, **overrides: 
         batch = processor([_channel_first(image)], input_data_format="channels_first", return_tensors="pt",
                           **overrides)
     else:
-        batch = processor([image], return_tensors="pt", **overrides)
+        batch = processor([image], return_tensors="pt", **overrides)  # as LLaVA's dataset calls it
     return batch["pixel_values"][0]
 
 
@@ -440,7 +432,9 @@ class _BatchNormaliser:
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
-        self.tensor_input = _takes_channel_first_tensors(processor)
+        from .processing import takes_tensors
+
+        self.tensor_input = takes_tensors(processor)
         self.mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(processor.image_std, dtype=torch.float32).view(-1, 1, 1)
         # float32 division by 1 / factor equals numpy's float64 product cast to float32 for 1/255 (and is 10x
@@ -518,7 +512,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[ImageItem], processor: Any) -> None:
         self.items = list(items)
         self.processor = processor
-        self.tensor_input = _takes_channel_first_tensors(processor)
+        from .processing import takes_tensors
+
+        self.tensor_input = takes_tensors(processor)
         self.normaliser = _BatchNormaliser.for_processor(processor)
 
     def __len__(self) -> int:

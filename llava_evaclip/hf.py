@@ -447,6 +447,10 @@ def build_llava_processor(
     # Decoder-only batches pad on the left for generation, and 4.37.2's LLaVA places image features correctly in a
     # padded batch only then (llava-hf's own processors ship with left padding too).
     tokenizer.padding_side = "left"
+    # Saved with it: transformers 5.5's save_pretrained writes the tokenizer's init kwargs, not the attribute, and a
+    # processor reloaded there (pipelines, AutoProcessor) padded on the right and generated from the pad tokens.
+    if isinstance(getattr(tokenizer, "init_kwargs", None), dict):
+        tokenizer.init_kwargs["padding_side"] = "left"
 
     if next:
         _check_next_options(vision_feature_select_strategy)

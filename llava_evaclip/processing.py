@@ -46,6 +46,34 @@ def build_image_processor(config: Union[EvaCLIPConfig, EvaCLIPVisionConfig, int]
     )
 
 
+def takes_tensors(processor: Any) -> bool:
+    """Whether `processor` works on torch tensors (transformers 5's torchvision backend, 4.x's `*ImageProcessorFast`):
+    it turns a PIL image into a [C, H, W] tensor itself and resizes with torchvision; the others (transformers 4's
+    `CLIPImageProcessor`) work on numpy arrays and resize with PIL."""
+    bases: tuple[type, ...] = ()
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+
+        bases += (TorchvisionBackend,)
+    except ImportError:
+        pass
+    try:
+        from transformers.image_processing_utils_fast import BaseImageProcessorFast
+
+        bases += (BaseImageProcessorFast,)
+    except ImportError:
+        pass
+    return isinstance(processor, bases)
+
+
+def rgb_image_kwargs(processor: Any) -> dict[str, str]:
+    """What to pass `processor` with RGB PIL images so that none is misread. A numpy processor takes the height of an
+    image 1 or 3 pixels high for its channels unless told `input_data_format="channels_last"`; a tensor processor
+    converts the PIL image to [C, H, W] itself, and some releases (4.56's fast processors, 5.5's) then apply that
+    argument to the converted tensor and fail with a shape error, so it gets none."""
+    return {} if takes_tensors(processor) else {"input_data_format": "channels_last"}
+
+
 def _processor_config_file(path: Union[str, os.PathLike]) -> Optional[str]:
     """processor_config.json of a local dir or of a Hub repo (downloaded or already cached), None where there is
     none: transformers 5's `from_pretrained` reads it from both, 4.x from neither."""

@@ -27,6 +27,7 @@ from transformers import (
 import llava_evaclip.modeling_evaclip as modeling
 from conftest import needs_cpu_fp16, tiny_config, tiny_vision_config
 from llava_evaclip import EvaCLIPModel, EvaCLIPVisionConfig, EvaCLIPVisionModel
+from llava_evaclip._compat import SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION
 from llava_evaclip.hf import (
     build_llava,
     build_llava_config,
@@ -206,8 +207,8 @@ def test_from_pretrained_without_importing_llava_evaclip_names_the_missing_type(
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     monkeypatch.delitem(CONFIG_MAPPING._extra_content, "evaclip_vision_model")
-    # 5.x: "ValueError: Unrecognized model type for subconfig: evaclip_vision_model ..."; 4.37.2: "KeyError: '...'".
-    with pytest.raises(ValueError if TF5 else KeyError, match="evaclip_vision_model"):
+    # 5.x: "ValueError: Unrecognized model type for subconfig: evaclip_vision_model ..."; 4.37.2 and 5.5: "KeyError".
+    with pytest.raises((ValueError, KeyError), match="evaclip_vision_model"):
         LlavaForConditionalGeneration.from_pretrained(tmp_path)
     monkeypatch.undo()
     assert type(get_vision_tower(LlavaForConditionalGeneration.from_pretrained(tmp_path))) is EvaCLIPVisionModel
@@ -321,8 +322,9 @@ def test_attn_implementation_reaches_the_tower_via_build_llava(implementation, k
     assert modeling.resolve_attn_implementation(get_vision_tower(model).config) == other
 
 
-@pytest.mark.skipif(not TF5, reason="4.37.2 sets attn_implementation on the top config only; build_llava / "
-                                    "set_vision_attn_implementation hand it to the tower there (tested above)")
+@pytest.mark.skipif(not SUB_CONFIGS_TAKE_ATTN_IMPLEMENTATION,
+                    reason="transformers 4.37-4.53 set attn_implementation on the top config only; build_llava / "
+                           "set_vision_attn_implementation hand it to the tower there (tested above)")
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_attn_implementation_dispatch_through_llava_config_and_from_pretrained(implementation, kernel_calls, tmp_path):
     config = LlavaConfig(vision_config=tiny_vision_config(), text_config=tiny_llama_config(),
@@ -624,3 +626,16 @@ def test_build_llava_leaves_the_callers_configs_alone():
     assert vision_config.to_dict() == vision_before and text_config.to_dict() == text_before  # vocab not grown
     assert get_vision_tower(first).config is not vision_config
     assert modeling.resolve_attn_implementation(get_vision_tower(first).config) == "eager"  # not switched by the second build
+
+
+def test_a_saved_llava_processor_reloads_padding_on_the_left(tmp_path):
+    """Batched generation needs left padding (4.37.2's LLaVA also places image features right only then). transformers
+    5.5 saved a tokenizer's init kwargs, not the `padding_side` set on it: the processor the image-text-to-text
+    pipeline reloads padded on the right, and every shorter prompt of a batch was generated from pad tokens."""
+    from transformers import AutoProcessor
+
+    processor = build_llava_processor(tiny_vision_config("eva02"), tiny_tokenizer())
+    processor.save_pretrained(tmp_path)
+    with open(tmp_path / "tokenizer_config.json", encoding="utf-8") as file:
+        assert json.load(file).get("padding_side") == "left"
+    assert AutoProcessor.from_pretrained(tmp_path).tokenizer.padding_side == "left"

@@ -13,8 +13,11 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import transformers
+from PIL import Image
 from transformers import AutoImageProcessor, CLIPImageProcessor
 
 from conftest import tiny_vision_config, without_deepspeed_import_log
@@ -157,3 +160,35 @@ def test_a_hub_tower_uses_the_processor_transformers_5_saved_there(tmp_path):
     expected = out["auto"] if TF5 else image_processor_settings(CLIPImageProcessor.from_dict(nested))
     assert out["tower"] == expected and expected["image_mean"] == [0.5, 0.5, 0.5]
     assert _preprocessor_file_settings(snapshot)["image_mean"] != expected["image_mean"]
+
+
+def _clip_processor_classes() -> list[type]:
+    """The installed transformers' CLIP image processors: numpy (4.x; `CLIPImageProcessorPil` on 5.x) and tensor
+    (`CLIPImageProcessorFast` on 4.4x-4.5x; the default on 5.x) ones."""
+    import transformers
+
+    classes = []
+    for name in ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"):
+        try:
+            cls = getattr(transformers, name)
+        except (AttributeError, ImportError):
+            continue
+        if isinstance(cls, type) and cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+@pytest.mark.parametrize("height", [1, 3, 70])
+def test_rgb_image_kwargs_let_every_clip_processor_read_a_pil_image(height):
+    """The CLI hands RGB PIL images to the tower's processor. A numpy processor must be told the channels are last (it
+    took a height of 1 or 3 for them); a tensor processor of 4.56 (fast) or 5.5 told so fails with a shape error on the
+    tensor it made of the image. Reference: the same pixels as a channels-last uint8 array, which every processor
+    reads one way."""
+    from llava_evaclip.processing import rgb_image_kwargs
+
+    pixels = np.random.default_rng(height).integers(0, 256, (height, 90, 3), dtype=np.uint8)
+    for cls in _clip_processor_classes():
+        processor = cls(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        expected = processor([pixels], input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+        got = processor([Image.fromarray(pixels)], return_tensors="pt", **rgb_image_kwargs(processor))["pixel_values"]
+        assert torch.equal(got, expected), cls.__name__

@@ -141,14 +141,16 @@ def _similarity_pixel_values(path: str, full_dir: str, monkeypatch, capsys) -> l
     real = common.image_processor_for
 
     def spying_processor(source):
-        processor = real(source)
+        processor = real(source)  # itself: the command chooses its arguments by the processor's kind
+        preprocess = processor.preprocess  # what `processor(...)` runs, on both transformers lines
 
         def run(*args, **kwargs):
-            output = processor(*args, **kwargs)
+            output = preprocess(*args, **kwargs)
             recorded.append(output["pixel_values"])
             return output
 
-        return run
+        processor.preprocess = run
+        return processor
 
     monkeypatch.setattr(common, "image_processor_for", spying_processor)
     assert main(["similarity", "--model", full_dir, "--images", path, "--texts", "a", "b"]) == 0

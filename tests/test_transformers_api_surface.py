@@ -102,7 +102,10 @@ def test_set_input_embeddings_swaps_the_patch_convolution(cls) -> None:
 
         clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                 num_attention_heads=4, image_size=28, patch_size=7))
-        clip.set_input_embeddings(copy.deepcopy(clip.get_input_embeddings()))  # the reference behaviour: no error
+        try:  # the reference behaviour on the 5.x releases whose generic setter handles CLIP's: no error
+            clip.set_input_embeddings(copy.deepcopy(clip.get_input_embeddings()))
+        except NotImplementedError:  # early 5.x (5.5.4): not for CLIP's either; ours takes it all the same
+            pass
     model = cls(tiny_vision_config("eva02", num_hidden_layers=1)).eval()
     old = model.get_input_embeddings()
     new = nn.Conv2d(3, 32, kernel_size=7, stride=7, bias=True)

@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
         # end token, so the padding never reaches the pooled output.
         tokens = tokenizer(clean_texts(texts), padding="max_length", truncation=True, max_length=context_length,
                            return_tensors="pt")
-        # The images are RGB PIL images, channels last: saying so keeps transformers 4's guess (a first dimension of
-        # 1 or 3 is taken for the channels) from misreading images 1 or 3 pixels high.
-        pixel_values = processor(images, input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+        from ..processing import rgb_image_kwargs  # transformers 4's would take an image 1 or 3 pixels high wrongly
+
+        pixel_values = processor(images, return_tensors="pt", **rgb_image_kwargs(processor))["pixel_values"]
         with torch.no_grad():
             output = model(input_ids=tokens["input_ids"].to(device), pixel_values=pixel_values.to(device, dtype))
         probabilities = output.logits_per_image.float().softmax(dim=-1).cpu()

@@ -90,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         print(_common.random_weights_banner(source.preset), file=sys.stderr)
     tower = _common.load_tower(source, args.select_layer, "patch", dtype, device)
 
-    # channels_last: transformers 4 would take the height of an image 1 or 3 pixels high for its channels.
-    pixel_values = tower.image_processor([image], input_data_format="channels_last", return_tensors="pt")["pixel_values"]
+    from ..processing import rgb_image_kwargs  # transformers 4's would take an image 1 or 3 pixels high wrongly
+
+    processor = tower.image_processor
+    pixel_values = processor([image], return_tensors="pt", **rgb_image_kwargs(processor))["pixel_values"]
     with torch.no_grad():
         features = tower(pixel_values.to(device=device, dtype=dtype))[0]
     side = tower.num_patches_per_side
