@@ -1014,7 +1014,8 @@ _TORCH_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)
 def _is_exporting() -> bool:
     """torch.export, or a torch that cannot tell (no `torch.compiler.is_exporting`: 2.4 and 2.5, where the op went into
     exported programs): the aligned op is then left to eager and compiled code of newer torch. (The dynamo of torch
-    2.6-2.8 folds `is_exporting()` to True under any compile, so compiled code there keeps the module calls.)"""
+    2.6-2.11, at least, folds `is_exporting()` to True under any compile, so compiled code there keeps the module
+    calls.)"""
     return _TORCH_IS_EXPORTING is None or bool(_TORCH_IS_EXPORTING())
 
 

@@ -683,8 +683,8 @@ needs_custom_op = pytest.mark.skipif(modeling_evaclip.aligned_gated_linear is No
 
 def _dynamo_tells_compile_from_export() -> bool:
     """Whether `torch.compiler.is_exporting()` is False under a plain torch.compile. torch 2.4 / 2.5 lack it, and the
-    dynamo of torch 2.6-2.8 (at least) folds it to True under any compile; the model then keeps the aligned op out of
-    compiled graphs too (the conservative side: a program it leaves must stay aten-only)."""
+    dynamo of torch 2.6-2.11 (at least; 2.14 tells them apart) folds it to True under any compile; the model then
+    keeps the aligned op out of compiled graphs too (the conservative side: a program it leaves must stay aten-only)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     if modeling_evaclip.aligned_gated_linear is None or is_exporting is None:
         return False
@@ -699,7 +699,7 @@ def _dynamo_tells_compile_from_export() -> bool:
 needs_compiled_custom_op = pytest.mark.skipif(
     not _dynamo_tells_compile_from_export(),
     reason="this torch cannot tell torch.export from torch.compile inside compiled code (no "
-           "torch.compiler.is_exporting before 2.6; dynamo folds it to True in 2.6-2.8): compiled code keeps the "
+           "torch.compiler.is_exporting before 2.6; dynamo folds it to True in 2.6-2.11): compiled code keeps the "
            "module calls",
 )
 OP_NAME = "llava_evaclip.aligned_gated_linear"
