@@ -119,8 +119,12 @@ def needs_deepspeed_gloo_multi_gather() -> pytest.MarkDecorator:
 
 @functools.lru_cache(maxsize=None)
 def _trainer_refuses_bf16_without_gpu() -> bool:
+    """Whether TrainingArguments(bf16=True) raises here. Building them sets ACCELERATE_MIXED_PRECISION=bf16 (and
+    ACCELERATE_USE_IPEX) in this process's environment on transformers 4.x: every later Trainer of the session, and
+    every training subprocess it starts, would then run under bf16 autocast. The environment is put back."""
     from transformers import TrainingArguments
 
+    environment = dict(os.environ)
     try:
         TrainingArguments(output_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unused"), bf16=True,
                           report_to=[])
@@ -128,6 +132,9 @@ def _trainer_refuses_bf16_without_gpu() -> bool:
         if "bf16" not in str(error):
             raise
         return True
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     return False
 
 

@@ -302,3 +302,15 @@ def test_rms_norm_gains_are_kept_out_of_weight_decay_as_layer_norms_are(tmp_path
     if "get_parameter_names(model, ALL_LAYERNORM_LAYERS" in inspect.getsource(Trainer.get_decay_parameter_names):
         trainer = Trainer(model=EvaCLIPVisionModel(tiny_vision_config("eva02")), args=_training_args(tmp_path))
         assert _decay_names(True, trainer.get_decay_parameter_names) == expected
+
+
+def test_the_bf16_probe_of_the_test_suite_leaves_the_environment_alone():
+    """transformers 4.x's TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION=bf16 in os.environ; the suite's
+    probe (conftest.deepspeed_bf16_cpu_flags) once left it there, and later Trainers and LLaVA-NeXT's training
+    subprocesses of the same session ran under bf16 autocast (other numbers, and an fp16 run failing in autocast)."""
+    from conftest import _trainer_refuses_bf16_without_gpu
+
+    _trainer_refuses_bf16_without_gpu.cache_clear()
+    before = dict(os.environ)
+    _trainer_refuses_bf16_without_gpu()
+    assert dict(os.environ) == before
