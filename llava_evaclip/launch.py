@@ -129,11 +129,11 @@ def check_llava_next_transformers() -> None:
         )
 
 
-def check_llava_next_accelerate() -> None:
-    """LLaVA-NeXT's `LLaVATrainer.create_accelerator_and_postprocess` builds its Accelerator with
-    `dispatch_batches=self.args.dispatch_batches, split_batches=self.args.split_batches`: accelerate 1.0 removed those
-    arguments and transformers 4.5x those TrainingArguments fields, and every LLaVA-NeXT training run would stop with a
-    TypeError / AttributeError as the Trainer starts. Say which side lacks them (both, where both do)."""
+def llava_next_trainer_problems() -> list[str]:
+    """Why LLaVA-NeXT's `LLaVATrainer.create_accelerator_and_postprocess` cannot run here (empty where it can): it
+    builds its Accelerator with `dispatch_batches=self.args.dispatch_batches, split_batches=self.args.split_batches`;
+    accelerate 1.0 removed those arguments and transformers 4.5x those TrainingArguments fields, and every LLaVA-NeXT
+    training run would stop with a TypeError / AttributeError as the Trainer starts."""
     import accelerate
     import transformers
     from accelerate import Accelerator
@@ -152,6 +152,12 @@ def check_llava_next_accelerate() -> None:
             f"its Accelerator from TrainingArguments.{' and .'.join(missing)}, which this transformers "
             f"({transformers.__version__}) no longer has: pip install transformers==4.37.2 (4.47.1 works too)"
         )
+    return problems
+
+
+def check_llava_next_accelerate() -> None:
+    """Say in one line why LLaVA-NeXT's trainer cannot run here (both reasons, where both apply)."""
+    problems = llava_next_trainer_problems()
     if problems:
         raise LaunchError("LLaVA-NeXT's trainer passes `dispatch_batches` to " + "; and ".join(problems))
 

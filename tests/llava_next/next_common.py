@@ -8,7 +8,6 @@ tokenizers, and a few images with LLaVA-format conversations."""
 from __future__ import annotations
 
 import atexit
-import inspect
 import io
 import json
 import os
@@ -17,10 +16,9 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import accelerate
 import torch
-import transformers
 
+from llava_evaclip.launch import llava_next_trainer_problems
 from llava_evaclip.llava_registry import provide_llava_next_model_imports
 
 provide_llava_next_model_imports()  # transformers 4.5x: before LLaVA-NeXT's package is first imported, as scripts must
@@ -30,10 +28,8 @@ NEXT_PATH = Path(os.environ["LLAVA_NEXT_PATH"]).resolve()
 if not Path(llava.__file__).resolve().is_relative_to(NEXT_PATH):
     raise RuntimeError(f"these tests need LLaVA-NeXT's llava from {NEXT_PATH}, got {llava.__file__}")
 
-# LLaVA-NeXT's trainer builds its Accelerator with `dispatch_batches=self.args.dispatch_batches`: it needs
-# accelerate < 1.0 and a transformers whose TrainingArguments still has the field (4.47.1 has it, 4.56 not).
-LLAVA_NEXT_TRAINS = "dispatch_batches" in inspect.signature(accelerate.Accelerator.__init__).parameters and (
-    "dispatch_batches" in transformers.TrainingArguments.__dataclass_fields__)
+# Whether LLaVA-NeXT's trainer can run with this accelerate and transformers (see llava_next_trainer_problems).
+LLAVA_NEXT_TRAINS = not llava_next_trainer_problems()
 IMAGE_SIZE, PATCH_SIZE = 28, 7
 GRID = IMAGE_SIZE // PATCH_SIZE
 TOWER_WIDTH, TOWER_LAYERS = 32, 11  # 11 layers: LLaVA-NeXT's slice_m25811_f6 reads hidden state -11
