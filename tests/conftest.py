@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import signal
 import subprocess
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 # Intel MKL (torch's fp32 BLAS on x86) picks its kernel by memory alignment and thread count on some CPUs (AVX2 ones,
 # e.g. AMD EPYC): the same matmul then differs in the last bit between two allocations, or between the pytest process
@@ -117,24 +118,39 @@ def needs_deepspeed_gloo_multi_gather() -> pytest.MarkDecorator:
                "ranks) does not order (fixed in 0.19.8; NCCL is unaffected)")
 
 
+# What transformers 4.x's TrainingArguments writes into os.environ for accelerate to read.
+_TRAINING_ARGUMENTS_ENVIRONMENT = ("ACCELERATE_", "FSDP_")
+
+
+@contextlib.contextmanager
+def training_arguments_environment_kept() -> Iterator[None]:
+    """Put back the variables TrainingArguments sets. On transformers 4.x, TrainingArguments(bf16=True) sets
+    ACCELERATE_MIXED_PRECISION=bf16 (and ACCELERATE_USE_IPEX, ACCELERATE_USE_DEEPSPEED, FSDP_*) for the whole process,
+    and a later TrainingArguments without fp16/bf16 keeps that value: every later Trainer of the session, and every
+    training subprocess it starts, would run under bf16 autocast."""
+    before = {key: value for key, value in os.environ.items() if key.startswith(_TRAINING_ARGUMENTS_ENVIRONMENT)}
+    try:
+        yield
+    finally:
+        for key in [key for key in os.environ if key.startswith(_TRAINING_ARGUMENTS_ENVIRONMENT)]:
+            if key not in before:
+                del os.environ[key]
+        os.environ.update(before)
+
+
 @functools.lru_cache(maxsize=None)
 def _trainer_refuses_bf16_without_gpu() -> bool:
-    """Whether TrainingArguments(bf16=True) raises here. Building them sets ACCELERATE_MIXED_PRECISION=bf16 (and
-    ACCELERATE_USE_IPEX) in this process's environment on transformers 4.x: every later Trainer of the session, and
-    every training subprocess it starts, would then run under bf16 autocast. The environment is put back."""
+    """Whether TrainingArguments(bf16=True) raises here; the environment it sets is put back."""
     from transformers import TrainingArguments
 
-    environment = dict(os.environ)
-    try:
-        TrainingArguments(output_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unused"), bf16=True,
-                          report_to=[])
-    except ValueError as error:
-        if "bf16" not in str(error):
-            raise
-        return True
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
+    with training_arguments_environment_kept():
+        try:
+            TrainingArguments(output_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), "unused"),
+                              bf16=True, report_to=[])
+        except ValueError as error:
+            if "bf16" not in str(error):
+                raise
+            return True
     return False
 
 
@@ -254,3 +270,10 @@ def llava_registered():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _training_arguments_environment_put_back():
+    """A test that builds TrainingArguments(bf16=True) must not leave the rest of the session in bf16."""
+    with training_arguments_environment_kept():
+        yield

@@ -30,6 +30,7 @@ from test_model_parity_hf_clip import (
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 ATOL = 1e-5
+_ENVIRONMENT_AT_COLLECTION = dict(os.environ)
 
 
 def _training_args(output_dir, **overrides) -> TrainingArguments:
@@ -314,3 +315,17 @@ def test_the_bf16_probe_of_the_test_suite_leaves_the_environment_alone():
     before = dict(os.environ)
     _trainer_refuses_bf16_without_gpu()
     assert dict(os.environ) == before
+
+
+def test_a_test_that_sets_bf16_for_accelerate():
+    """The first half of a pair: on transformers 4.57, test_hf_llava_training's bf16 Trainer case left
+    ACCELERATE_MIXED_PRECISION=bf16 behind, and a LLaVA fp16 training subprocess started later then failed in autocast
+    (`Unexpected floating ScalarType in at::autocast::prioritize`); a later fp32 Trainer gave other numbers."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # what TrainingArguments(bf16=True) does on transformers 4.x
+    os.environ["FSDP_OFFLOAD_PARAMS"] = "true"
+
+
+def test_the_next_test_starts_without_it():
+    """The second half: conftest's autouse fixture puts accelerate's variables back after every test."""
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION") == _ENVIRONMENT_AT_COLLECTION.get("ACCELERATE_MIXED_PRECISION")
+    assert os.environ.get("FSDP_OFFLOAD_PARAMS") == _ENVIRONMENT_AT_COLLECTION.get("FSDP_OFFLOAD_PARAMS")
