@@ -317,11 +317,14 @@ def test_the_bf16_probe_of_the_test_suite_leaves_the_environment_alone():
     assert dict(os.environ) == before
 
 
-def test_a_test_that_sets_bf16_for_accelerate():
-    """The first half of a pair: on transformers 4.57, test_hf_llava_training's bf16 Trainer case left
-    ACCELERATE_MIXED_PRECISION=bf16 behind, and a LLaVA fp16 training subprocess started later then failed in autocast
-    (`Unexpected floating ScalarType in at::autocast::prioritize`); a later fp32 Trainer gave other numbers."""
-    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # what TrainingArguments(bf16=True) does on transformers 4.x
+def test_bf16_training_arguments_set_accelerates_mixed_precision_on_transformers_4(tmp_path):
+    """The first half of a pair. transformers 4.x's TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION=bf16
+    for the whole process (5.x does not). On 4.57, test_hf_llava_training's bf16 Trainer case left it behind: a LLaVA
+    fp16 training subprocess started later failed in autocast (`Unexpected floating ScalarType in
+    at::autocast::prioritize`), and a later fp32 Trainer gave other numbers."""
+    _training_args(tmp_path, bf16=True)
+    assert (os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16") == TRANSFORMERS_4
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # on every line, so that the second half checks something
     os.environ["FSDP_OFFLOAD_PARAMS"] = "true"
 
 
