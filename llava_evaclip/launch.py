@@ -162,6 +162,29 @@ def check_llava_next_accelerate() -> None:
         raise LaunchError("LLaVA-NeXT's trainer passes `dispatch_batches` to " + "; and ".join(problems))
 
 
+def check_trainer_accelerate() -> None:
+    """transformers 4.52+'s Trainer unwraps the model with `Accelerator.unwrap_model(model, keep_torch_compile=False)`
+    as training starts, an argument accelerate added in 1.3, while transformers still asks for accelerate >= 0.26
+    only. With an older accelerate (LLaVA pins 0.21) every run would load the model and then stop with a TypeError."""
+    import accelerate
+    import transformers
+    from accelerate import Accelerator
+    from transformers import trainer
+
+    if "keep_torch_compile" in inspect.signature(Accelerator.unwrap_model).parameters:
+        return
+    try:
+        trainer_source = inspect.getsource(trainer)
+    except (OSError, TypeError):  # installed without its sources: nothing to tell
+        return
+    if "keep_torch_compile" in trainer_source:
+        raise LaunchError(
+            f"transformers {transformers.__version__}'s Trainer calls Accelerator.unwrap_model(keep_torch_compile=...), "
+            f"which accelerate {accelerate.__version__} lacks (it came in accelerate 1.3): "
+            f"pip install 'accelerate>=1.3' (or transformers==4.37.2, LLaVA's pin)"
+        )
+
+
 class _MissingTrlPart:
     """Stands in for a trl class LLaVA-NeXT's trainer module imports for its DPO trainer only."""
 
@@ -729,6 +752,7 @@ def prepare_llava(module: str) -> Optional[Any]:
     if is_llava_next():
         check_llava_next_accelerate()
         provide_llava_next_trainer_imports()
+    check_trainer_accelerate()
     train_module = importlib.import_module(TRAIN_MODULE)
     patch_deepspeed_auto_fill()
     patch_trainer_rng_state_loading()

@@ -172,8 +172,35 @@ def test_llava_next_training_with_an_accelerate_without_dispatch_batches_is_refu
         with pytest.raises(launch.LaunchError, match=r"^LLaVA-NeXT's trainer passes `dispatch_batches` .* accelerate 1\.0 "
                            r"removed; found accelerate \S+: pip install 'accelerate<1\.0'"):
             launch.check_llava_next_accelerate()
-    else:
-        launch.check_llava_next_accelerate()  # LLaVA-NeXT trains on this accelerate: no complaint
+    else:  # no complaint about accelerate (transformers 4.5x gets its own, the test below)
+        assert not [problem for problem in launch.llava_next_trainer_problems() if "accelerate 1.0" in problem]
+
+
+def test_a_trainer_that_needs_a_newer_accelerate_is_refused_in_one_line(monkeypatch, tmp_path):
+    """transformers 4.52+'s Trainer calls `Accelerator.unwrap_model(model, keep_torch_compile=False)` as training
+    starts (accelerate >= 1.3), though it asks for accelerate >= 0.26 only: with transformers 4.57.6 and accelerate
+    0.34.2, LLaVA's pretraining loaded its model and stopped with a TypeError. The launcher says so first."""
+    import inspect
+
+    import accelerate
+    from transformers import Trainer, TrainingArguments, trainer
+
+    def unwrap_model(self, model, keep_fp32_wrapper=True):  # accelerate 1.2's signature
+        return model
+
+    monkeypatch.setattr(accelerate.Accelerator, "unwrap_model", unwrap_model)
+    args = {"output_dir": str(tmp_path), "report_to": []}
+    args["use_cpu" if "use_cpu" in TrainingArguments.__dataclass_fields__ else "no_cuda"] = True
+    reference = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(**args))
+    if "keep_torch_compile" in inspect.getsource(trainer):
+        with pytest.raises(TypeError, match="keep_torch_compile"):  # what the run hits without the launcher's check
+            reference._wrap_model(reference.model)
+        with pytest.raises(launch.LaunchError, match=r"^transformers \S+'s Trainer calls Accelerator\.unwrap_model\("
+                           r"keep_torch_compile=\.\.\.\), which accelerate \S+ lacks .*pip install 'accelerate>=1\.3'"):
+            launch.check_trainer_accelerate()
+    else:  # transformers 4.37.2: the Trainer runs on that accelerate
+        reference._wrap_model(reference.model)
+        launch.check_trainer_accelerate()
 
 
 def test_llava_next_training_with_a_transformers_without_dispatch_batches_is_refused_in_one_line(monkeypatch):
