@@ -118,6 +118,14 @@ def needs_deepspeed_gloo_multi_gather() -> pytest.MarkDecorator:
                "ranks) does not order (fixed in 0.19.8; NCCL is unaffected)")
 
 
+def cpu_training_arguments(**fields):
+    """TrainingArguments for a CPU run: the switch is `use_cpu` from transformers 4.38 on, `no_cuda` before."""
+    from transformers import TrainingArguments
+
+    fields["use_cpu" if "use_cpu" in TrainingArguments.__dataclass_fields__ else "no_cuda"] = True
+    return TrainingArguments(**fields)
+
+
 # What transformers 4.x's TrainingArguments writes into os.environ for accelerate to read.
 _TRAINING_ARGUMENTS_ENVIRONMENT = ("ACCELERATE_", "FSDP_")
 

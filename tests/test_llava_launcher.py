@@ -20,7 +20,7 @@ pytest.importorskip("llava", reason="LLaVA's code (pip install --no-deps llava-t
 
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import needs_cpu_fp16, tiny_config  # noqa: E402
+from conftest import cpu_training_arguments, needs_cpu_fp16, tiny_config  # noqa: E402
 from llava_evaclip import EvaCLIPModel  # noqa: E402
 from llava_evaclip import launch  # noqa: E402
 from llava_evaclip.processing import build_image_processor  # noqa: E402
@@ -183,15 +183,14 @@ def test_a_trainer_that_needs_a_newer_accelerate_is_refused_in_one_line(monkeypa
     import inspect
 
     import accelerate
-    from transformers import Trainer, TrainingArguments, trainer
+    from transformers import Trainer, trainer
 
     def unwrap_model(self, model, keep_fp32_wrapper=True):  # accelerate 1.2's signature
         return model
 
     monkeypatch.setattr(accelerate.Accelerator, "unwrap_model", unwrap_model)
-    args = {"output_dir": str(tmp_path), "report_to": []}
-    args["use_cpu" if "use_cpu" in TrainingArguments.__dataclass_fields__ else "no_cuda"] = True
-    reference = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(**args))
+    arguments = cpu_training_arguments(output_dir=str(tmp_path), report_to=[])
+    reference = Trainer(model=torch.nn.Linear(2, 2), args=arguments)
     if "keep_torch_compile" in inspect.getsource(trainer):
         with pytest.raises(TypeError, match="keep_torch_compile"):  # what the run hits without the launcher's check
             reference._wrap_model(reference.model)

@@ -18,7 +18,7 @@ from transformers import CLIPModel, CLIPTextModel, Trainer, TrainingArguments
 
 from llava_evaclip import EvaCLIPModel, EvaCLIPTextModel, EvaCLIPVisionModel
 
-from conftest import randomize, tiny_config, tiny_text_config, tiny_vision_config
+from conftest import cpu_training_arguments, randomize, tiny_config, tiny_text_config, tiny_vision_config
 from test_model_parity_hf_clip import (
     _clip_text_config,
     _copy_text,
@@ -37,9 +37,8 @@ def _training_args(output_dir, **overrides) -> TrainingArguments:
     fields = dict(output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=0.05, optim="sgd",
                   lr_scheduler_type="constant", weight_decay=0.0, report_to=[], logging_steps=1, save_strategy="no",
                   seed=0, dataloader_num_workers=0, disable_tqdm=True)
-    fields["use_cpu" if "use_cpu" in TrainingArguments.__dataclass_fields__ else "no_cuda"] = True
     fields.update(overrides)
-    return TrainingArguments(**fields)
+    return cpu_training_arguments(**fields)
 
 
 class _Pairs(torch.utils.data.Dataset):
